@@ -1,0 +1,294 @@
+"""Hugging Face checkpoint → GGUF, streaming, every requested type from one read of the checkpoint.
+
+Layout and conventions are llama.cpp's (learned from convert_hf_to_gguf.py and llama-quantize, not copied):
+
+- tensor names come from gguf-py's name map for the architecture;
+- ``q_proj``/``k_proj`` rows are permuted into llama.cpp's rotary layout (pairs → halves per head);
+- 1-D tensors and norms stay F32; 2-D weights take the output type;
+- quantized outputs use llama-quantize's per-tensor mix, computed by llama.cpp itself (converters.quantize),
+  and tensors are written in llama.cpp's order, so the k-quant mixes count layers the same way.
+
+Each tensor is read once (memory-mapped), upcast to float32 and handed to every output file; quantization
+runs on all cores through llama.cpp's quantizer. Outputs are written to temporary names and renamed into
+place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from komt_edge.atomic import atomic_file
+from komt_edge.checkpoint import Checkpoint
+from komt_edge.errors import KomtError
+
+from . import quantize as q
+from .vocab import Vocab, load_vocab
+
+# HF architectures this converter handles, and the GGUF architecture each is written as.
+ARCHITECTURES = {
+    "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
+    "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,  # llama.cpp runs Mistral 7B as llama (no sliding window key)
+}
+
+# HF tensors that carry no weights llama.cpp needs.
+_SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class Metadata:
+    """general.* and provenance written into every output file."""
+    name: str
+    basename: str | None = None
+    size_label: str | None = None
+    license: str | None = None
+    base_models: list[str] = field(default_factory=list)  # Hub ids
+    source_repo: str | None = None
+    source_revision: str | None = None
+    chat_template: str | None = None
+    quantized_by: str = "komt-edge"
+    tool_version: str = ""
+
+
+@dataclass(frozen=True)
+class _Planned:
+    gguf_name: str
+    hf_name: str
+    shape: tuple[int, ...]
+    permute_heads: int | None  # number of heads to permute rows for (q/k projections), else None
+
+
+@dataclass
+class Hparams:
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx: int
+    rms_eps: float
+    rope_theta: float | None
+    rope_scaling: dict | None
+    vocab_size: int
+    tie_embeddings: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict, folder: Path) -> "Hparams":
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else cfg.get("model_type", "unknown")
+        if arch not in ARCHITECTURES:
+            raise KomtError(f"unsupported architecture {arch!r} in {folder}/config.json: komt-edge converts "
+                            f"{', '.join(ARCHITECTURES)}")
+        try:
+            n_head = int(cfg["num_attention_heads"])
+            n_embd = int(cfg["hidden_size"])
+            return cls(
+                architecture=arch,
+                n_layer=int(cfg["num_hidden_layers"]),
+                n_embd=n_embd,
+                n_ff=int(cfg["intermediate_size"]),
+                n_head=n_head,
+                n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
+                head_dim=int(cfg.get("head_dim") or n_embd // n_head),
+                n_ctx=int(cfg.get("max_position_embeddings") or 4096),
+                rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(cfg["rope_theta"]) if cfg.get("rope_theta") is not None else
+                (float(cfg["rope_parameters"]["rope_theta"]) if (cfg.get("rope_parameters") or {}).get("rope_theta")
+                 is not None else None),
+                rope_scaling=cfg.get("rope_scaling"),
+                vocab_size=int(cfg["vocab_size"]),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            )
+        except KeyError as err:
+            raise KomtError(f"{folder}/config.json lacks {err.args[0]!r}: it is not a complete "
+                            f"{arch} config") from None
+
+    def model_shape(self) -> q.ModelShape:
+        return q.ModelShape("llama", self.n_embd, self.n_ff, self.n_layer, self.n_head, self.n_head_kv,
+                            self.head_dim)
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF stores rotary pairs interleaved per head; llama.cpp expects them as two halves."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
+             .swapaxes(1, 2)
+             .reshape(w.shape))
+
+
+class Converter:
+    """One model folder → one or more GGUF files. ``plan()`` checks everything before anything is written."""
+
+    def __init__(self, folder: Path, *, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        self.ckpt = Checkpoint(self.folder, allow_pickle=allow_pickle)
+        self.hp = Hparams.from_config(self.ckpt.config, self.folder)
+        self.vocab: Vocab = load_vocab(self.folder, self.hp.vocab_size)
+        self.tensors = self._plan_tensors()
+
+    # -- planning ----------------------------------------------------------------------------------
+    def _plan_tensors(self) -> list[_Planned]:
+        hp = self.hp
+        tmap = gguf.get_tensor_name_map(ARCHITECTURES[hp.architecture], hp.n_layer)
+        planned: list[_Planned] = []
+        for hf_name in self.ckpt.names:
+            if hf_name.endswith(_SKIP_SUFFIXES):
+                continue
+            gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise KomtError(f"tensor {hf_name!r} in {self.folder} has no llama.cpp counterpart: "
+                                f"the checkpoint is not a plain {hp.architecture}")
+            shape = self.ckpt.info(hf_name).shape
+            heads = None
+            if hf_name.endswith("q_proj.weight"):
+                heads = hp.n_head
+            elif hf_name.endswith("k_proj.weight"):
+                heads = hp.n_head_kv
+            planned.append(_Planned(gname, hf_name, shape, heads))
+        names = {p.gguf_name for p in planned}
+        if "token_embd.weight" not in names:
+            raise KomtError(f"{self.folder} has no token embedding (model.embed_tokens.weight): incomplete checkpoint")
+        missing = [f"blk.{i}.attn_q.weight" for i in range(hp.n_layer) if f"blk.{i}.attn_q.weight" not in names]
+        if missing:
+            raise KomtError(f"{self.folder} lacks {missing[0]} (and {len(missing) - 1} more): incomplete checkpoint")
+        emb = next(p for p in planned if p.gguf_name == "token_embd.weight")
+        if emb.shape[0] != hp.vocab_size:
+            raise KomtError(f"token embedding has {emb.shape[0]} rows but config.json says vocab_size="
+                            f"{hp.vocab_size}: fix config.json")
+        planned.sort(key=lambda p: q.tensor_order_key(p.gguf_name))
+        return planned
+
+    def _source_type(self, p: _Planned) -> QT:
+        if len(p.shape) <= 1 or p.gguf_name.endswith("_norm.weight"):
+            return QT.F32
+        return {torch.float16: QT.F16, torch.bfloat16: QT.BF16}.get(self.ckpt.info(p.hf_name).dtype, QT.F32)
+
+    def types_for(self, qtype: str) -> list[QT]:
+        """The ggml type of every planned tensor in the output ``qtype``."""
+        qtype = q.normalize(qtype)
+        if qtype in q.FLOAT_FTYPES:
+            target = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16}[qtype]
+            return [QT.F32 if len(p.shape) <= 1 or p.gguf_name.endswith("_norm.weight") else target
+                    for p in self.tensors]
+        specs = [q.TensorSpec(p.gguf_name, p.shape, self._source_type(p)) for p in self.tensors]
+        types = q.compute_types(self.hp.model_shape(), specs, q.ftype_of(qtype))
+        needs = sorted({t.name for t in types if q.requires_imatrix(t)})
+        if needs:
+            raise KomtError(f"{qtype} needs an importance matrix for {', '.join(needs)}, which komt-edge does not "
+                            "compute yet: choose a type such as q4_K_M or q4_0")
+        return types
+
+    def parameter_count(self) -> int:
+        return sum(int(np.prod(p.shape)) for p in self.tensors)
+
+    # -- writing -----------------------------------------------------------------------------------
+    def _writer(self, path: Path, qtype: str, meta: Metadata, types: list[QT]) -> gguf.GGUFWriter:
+        hp = self.hp
+        w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[ARCHITECTURES[hp.architecture]])
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(meta.name)
+        if meta.basename:
+            w.add_basename(meta.basename)
+        if meta.size_label:
+            w.add_size_label(meta.size_label)
+        if meta.license:
+            w.add_license(meta.license)
+        if meta.base_models:
+            w.add_base_model_count(len(meta.base_models))
+            for i, repo in enumerate(meta.base_models):
+                w.add_base_model_name(i, repo.split("/")[-1])
+                w.add_base_model_organization(i, repo.split("/")[0] if "/" in repo else "")
+                w.add_base_model_repo_url(i, f"https://huggingface.co/{repo}")
+        if meta.source_repo:
+            w.add_source_repo_url(f"https://huggingface.co/{meta.source_repo}")
+            w.add_string("komt_edge.source.repo", meta.source_repo)
+        if meta.source_revision:
+            w.add_string("komt_edge.source.revision", meta.source_revision)
+        w.add_quantized_by(meta.quantized_by)
+        w.add_string("komt_edge.version", meta.tool_version)
+
+        w.add_context_length(hp.n_ctx)
+        w.add_embedding_length(hp.n_embd)
+        w.add_block_count(hp.n_layer)
+        w.add_feed_forward_length(hp.n_ff)
+        w.add_head_count(hp.n_head)
+        w.add_head_count_kv(hp.n_head_kv)
+        w.add_layer_norm_rms_eps(hp.rms_eps)
+        if hp.rope_theta is not None:
+            w.add_rope_freq_base(hp.rope_theta)
+        w.add_rope_dimension_count(hp.head_dim)
+        w.add_key_length(hp.head_dim)
+        w.add_value_length(hp.head_dim)
+        scaling = hp.rope_scaling or {}
+        if scaling.get("rope_type", scaling.get("type")) == "linear" and "factor" in scaling:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+        w.add_vocab_size(len(self.vocab.tokens))
+        w.add_file_type(int(q.ftype_of(qtype)))
+        if qtype not in q.FLOAT_FTYPES:
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+        self.vocab.write(w)
+        if meta.chat_template:
+            w.add_chat_template(meta.chat_template)
+
+        for p, t in zip(self.tensors, types):
+            nbytes = _nbytes(p.shape, t)
+            w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=t)
+        return w
+
+    def read_f32(self, p: _Planned) -> np.ndarray:
+        t = self.ckpt.get(p.hf_name)
+        if t.dtype not in (torch.float32,):
+            t = t.to(torch.float32)
+        if p.permute_heads is not None:
+            t = permute_qk(t, p.permute_heads)
+        return np.ascontiguousarray(t.numpy())
+
+    def write(self, outputs: dict[str, Path], meta: Metadata, *, n_threads: int | None = None,
+              progress: Callable[[int], None] | None = None) -> dict[str, Path]:
+        """Write every output type from one pass over the checkpoint; returns {qtype: final path}."""
+        outputs = {q.normalize(k): Path(v) for k, v in outputs.items()}
+        plans = {qt: self.types_for(qt) for qt in outputs}  # fails early, before any file exists
+        n_threads = n_threads or os.cpu_count() or 1
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(n_threads) as pool:
+            writers = {}
+            for qt, final in outputs.items():
+                tmp = stack.enter_context(atomic_file(final))
+                w = self._writer(tmp, qt, meta, plans[qt])
+                w.write_header_to_file()
+                w.write_kv_data_to_file()
+                w.write_ti_data_to_file()
+                writers[qt] = w
+            for i, p in enumerate(self.tensors):
+                data = self.read_f32(p)
+                encoded = {qt: q.quantize(data, plans[qt][i], pool) for qt in writers}
+                del data
+                for qt, w in writers.items():
+                    arr = encoded.pop(qt)
+                    w.write_tensor_data(arr.reshape(-1) if arr.dtype == np.uint8 else arr)
+                if progress:
+                    progress(int(np.prod(p.shape)))
+            for w in writers.values():
+                w.close()
+        return outputs
+
+
+def _nbytes(shape: tuple[int, ...], t: QT) -> int:
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    if t == QT.F32:
+        return rows * shape[-1] * 4
+    if t in (QT.F16, QT.BF16):
+        return rows * shape[-1] * 2
+    return rows * q.row_size(t, shape[-1])

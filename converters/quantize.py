@@ -1,0 +1,284 @@
+"""llama.cpp's own quantizers and per-tensor type policy, called through the library llama-cpp-python ships.
+
+Nothing here re-implements llama.cpp: tensor data goes through ``ggml_quantize_chunk`` (libggml-base), and
+the choice of type per tensor (``llama-quantize``'s default mixes, e.g. ``output.weight`` in Q6_K for
+q4_0, the k-quant ``_M`` mixes, shape fallbacks) comes from llama.cpp's ``llama_quant_compute_types``.
+So a file written here is, tensor for tensor, what ``llama-quantize`` writes from the same source.
+
+The pinned llama.cpp revision is recorded in ``vendor/llama.cpp.md``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType
+
+# ---------------------------------------------------------------------------------------------------
+# Output types: the names users type (-q q4_K_M) and what they mean.
+# ---------------------------------------------------------------------------------------------------
+
+# Float outputs are written the way convert_hf_to_gguf.py writes them (norms stay F32).
+FLOAT_FTYPES = {
+    "f32": LlamaFileType.ALL_F32,
+    "f16": LlamaFileType.MOSTLY_F16,
+    "bf16": LlamaFileType.MOSTLY_BF16,
+}
+
+# Quantized outputs follow llama-quantize's ftype mixes (names as llama-quantize prints them).
+QUANT_FTYPES = {
+    "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
+    "q5_0": LlamaFileType.MOSTLY_Q5_0, "q5_1": LlamaFileType.MOSTLY_Q5_1,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0,
+    "q2_k": LlamaFileType.MOSTLY_Q2_K, "q2_k_s": LlamaFileType.MOSTLY_Q2_K_S,
+    "q3_k_s": LlamaFileType.MOSTLY_Q3_K_S, "q3_k_m": LlamaFileType.MOSTLY_Q3_K_M,
+    "q3_k_l": LlamaFileType.MOSTLY_Q3_K_L,
+    "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S, "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+    "q5_k_s": LlamaFileType.MOSTLY_Q5_K_S, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
+    "q6_k": LlamaFileType.MOSTLY_Q6_K,
+    "iq2_xxs": LlamaFileType.MOSTLY_IQ2_XXS, "iq2_xs": LlamaFileType.MOSTLY_IQ2_XS,
+    "iq2_s": LlamaFileType.MOSTLY_IQ2_S, "iq2_m": LlamaFileType.MOSTLY_IQ2_M,
+    "iq3_xxs": LlamaFileType.MOSTLY_IQ3_XXS, "iq3_xs": LlamaFileType.MOSTLY_IQ3_XS,
+    "iq3_s": LlamaFileType.MOSTLY_IQ3_S, "iq3_m": LlamaFileType.MOSTLY_IQ3_M,
+    "iq1_s": LlamaFileType.MOSTLY_IQ1_S, "iq1_m": LlamaFileType.MOSTLY_IQ1_M,
+    "iq4_nl": LlamaFileType.MOSTLY_IQ4_NL, "iq4_xs": LlamaFileType.MOSTLY_IQ4_XS,
+    "tq1_0": LlamaFileType.MOSTLY_TQ1_0, "tq2_0": LlamaFileType.MOSTLY_TQ2_0,
+}
+
+def display_name(qtype: str) -> str:
+    """The spelling used in GGUF file names: komt-mistral-7b-v1-Q4_K_M.gguf."""
+    return normalize(qtype).upper()
+
+
+def normalize(qtype: str) -> str:
+    key = qtype.strip().lower()
+    if key not in FLOAT_FTYPES and key not in QUANT_FTYPES:
+        known = ", ".join([*FLOAT_FTYPES, *QUANT_FTYPES])
+        raise ValueError(f"unknown quantization type {qtype!r}; known: {known}")
+    return key
+
+
+def ftype_of(qtype: str) -> LlamaFileType:
+    key = normalize(qtype)
+    return FLOAT_FTYPES[key] if key in FLOAT_FTYPES else QUANT_FTYPES[key]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shipped llama.cpp libraries.
+# ---------------------------------------------------------------------------------------------------
+
+class _GgmlInitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+class _QuantModelDesc(ctypes.Structure):
+    # struct llama_quant_model_desc (src/llama-ext.h)
+    _fields_ = [("architecture", ctypes.c_char_p), ("n_embd", ctypes.c_uint32), ("n_ff", ctypes.c_uint32),
+                ("n_layer", ctypes.c_uint32), ("n_head", ctypes.c_uint32), ("n_head_kv", ctypes.c_uint32),
+                ("n_expert", ctypes.c_uint32), ("n_embd_head_k", ctypes.c_uint32),
+                ("n_embd_head_v", ctypes.c_uint32)]
+
+
+@dataclass
+class _Libs:
+    ggml: ctypes.CDLL
+    llama: ctypes.CDLL
+    ext: dict  # llama.cpp's staging quantization API (llama-ext.h), by plain name
+
+
+# llama-ext.h is C++ without extern "C", so its functions are exported under Itanium-mangled names. The names
+# encode the signatures: if the pinned llama.cpp changes a signature, the lookup fails instead of misbehaving.
+_STAGING_API = {
+    "llama_quant_model_from_metadata": ("_Z31llama_quant_model_from_metadataPK22llama_quant_model_desc",
+                                        [ctypes.c_void_p], ctypes.c_void_p),
+    "llama_quant_init": ("_Z16llama_quant_initPK11llama_modelPK27llama_model_quantize_params",
+                         [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_void_p),
+    "llama_quant_free": ("_Z16llama_quant_freeP19quantize_state_impl", [ctypes.c_void_p], None),
+    "llama_quant_tensor_allows_quantization": (
+        "_Z38llama_quant_tensor_allows_quantizationPK19quantize_state_implPK11ggml_tensor",
+        [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_bool),
+    "llama_quant_compute_types": (
+        "_Z25llama_quant_compute_typesP19quantize_state_impl11llama_ftypePP11ggml_tensorP9ggml_typem",
+        [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int),
+         ctypes.c_size_t], None),
+}
+
+
+def _bind_staging_api(llama: ctypes.CDLL) -> dict:
+    bound = {}
+    for name, (symbol, argtypes, restype) in _STAGING_API.items():
+        try:
+            fn = getattr(llama, symbol)
+        except AttributeError:
+            raise RuntimeError(f"the installed llama-cpp-python does not export {name} with the signature "
+                               "komt-edge expects: install the version pinned in setup.py (make install)") from None
+        fn.argtypes, fn.restype = argtypes, restype
+        bound[name] = fn
+    llama.llama_model_free.argtypes = [ctypes.c_void_p]
+    return bound
+
+
+@lru_cache(maxsize=1)
+def libs() -> _Libs:
+    """Load libggml-base and libllama from the installed llama-cpp-python and declare what we call."""
+    try:
+        import llama_cpp
+        from llama_cpp import llama_cpp as bindings
+    except ImportError as err:  # pragma: no cover - install problem
+        raise RuntimeError("llama-cpp-python is not installed: run `make install`") from err
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    candidates = sorted(lib_dir.glob("libggml-base.*"))
+    if not candidates:  # pragma: no cover - install problem
+        raise RuntimeError(f"libggml-base not found in {lib_dir}: reinstall llama-cpp-python")
+    ggml = ctypes.CDLL(str(candidates[0]), mode=getattr(os, "RTLD_GLOBAL", 0))
+    llama = bindings._lib
+
+    ggml.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    ggml.ggml_quantize_chunk.restype = ctypes.c_size_t
+    ggml.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    ggml.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    ggml.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    ggml.ggml_row_size.restype = ctypes.c_size_t
+    ggml.ggml_blck_size.argtypes = [ctypes.c_int]
+    ggml.ggml_blck_size.restype = ctypes.c_int64
+    ggml.ggml_init.argtypes = [_GgmlInitParams]
+    ggml.ggml_init.restype = ctypes.c_void_p
+    ggml.ggml_free.argtypes = [ctypes.c_void_p]
+    ggml.ggml_new_tensor.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
+    ggml.ggml_new_tensor.restype = ctypes.c_void_p
+    ggml.ggml_set_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    ggml.ggml_set_name.restype = ctypes.c_void_p
+
+    ext = _bind_staging_api(llama)
+    return _Libs(ggml, llama, ext)
+
+
+def requires_imatrix(ggml_type: GGMLQuantizationType) -> bool:
+    return bool(libs().ggml.ggml_quantize_requires_imatrix(int(ggml_type)))
+
+
+def row_size(ggml_type: GGMLQuantizationType, n_per_row: int) -> int:
+    return int(libs().ggml.ggml_row_size(int(ggml_type), n_per_row))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-tensor type policy.
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What llama.cpp's type policy looks at: the architecture name and the hyperparameters."""
+    architecture: str  # GGUF architecture name, e.g. "llama"
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_expert: int = 0
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str  # GGUF tensor name
+    shape: tuple[int, ...]  # numpy order (rows first), as written by the converter
+    float_type: GGMLQuantizationType  # the type convert_hf_to_gguf.py would write at the source precision
+
+
+def tensor_order_key(name: str) -> tuple[int, str]:
+    """llama.cpp's weight order (llama_model_loader's weight_name_comparer): by block, then by name."""
+    layer = -1
+    if name.startswith("blk."):
+        head = name[4:].split(".", 1)[0]
+        if head.isdigit():
+            layer = int(head)
+    return layer, name
+
+
+def compute_types(shape: ModelShape, tensors: list[TensorSpec], ftype: LlamaFileType) -> list[GGMLQuantizationType]:
+    """The type llama-quantize gives each tensor for ``ftype`` (default mix, no imatrix, no overrides).
+
+    ``tensors`` must be in llama.cpp's order (see tensor_order_key): the k-quant mixes count layers.
+    """
+    import llama_cpp
+
+    lib = libs()
+    desc = _QuantModelDesc(shape.architecture.encode(), shape.n_embd, shape.n_ff, shape.n_layer, shape.n_head,
+                           shape.n_head_kv, shape.n_expert, shape.head_dim, shape.head_dim)
+    model = lib.ext["llama_quant_model_from_metadata"](ctypes.addressof(desc))
+    if not model:
+        raise RuntimeError(f"llama.cpp does not know the architecture {shape.architecture!r}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    qs = lib.ext["llama_quant_init"](model, ctypes.addressof(params))
+    ctx = lib.ggml.ggml_init(_GgmlInitParams(mem_size=(len(tensors) + 8) * 1024, mem_buffer=None, no_alloc=True))
+    try:
+        handles = []
+        for spec in tensors:
+            ne = (ctypes.c_int64 * len(spec.shape))(*reversed(spec.shape))  # ggml order: ne[0] = row length
+            t = lib.ggml.ggml_new_tensor(ctx, int(spec.float_type), len(spec.shape), ne)
+            lib.ggml.ggml_set_name(t, spec.name.encode())
+            handles.append(t)
+        # llama_quant_compute_types only accepts quantizable tensors; the rest keep their float type.
+        result = [spec.float_type for spec in tensors]
+        allows = lib.ext["llama_quant_tensor_allows_quantization"]
+        quantizable = [i for i in range(len(tensors)) if allows(qs, handles[i])]
+        if quantizable:
+            sub = (ctypes.c_void_p * len(quantizable))(*[handles[i] for i in quantizable])
+            types = (ctypes.c_int * len(quantizable))()
+            lib.ext["llama_quant_compute_types"](qs, int(ftype), sub, types, len(quantizable))
+            for j, i in enumerate(quantizable):
+                result[i] = GGMLQuantizationType(types[j])
+        return result
+    finally:
+        lib.ggml.ggml_free(ctx)
+        lib.ext["llama_quant_free"](qs)
+        lib.llama.llama_model_free(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor data.
+# ---------------------------------------------------------------------------------------------------
+
+def quantize(data: np.ndarray, ggml_type: GGMLQuantizationType, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """Quantize a float32 matrix row-wise with llama.cpp's quantizer; returns the raw bytes (uint8 rows).
+
+    F32/F16/BF16 are converted with numpy/gguf-py exactly as convert_hf_to_gguf.py does. Quantized types go
+    through ``ggml_quantize_chunk`` in row chunks spread over ``pool`` (ctypes releases the GIL).
+    """
+    from gguf import quants as gguf_quants
+
+    if ggml_type == GGMLQuantizationType.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if ggml_type == GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    if ggml_type == GGMLQuantizationType.BF16:
+        return gguf_quants.quantize(data, ggml_type)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    n_per_row = data.shape[-1]
+    nrows = data.size // n_per_row
+    rsize = row_size(ggml_type, n_per_row)
+    out = np.empty((nrows, rsize), dtype=np.uint8)
+    lib = libs().ggml
+    src, dst = data.ctypes.data, out.ctypes.data
+
+    def run(first: int, count: int) -> int:
+        return lib.ggml_quantize_chunk(int(ggml_type), src, dst, first * n_per_row, count, n_per_row, None)
+
+    workers = pool._max_workers if pool is not None else 1  # noqa: SLF001 - sizing only
+    chunk = max(1, min(nrows, max(16, -(-nrows // (workers * 4)))))
+    spans = [(r, min(chunk, nrows - r)) for r in range(0, nrows, chunk)]
+    if pool is None or len(spans) == 1:
+        written = sum(run(r, n) for r, n in spans)
+    else:
+        written = sum(pool.map(lambda span: run(*span), spans))
+    if written != out.nbytes:  # pragma: no cover - would be a llama.cpp bug
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
+    return out.reshape(*data.shape[:-1], rsize)

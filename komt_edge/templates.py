@@ -1,0 +1,58 @@
+"""komt prompt templates: the one source of truth for inference, GGUF chat templates and training.
+
+komt was trained with two prompt formats, one per model family:
+
+- Llama family:   ``### instruction: {prompt}\n\n### Response: ``
+- Mistral family: ``[INST]{prompt} [/INST]``
+
+``PromptTemplate.format`` renders a single-turn prompt; ``PromptTemplate.chat_template`` is the same
+format as a Jinja template, written into GGUF files as ``tokenizer.chat_template`` so that llama.cpp
+and llama-cpp-python apply it themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    prefix: str  # text before the user's prompt
+    suffix: str  # text after it; the model's answer starts right after the suffix
+
+    def format(self, prompt: str) -> str:
+        return f"{self.prefix}{prompt}{self.suffix}"
+
+    @property
+    def markers(self) -> tuple[str, str]:
+        return self.prefix, self.suffix
+
+    @property
+    def chat_template(self) -> str:
+        """Jinja chat template: system text goes in front, each user turn is wrapped in the komt markers."""
+        p, s = _jinja_str(self.prefix), _jinja_str(self.suffix)
+        return (
+            "{% for message in messages %}"
+            "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+            f"{{% elif message['role'] == 'user' %}}{{{{ {p} + message['content'] + {s} }}}}"
+            "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+            "{% endif %}{% endfor %}"
+        )
+
+
+def _jinja_str(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+LLAMA = PromptTemplate("komt-llama", "### instruction: ", "\n\n### Response: ")
+MISTRAL = PromptTemplate("komt-mistral", "[INST]", " [/INST]")
+
+TEMPLATES = {"llama": LLAMA, "mistral": MISTRAL}
+
+
+def template_for(family: str) -> PromptTemplate:
+    try:
+        return TEMPLATES[family]
+    except KeyError:
+        raise ValueError(f"unknown template family {family!r}; known: {', '.join(TEMPLATES)}") from None

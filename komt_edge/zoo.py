@@ -1,0 +1,145 @@
+"""The komt model zoo, and turning MODEL (zoo name, Hub id or local folder) into a local folder."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import KomtError
+from .templates import PromptTemplate, template_for
+
+ORG = "davidkim205"
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    merged: str  # Hub id of the merged (full) model
+    adapter: str | None  # Hub id of the LoRA adapter
+    base: str  # Hub id of the model the adapter applies to
+    architecture: str  # HF architecture
+    family: str  # template family: "llama" or "mistral"
+    license: str
+    size_label: str
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def template(self) -> PromptTemplate:
+        return template_for(self.family)
+
+
+ZOO: tuple[ZooModel, ...] = (
+    ZooModel("komt-llama2-7b-v1", f"{ORG}/komt-llama2-7b-v1", f"{ORG}/komt-llama2-7b-v1-lora",
+             "meta-llama/Llama-2-7b-chat-hf", "LlamaForCausalLM", "llama", "llama2", "7B",
+             aliases=("komt-llama2-7b",)),
+    ZooModel("komt-llama2-13b-v1", f"{ORG}/komt-llama2-13b-v1", f"{ORG}/komt-llama2-13b-v1-lora",
+             "meta-llama/Llama-2-13b-chat-hf", "LlamaForCausalLM", "llama", "llama2", "13B",
+             aliases=("komt-llama2-13b",)),
+    ZooModel("komt-llama-30b-v1", f"{ORG}/komt-llama-30b-v1", f"{ORG}/komt-llama-30b-v1-lora",
+             "huggyllama/llama-30b", "LlamaForCausalLM", "llama", "other", "30B",
+             aliases=("komt-llama-30b",)),
+    ZooModel("komt-mistral-7b-v1", f"{ORG}/komt-mistral-7b-v1", f"{ORG}/komt-mistral-7b-v1-lora",
+             "mistralai/Mistral-7B-Instruct-v0.1", "MistralForCausalLM", "mistral", "apache-2.0", "7B",
+             aliases=("komt-mistral-7b",)),
+    ZooModel("komt-Llama-2-7b-chat-hf", f"{ORG}/komt-Llama-2-7b-chat-hf", f"{ORG}/komt-Llama-2-7b-chat-hf-lora",
+             "meta-llama/Llama-2-7b-chat-hf", "LlamaForCausalLM", "llama", "llama2", "7B",
+             aliases=("komt-llama-2-7b-chat",)),
+    ZooModel("komt-Llama-2-13b-hf", f"{ORG}/komt-Llama-2-13b-hf", f"{ORG}/komt-Llama-2-13b-hf-lora",
+             "meta-llama/Llama-2-13b-hf", "LlamaForCausalLM", "llama", "llama2", "13B",
+             aliases=("komt-llama-2-13b",)),
+)
+
+
+def lookup(name: str) -> ZooModel | None:
+    """A zoo entry by name, alias or Hub id (case-insensitive), else None."""
+    key = name.strip().lower()
+    for m in ZOO:
+        if key in {m.name.lower(), m.merged.lower(), *(a.lower() for a in m.aliases)}:
+            return m
+    return None
+
+
+def family_for_architecture(architecture: str) -> str:
+    return "mistral" if architecture.startswith("Mistral") else "llama"
+
+
+# What a conversion needs from a Hub repo; pickles only when asked for.
+_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+_PICKLE_PATTERNS = ["*.bin", "*.bin.index.json"]
+_META_PATTERNS = ["*.json", "tokenizer.model", "*.txt", "*.md"]
+
+
+def download(repo_id: str, *, weights: bool = True, allow_pickle: bool = False, revision: str | None = None) -> Path:
+    """Fetch a Hub repo snapshot through huggingface_hub (its cache, HF_TOKEN, HF_ENDPOINT, progress bars)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    patterns = list(_META_PATTERNS)
+    if weights:
+        patterns += _WEIGHT_PATTERNS + (_PICKLE_PATTERNS if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except GatedRepoError:
+        raise KomtError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise KomtError(f"Hub repo {repo_id} was not found (or is private): check the name, or set HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise KomtError(f"revision {revision!r} of {repo_id} does not exist") from None
+    except LocalEntryNotFoundError:
+        raise KomtError(f"could not reach the Hub for {repo_id} and it is not in the local cache: "
+                        "check the network or HF_ENDPOINT, or pass a local folder") from None
+    except OSError as err:  # connection errors surface as OSError subclasses
+        raise KomtError(f"could not download {repo_id}: {err}") from None
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path  # local folder with config.json, weights and tokenizer
+    name: str  # display name used for output files
+    zoo: ZooModel | None
+    source: str  # Hub id or local folder as given
+    adapter: Path | None = None  # LoRA adapter folder to merge before converting
+
+
+def resolve(model: str, *, adapter: str | None = None, allow_pickle: bool = False,
+            prefer_adapter: bool = True) -> ResolvedModel:
+    """MODEL is a local folder, a zoo name or alias, or a Hub id.
+
+    A zoo name resolves to its base model plus its LoRA adapter (merged before conversion), the way
+    komt publishes its models; ``prefer_adapter=False`` takes the merged Hub repo instead.
+    """
+    local = Path(model).expanduser()
+    if local.is_dir():
+        adapter_path = resolve_adapter(adapter) if adapter else None
+        return ResolvedModel(local, local.resolve().name, lookup(local.name), str(local), adapter_path)
+    entry = lookup(model)
+    if entry is not None:
+        if adapter is None and prefer_adapter and entry.adapter:
+            adapter_path = resolve_adapter(entry.adapter)
+            base = download(entry.base, allow_pickle=allow_pickle)
+            return ResolvedModel(base, entry.name, entry, entry.base, adapter_path)
+        path = download(entry.merged, allow_pickle=allow_pickle)
+        return ResolvedModel(path, entry.name, entry, entry.merged, resolve_adapter(adapter) if adapter else None)
+    if "/" in model and not model.startswith((".", "/", "~")) and model.count("/") == 1:
+        path = download(model, allow_pickle=allow_pickle)
+        return ResolvedModel(path, model.split("/")[1], None, model, resolve_adapter(adapter) if adapter else None)
+    known = ", ".join(m.name for m in ZOO)
+    raise KomtError(f"unknown MODEL {model!r}: not a local folder, zoo name or Hub id (ORG/NAME); "
+                    f"zoo names: {known}")
+
+
+def resolve_adapter(adapter: str) -> Path:
+    local = Path(adapter).expanduser()
+    if local.is_dir():
+        if not (local / "adapter_config.json").is_file():
+            raise KomtError(f"{local} is not a LoRA adapter folder: adapter_config.json is missing")
+        return local
+    if "/" in adapter and adapter.count("/") == 1:
+        return download(adapter)
+    raise KomtError(f"adapter {adapter!r} is neither a local folder nor a Hub id (ORG/NAME)")
+
+
+def hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}

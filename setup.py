@@ -1,0 +1,43 @@
+"""komt-edge: quantization and edge-deployment toolchain for komt Korean LLMs.
+
+One import root, ``komt_edge``: the top-level ``converters/`` and ``benchmarks/`` folders are
+mapped to ``komt_edge.converters`` and ``komt_edge.benchmarks`` (works with editable installs).
+"""
+from setuptools import setup
+
+setup(
+    name="komt-edge",
+    version="0.1.0",
+    description="Quantize, convert, verify and release komt Korean LLMs for llama.cpp and the edge",
+    python_requires=">=3.10",
+    packages=["komt_edge", "komt_edge.converters", "komt_edge.benchmarks"],
+    package_dir={
+        "komt_edge": "komt_edge",
+        "komt_edge.converters": "converters",
+        "komt_edge.benchmarks": "benchmarks",
+    },
+    install_requires=[
+        # torch: a range that the CPU wheel 2.13.0 satisfies; install torch first (see README).
+        "torch>=2.4,<2.15",
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "protobuf",
+        "tokenizers>=0.21",
+        "accelerate>=1.0",
+        "gguf==0.19.0",
+        "huggingface_hub>=0.34",
+        "click>=8.1",
+        "numpy>=1.26",
+        "jinja2>=3.1",
+        "tqdm>=4.66",
+        # llama.cpp: pinned, since komt-edge calls its quantization API directly (vendor/llama.cpp.md).
+        "llama-cpp-python==0.3.36",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "demo": ["mistral-common>=1.5"],
+    },
+    entry_points={"console_scripts": ["komt-edge=komt_edge.cli:main"]},
+)
