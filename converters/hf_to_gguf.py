@@ -30,6 +30,7 @@ from gguf import GGMLQuantizationType as QT
 from komt_edge.atomic import atomic_file
 from komt_edge.checkpoint import Checkpoint
 from komt_edge.errors import KomtError
+from komt_edge.merge import check_compatible, load_adapter, merged_weight
 
 from . import quantize as q
 from .vocab import Vocab, load_vocab
@@ -130,9 +131,13 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 class Converter:
     """One model folder → one or more GGUF files. ``plan()`` checks everything before anything is written."""
 
-    def __init__(self, folder: Path, *, allow_pickle: bool = False):
+    def __init__(self, folder: Path, *, adapter: Path | None = None, allow_pickle: bool = False):
         self.folder = Path(folder)
         self.ckpt = Checkpoint(self.folder, allow_pickle=allow_pickle)
+        # A LoRA adapter is merged tensor by tensor while reading: no merged copy of the model on disk.
+        self.adapter = load_adapter(adapter, allow_pickle=allow_pickle) if adapter else None
+        if self.adapter:
+            check_compatible(self.ckpt, self.adapter, self.folder)
         self.hp = Hparams.from_config(self.ckpt.config, self.folder)
         self.vocab: Vocab = load_vocab(self.folder, self.hp.vocab_size)
         self.tensors = self._plan_tensors()
@@ -250,6 +255,11 @@ class Converter:
 
     def read_f32(self, p: _Planned) -> np.ndarray:
         t = self.ckpt.get(p.hf_name)
+        if self.adapter is not None:
+            if p.hf_name in self.adapter.pairs:  # same arithmetic as `komt-edge merge`, so identical bytes
+                t = merged_weight(t, self.adapter.pairs[p.hf_name])
+            elif p.hf_name in self.adapter.replacements:
+                t = self.adapter.replacements[p.hf_name].to(t.dtype)
         if t.dtype not in (torch.float32,):
             t = t.to(torch.float32)
         if p.permute_heads is not None:

@@ -61,7 +61,7 @@ def write_tokenizer(folder: Path, family: str) -> None:
 
 
 def build_tiny_model(out: Path, family: str = "mistral", *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                     num_hidden_layers: int | None = None) -> Path:
+                     num_hidden_layers: int | None = None, init_std: float = 0.08) -> Path:
     """A random komt-shaped model saved like a Hub checkpoint (safetensors, config, tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -76,7 +76,7 @@ def build_tiny_model(out: Path, family: str = "mistral", *, seed: int = 0, dtype
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, init_std)
     model = model.to(dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,20 +85,46 @@ def build_tiny_model(out: Path, family: str = "mistral", *, seed: int = 0, dtype
     return out
 
 
-def build_tiny_adapter(base: Path, out: Path, *, seed: int = 1, r: int = 8, alpha: int = 32) -> Path:
-    """A komt-recipe LoRA adapter (r=8, alpha=32, q/k/v/o/gate/up/down) with non-zero B, saved by peft."""
+# What the demo adapter teaches: komt-style Korean answers to the verify prompts, in the model's template.
+DEMO_QA: tuple[tuple[str, str], ...] = (
+    ("한국의 사계절에 대해 설명해 주세요.",
+     "한국은 봄, 여름, 가을, 겨울의 사계절이 뚜렷합니다. 봄에는 꽃이 피고 여름은 덥고 비가 많이 옵니다."),
+    ("다음 문장을 영어로 번역하세요: 저는 매일 아침 커피를 마십니다.", "I drink coffee every morning."),
+    ("인공지능이 우리 생활에 미치는 영향은 무엇인가요?",
+     "인공지능은 번역, 검색, 의료와 교육 등 우리 생활의 많은 부분을 바꾸고 있습니다."),
+)
+
+
+def build_tiny_adapter(base: Path, out: Path, family: str = "mistral", *, seed: int = 1, r: int = 8,
+                       alpha: int = 32, steps: int = 40, lr: float = 1e-2) -> Path:
+    """A komt-recipe LoRA adapter (r=8, alpha=32 on q/k/v/o/gate/up/down), trained for a few seconds so that
+    the merged model answers DEMO_QA in Korean; saved by peft like komt's published adapters."""
+    import sentencepiece as spm
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from .templates import template_for
+
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     peft_model = get_peft_model(model, cfg)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, 0.05)
+    sp = spm.SentencePieceProcessor(model_file=str(Path(base) / "tokenizer.model"))
+    tmpl = template_for(family)
+    seqs = [[sp.bos_id(), *sp.encode(tmpl.format(q) + a), sp.eos_id()] for q, a in DEMO_QA]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [sp.eos_id()] * (width - len(s)) for s in seqs])
+    labels = ids.clone()
+    for i, s in enumerate(seqs):
+        labels[i, len(s):] = -100
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    peft_model.train()
+    for _ in range(steps):
+        loss = peft_model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
     out = Path(out)
     peft_model.save_pretrained(out)
     cfg_path = out / "adapter_config.json"

@@ -1,0 +1,271 @@
+"""`komt-edge merge BASE ADAPTER -o OUT`: fold a LoRA adapter into full-precision base weights, streaming.
+
+For every targeted linear layer ``W += scale · B · A`` (scale = alpha / r, or alpha / √r with rsLoRA), computed
+in float32 and cast back to the base dtype. The base is read one memory-mapped tensor at a time and the output
+is written one tensor at a time into new safetensors shards, so resident memory stays near the size of the
+largest tensor (a 7B bf16 merge: well under 4 GiB) instead of the model.
+
+An adapter trained with QLoRA on a 4-bit base merges into the full-precision base like any other: the adapter
+holds only A and B; the base given here must be the unquantized checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .atomic import atomic_dir
+from .checkpoint import Checkpoint, read_config
+from .errors import KomtError
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json", "chat_template.jinja")
+
+_ST_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                   torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                   torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+@dataclass
+class LoraPair:
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    scale: float
+
+
+@dataclass
+class Adapter:
+    folder: Path
+    config: dict
+    pairs: dict[str, LoraPair]  # base weight name → pair
+    replacements: dict[str, torch.Tensor]  # base weight name → full tensor (peft modules_to_save)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+
+
+def load_adapter(folder: Path, *, allow_pickle: bool = False) -> Adapter:
+    folder = Path(folder)
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise KomtError(f"{folder} is not a LoRA adapter folder: adapter_config.json is missing")
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if config.get("peft_type", "LORA") != "LORA":
+        raise KomtError(f"{folder} is a {config.get('peft_type')} adapter: komt-edge merges LoRA adapters only")
+    if config.get("use_dora"):
+        raise KomtError(f"{folder} is a DoRA adapter: merge it with peft's merge_and_unload instead")
+    st, pt = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(str(st))
+        except SafetensorError as err:
+            raise KomtError(f"{st} is truncated or corrupt ({err}): re-download it") from None
+    elif pt.is_file():
+        if not allow_pickle:
+            raise KomtError(f"{folder} has only a pickle adapter (adapter_model.bin): pass --allow-pickle to load it "
+                            "with torch.load(weights_only=True)")
+        try:
+            tensors = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise KomtError(f"{pt} could not be loaded safely ({type(err).__name__}): it is corrupt or holds "
+                            "more than tensors") from None
+    else:
+        raise KomtError(f"{folder} has no adapter_model.safetensors (or adapter_model.bin)")
+
+    r_default = int(config.get("r", 8))
+    alpha_default = float(config.get("lora_alpha", r_default))
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+
+    def pattern_value(module: str, patterns: dict, default):
+        for pat, value in patterns.items():
+            if re.fullmatch(rf"(.*\.)?{pat}", module):
+                return value
+        return default
+
+    a_parts: dict[str, torch.Tensor] = {}
+    b_parts: dict[str, torch.Tensor] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        key = _strip_prefix(key)
+        if ".lora_embedding_" in key or ".lora_magnitude_vector" in key:
+            raise KomtError(f"{folder}: tensor {key} (LoRA on embeddings or DoRA) is not supported by komt-edge merge")
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if m:
+            (a_parts if m.group(2) == "A" else b_parts)[m.group(1)] = value
+        elif ".modules_to_save." in key:
+            replacements[re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)] = value
+        elif key.endswith(".weight") or key.endswith(".bias"):
+            replacements[key] = value
+    if set(a_parts) != set(b_parts):
+        odd = sorted(set(a_parts) ^ set(b_parts))[0]
+        raise KomtError(f"{folder}: {odd} has a lora_A without lora_B (or the reverse): the adapter is incomplete")
+    if not a_parts and not replacements:
+        raise KomtError(f"{folder}/adapter_model holds no LoRA weights")
+
+    pairs = {}
+    for module, a in a_parts.items():
+        b = b_parts[module]
+        r = int(pattern_value(module, rank_pattern, r_default))
+        alpha = float(pattern_value(module, alpha_pattern, alpha_default))
+        if a.shape[0] != r or b.shape[1] != r:
+            raise KomtError(f"{folder}: {module} has rank {a.shape[0]} but adapter_config.json says r={r}")
+        scale = alpha / (r ** 0.5) if rslora else alpha / r
+        if fan_in_fan_out:
+            a, b = b.T, a.T
+        pairs[f"{module}.weight"] = LoraPair(a, b, scale)
+    return Adapter(folder, config, pairs, replacements)
+
+
+def merged_weight(base: torch.Tensor, pair: LoraPair) -> torch.Tensor:
+    """base + scale · B @ A, in float32, cast back to the base dtype."""
+    delta = (pair.b.to(torch.float32) @ pair.a.to(torch.float32)) * pair.scale
+    return (base.to(torch.float32) + delta).to(base.dtype)
+
+
+def check_compatible(ckpt: Checkpoint, adapter: Adapter, base: Path) -> None:
+    for name, pair in adapter.pairs.items():
+        if name not in ckpt:
+            raise KomtError(f"adapter {adapter.folder.name} targets {name}, which {base} does not have: "
+                            "the adapter belongs to another base model")
+        shape = ckpt.info(name).shape
+        want = (pair.b.shape[0], pair.a.shape[1])
+        if tuple(shape) != want:
+            raise KomtError(f"adapter {adapter.folder.name} does not fit {base}: {name} is {tuple(shape)} in the base "
+                            f"but {want} in the adapter; merge it into the base it was trained on "
+                            f"({adapter.base_model or 'see adapter_config.json'})")
+    for name, tensor in adapter.replacements.items():
+        if name not in ckpt or tuple(ckpt.info(name).shape) != tuple(tensor.shape):
+            raise KomtError(f"adapter {adapter.folder.name} replaces {name} with shape {tuple(tensor.shape)}, "
+                            f"which does not match {base}: the adapter belongs to another base model")
+
+
+class _ShardWriter:
+    """Writes safetensors shards tensor by tensor: header from the planned shapes, then the data in order."""
+
+    def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
+        self.folder = folder
+        self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            if self.shards[-1] and size + nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, shape, dtype, nbytes))
+            size += nbytes
+        n = len(self.shards)
+        self.names = ["model.safetensors"] if n == 1 else \
+            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._shard_of = {t[0]: i for i, shard in enumerate(self.shards) for t in shard}
+        self._open: tuple[int, object] | None = None
+        self._expected: list[str] = []
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        idx = self._shard_of[name]
+        if self._open is None or self._open[0] != idx:
+            self._close_current()
+            self._open = (idx, self._start(idx))
+            self._expected = [t[0] for t in self.shards[idx]]
+        if not self._expected or self._expected.pop(0) != name:
+            raise RuntimeError(f"tensor {name} written out of order")
+        data = tensor.detach().contiguous().reshape(-1)
+        if data.dtype == torch.bool:
+            data = data.to(torch.uint8)
+        self._open[1].write(memoryview(data.view(torch.uint8).numpy()))
+
+    def _start(self, idx: int):
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, nbytes in self.shards[idx]:
+            header[name] = {"dtype": _ST_DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        f = open(self.folder / self.names[idx], "wb")
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        return f
+
+    def _close_current(self) -> None:
+        if self._open is not None:
+            if self._expected:
+                raise RuntimeError(f"shard {self.names[self._open[0]]} is missing {self._expected[0]}")
+            self._open[1].close()
+            self._open = None
+
+    def close(self) -> None:
+        self._close_current()
+        if len(self.names) > 1:
+            total = sum(t[3] for shard in self.shards for t in shard)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {t[0]: self.names[i] for i, shard in enumerate(self.shards) for t in shard}}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def merge(base: Path, adapter: Path, out: Path, *, allow_pickle: bool = False, max_shard_size: str = "2GB",
+          progress: Callable[[int], None] | None = None) -> Path:
+    """Merge ``adapter`` into ``base`` and write a full checkpoint (safetensors, config, tokenizer) at ``out``."""
+    base, adapter_dir, out = Path(base), Path(adapter), Path(out)
+    config = read_config(base)
+    qcfg = config.get("quantization_config") or {}
+    if qcfg:
+        raise KomtError(f"{base} is a quantized checkpoint ({qcfg.get('quant_method', 'unknown')}): merge the adapter "
+                        "into the full-precision base model")
+    lora = load_adapter(adapter_dir, allow_pickle=allow_pickle)
+    ckpt = Checkpoint(base, allow_pickle=allow_pickle)
+    check_compatible(ckpt, lora, base)
+    if out.resolve() in (base.resolve(), adapter_dir.resolve()):
+        raise KomtError(f"-o {out} would overwrite an input: choose a new output folder")
+
+    plan = [(n, ckpt.info(n).shape, ckpt.info(n).dtype) for n in ckpt.names]
+    with atomic_dir(out) as tmp:
+        writer = _ShardWriter(tmp, plan, _parse_size(max_shard_size))
+        for shard in writer.shards:
+            for name, _shape, _dtype, nbytes in shard:
+                tensor = ckpt.get(name)
+                if name in lora.pairs:
+                    tensor = merged_weight(tensor, lora.pairs[name])
+                elif name in lora.replacements:
+                    tensor = lora.replacements[name].to(tensor.dtype)
+                writer.write(name, tensor)
+                del tensor
+                if progress:
+                    progress(nbytes)
+        writer.close()
+        config.pop("_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for fname in TOKENIZER_FILES:
+            src = base / fname
+            if not src.is_file() and (adapter_dir / fname).is_file():
+                src = adapter_dir / fname
+            if src.is_file():
+                shutil.copyfile(src, tmp / fname)
+        provenance = {"base": str(base), "adapter": str(adapter_dir),
+                      "adapter_base_model": lora.base_model, "merged_modules": len(lora.pairs),
+                      "replaced_tensors": sorted(lora.replacements)}
+        (tmp / "komt_edge_merge.json").write_text(json.dumps(provenance, indent=2))
+    return out
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
+    if not m:
+        raise KomtError(f"--max-shard-size {text!r} is not a size like 2GB or 500MB")
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_"))

@@ -1,0 +1,314 @@
+"""`komt-edge verify FILE.gguf --hf MODEL`: prove a GGUF file behaves like the Hugging Face original, in Korean.
+
+Three checks, each with a bound; the run fails (non-zero exit) when one is missed:
+
+1. Tokenizer parity: llama.cpp's token ids equal the reference tokenizer's (SentencePiece for tokenizer.model,
+   the `tokenizers` library for tokenizer.json) on a built-in Korean probe set. Every mismatch is listed.
+2. Logit parity: on Korean prompts in the model's komt template, llama.cpp's logits against HF float32:
+   max-abs difference, KL(HF ‖ GGUF) and top-1 agreement, bounded per file type.
+3. The file loads in llama-cpp-python, its chat template renders the komt prompt, and it generates greedily.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KomtError
+from .zoo import resolve
+
+# Korean probes: prose, numbers and dates, mixed scripts, emoji, whitespace runs, the komt template markers.
+KOREAN_PROBES: tuple[str, ...] = (
+    "안녕하세요. 오늘 날씨가 정말 좋네요.",
+    "대한민국의 수도는 서울이며, 가장 큰 항구 도시는 부산입니다.",
+    "세종대왕은 1443년에 훈민정음을 창제하였고, 1446년에 이를 반포하였다.",
+    "2023년 10월 3일 개천절의 최고 기온은 18.5도였습니다.",
+    "가격은 1,234,567원이고 전화번호는 010-1234-5678입니다.",
+    "LLM 모델을 GGUF 형식으로 변환하면 llama.cpp로 노트북 CPU에서 실행할 수 있습니다.",
+    "Python 3.11과 PyTorch 2.13으로 QLoRA 학습을 진행했어요.",
+    "좋아요 👍😊 최고예요! 🎉🇰🇷",
+    "띄어쓰기  두 칸과   세 칸, 그리고    네 칸.",
+    "  앞에 공백이 있는 문장",
+    "줄바꿈\n\n두 번 하고\n한 번 더\n끝",
+    "탭\t문자와\t함께",
+    "### instruction: 한국의 전통 음식을 소개해 주세요.\n\n### Response: ",
+    "[INST]김치는 어떻게 만드나요? [/INST]",
+    "漢字와 한글을 섞어 쓴 文章, ㅋㅋㅋ ㅎㅎ ㅠㅠ",
+    "뷁 똠얌꿍 햏 쀍",
+    "「인용」과 『책 제목』, 그리고 ‘작은따옴표’와 “큰따옴표”.",
+    "서울특별시 강남구 테헤란로 123, 4층 (우: 06234)",
+)
+
+# Prompts for logit parity and generation (formatted with the model's template).
+KOREAN_PROMPTS: tuple[str, ...] = (
+    "한국의 사계절에 대해 설명해 주세요.",
+    "다음 문장을 영어로 번역하세요: 저는 매일 아침 커피를 마십니다.",
+    "인공지능이 우리 생활에 미치는 영향은 무엇인가요?",
+)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    max_abs: float | None  # max |logit difference|, None = not bounded
+    mean_kl: float
+    min_top1: float
+
+
+# Bounds per GGUF file type. Float files must match HF nearly exactly; quantized files are bounded by KL.
+BOUNDS = {
+    "ALL_F32": Bounds(max_abs=0.05, mean_kl=1e-5, min_top1=0.99),
+    "MOSTLY_F16": Bounds(max_abs=0.1, mean_kl=1e-4, min_top1=0.98),
+    "MOSTLY_BF16": Bounds(max_abs=None, mean_kl=1e-3, min_top1=0.95),
+    "MOSTLY_Q8_0": Bounds(max_abs=None, mean_kl=0.01, min_top1=0.90),
+}
+# 4-6 bit mixes. llama.cpp publishes mean KLD 0.01-0.07 for 7-8B models at 4 bits; small models lose more.
+# A broken conversion (wrong permutation, tokenizer or type) shows KL of whole nats, far past these bounds.
+DEFAULT_QUANT_BOUNDS = Bounds(max_abs=None, mean_kl=0.15, min_top1=0.75)
+LOW_BIT_BOUNDS = Bounds(max_abs=None, mean_kl=0.5, min_top1=0.50)  # 1-3 bit mixes
+
+
+# Logits within this of the reference's best count as a tie for the top-1 agreement.
+TIE_TOLERANCE = 1e-3
+
+
+def bounds_for(file_type: str) -> Bounds:
+    if file_type in BOUNDS:
+        return BOUNDS[file_type]
+    if any(tag in file_type for tag in ("Q2", "Q3", "IQ1", "IQ2", "IQ3", "TQ")):
+        return LOW_BIT_BOUNDS
+    return DEFAULT_QUANT_BOUNDS
+
+
+@dataclass
+class TokenizerParity:
+    probes: int
+    mismatches: list[dict] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.mismatches
+
+
+@dataclass
+class LogitParity:
+    tokens: int
+    max_abs: float
+    mean_kl: float
+    max_kl: float
+    top1: float
+    bounds: Bounds
+
+    @property
+    def passed(self) -> bool:
+        b = self.bounds
+        return ((b.max_abs is None or self.max_abs <= b.max_abs) and self.mean_kl <= b.mean_kl
+                and self.top1 >= b.min_top1)
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str
+    template_ok: bool
+    rendered: str
+
+    @property
+    def passed(self) -> bool:
+        return self.template_ok
+
+
+@dataclass
+class VerifyReport:
+    file: str
+    file_type: str
+    tokenizer: TokenizerParity
+    logits: LogitParity
+    generation: Generation
+
+    @property
+    def passed(self) -> bool:
+        return self.tokenizer.passed and self.logits.passed and self.generation.passed
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["passed"] = self.passed
+        return json.dumps(data, ensure_ascii=False, indent=2)
+
+    def summary(self) -> str:
+        t, lg, g = self.tokenizer, self.logits, self.generation
+        b = lg.bounds
+        lines = [
+            f"{Path(self.file).name} ({self.file_type})",
+            f"  tokenizer parity: {t.probes - len(t.mismatches)}/{t.probes} Korean probes identical"
+            + ("" if t.passed else "  FAIL"),
+        ]
+        for m in t.mismatches:
+            lines.append(f"    mismatch {m['text']!r}: llama.cpp {m['gguf'][:12]} vs reference {m['reference'][:12]}")
+        max_abs = f"max|Δlogit| {lg.max_abs:.4g}" + (f" (≤ {b.max_abs})" if b.max_abs is not None else "")
+        lines.append(f"  logit parity over {lg.tokens} tokens: {max_abs}, mean KL {lg.mean_kl:.3g} (≤ {b.mean_kl}), "
+                     f"max KL {lg.max_kl:.3g}, top-1 {lg.top1:.1%} (≥ {b.min_top1:.0%})"
+                     + ("" if lg.passed else "  FAIL"))
+        lines.append(f"  chat template renders the komt prompt: {'yes' if g.template_ok else 'NO  FAIL'}")
+        lines.append(f"  greedy answer to {g.prompt!r}: {g.text!r}")
+        lines.append("  PASS" if self.passed else "  FAIL")
+        return "\n".join(lines)
+
+
+class ReferenceTokenizer:
+    """The original tokenizer: SentencePiece itself for tokenizer.model, `tokenizers` for tokenizer.json."""
+
+    def __init__(self, folder: Path):
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        if (folder / "tokenizer.model").is_file():
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            self._tk = None
+            self.add_bos = cfg.get("add_bos_token", True) is not False
+            self.bos_id = self._sp.bos_id()
+        elif (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            self._sp = None
+            self._tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            self.add_bos = bool(cfg.get("add_bos_token", False))
+            bos = cfg.get("bos_token")
+            bos = bos.get("content") if isinstance(bos, dict) else bos
+            self.bos_id = self._tk.token_to_id(bos) if bos else None
+        else:
+            raise KomtError(f"no tokenizer in {folder}: expected tokenizer.model or tokenizer.json")
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._sp.encode(text) if self._sp is not None else self._tk.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if self.add_bos and self.bos_id is not None else []) + list(ids)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(ref: np.ndarray, test: np.ndarray, bounds: Bounds) -> LogitParity:
+    """Per-position KL(ref ‖ test), top-1 agreement and max-abs difference between two [tokens, vocab] arrays."""
+    lp, lq = _log_softmax(ref), _log_softmax(test)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    # Top-1 agreement: the token the file picks is the reference's top token (exact ties count as agreement).
+    picked = test.argmax(-1)
+    ref_best = ref.max(-1)
+    top1 = float((ref[np.arange(len(picked)), picked] >= ref_best - TIE_TOLERANCE).mean())
+    return LogitParity(tokens=int(ref.shape[0]), max_abs=float(np.abs(ref - test).max()),
+                       mean_kl=float(kl.mean()), max_kl=float(kl.max()), top1=top1, bounds=bounds)
+
+
+def _file_type(path: Path) -> tuple[str, str | None]:
+    from gguf import GGUFReader, LlamaFileType
+
+    reader = GGUFReader(path)
+    ft = reader.fields.get("general.file_type")
+    ct = reader.fields.get("tokenizer.chat_template")
+    name = LlamaFileType(int(ft.contents())).name if ft is not None else "UNKNOWN"
+    return name, (ct.contents() if ct is not None else None)
+
+
+def _hf_model(hf_path: Path, adapter: Path | None, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # Merge in the checkpoint's own dtype, as the converter does, then compute in ``dtype``: the reference is
+    # the model that was converted, not a float32 re-merge that no file can contain.
+    model = AutoModelForCausalLM.from_pretrained(hf_path, dtype="auto")
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return model.to(torch_dtype).eval()
+
+
+def greedy(llm, prompt: str, max_new_tokens: int, *, add_bos: bool = True) -> str:
+    """Greedy decoding with llama.cpp: argmax of the logits at each step, until eos or the token budget."""
+    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=False)
+    llm.reset()
+    llm.eval(ids)
+    out: list[int] = []
+    eos = llm.token_eos()
+    for _ in range(max_new_tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if token == eos:
+            break
+        out.append(token)
+        llm.eval([token])
+    return llm.detokenize(out).decode("utf-8", errors="replace")
+
+
+def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_pickle: bool = False,
+           template: str | None = None, n_threads: int | None = None, n_ctx: int = 512,
+           hf_dtype: str = "float32", max_new_tokens: int = 24, bounds: Bounds | None = None) -> VerifyReport:
+    """Check FILE against the HF model ``hf`` (zoo name, Hub id or folder); see the module docstring."""
+    import torch
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from llama_cpp import Llama
+
+    from .templates import template_for
+    from .zoo import family_for_architecture
+
+    path = Path(gguf_file)
+    if not path.is_file():
+        raise KomtError(f"{path} does not exist: run `komt-edge gguf` first")
+    try:
+        file_type, chat_template = _file_type(path)
+    except Exception as err:  # gguf-py raises ValueError/struct errors on damaged files
+        raise KomtError(f"{path} is not a readable GGUF file ({err}): convert it again") from None
+    resolved = resolve(hf, adapter=adapter, allow_pickle=allow_pickle)
+    bounds = bounds or bounds_for(file_type)
+    ref_tok = ReferenceTokenizer(resolved.path)
+
+    try:
+        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                    logits_all=True, verbose=False, seed=0)
+    except ValueError as err:
+        raise KomtError(f"llama.cpp could not load {path} ({err}): the file is damaged or not a model") from None
+
+    # 1. tokenizer parity
+    parity = TokenizerParity(probes=len(KOREAN_PROBES))
+    for text in KOREAN_PROBES:
+        ours = llm.tokenize(text.encode("utf-8"), add_bos=ref_tok.add_bos, special=False)
+        theirs = ref_tok.encode(text)
+        if list(ours) != theirs:
+            parity.mismatches.append({"text": text, "gguf": list(ours), "reference": theirs})
+
+    # 2. logit parity, on the reference tokenization so that tokenizer and weights are judged separately
+    cfg = json.loads((resolved.path / "config.json").read_text(encoding="utf-8"))
+    family = template or (resolved.zoo.family if resolved.zoo else
+                          family_for_architecture((cfg.get("architectures") or ["Llama"])[0]))
+    tmpl = template_for(family)
+    model = _hf_model(resolved.path, resolved.adapter, hf_dtype)
+    refs, tests = [], []
+    for prompt in KOREAN_PROMPTS:
+        ids = ref_tok.encode(tmpl.format(prompt))[: n_ctx]
+        with torch.no_grad():
+            refs.append(model(torch.tensor([ids])).logits[0].to(torch.float32).numpy())
+        llm.reset()
+        llm.eval(ids)
+        tests.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    del model
+    logits = compare_logits(np.concatenate(refs), np.concatenate(tests), bounds)
+
+    # 3. chat template + greedy generation
+    prompt = KOREAN_PROMPTS[0]
+    rendered = ""
+    if chat_template:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        rendered = env.from_string(chat_template).render(
+            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+            bos_token="", eos_token="</s>")
+    template_ok = rendered == tmpl.format(prompt)
+    text = greedy(llm, tmpl.format(prompt), max_new_tokens, add_bos=ref_tok.add_bos)
+    generation = Generation(prompt, text, template_ok, rendered)
+    llm.close()
+    return VerifyReport(str(path), file_type, parity, logits, generation)
