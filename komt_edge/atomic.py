@@ -17,7 +17,7 @@ def _explain_oserror(err: OSError, path: Path) -> KomtError:
         return KomtError(f"no space left on the device while writing {path}: free some space or choose another -o folder")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return KomtError(f"cannot write to {path.parent}: permission denied; choose a writable -o folder")
-    return KomtError(f"cannot write {path}: {err.strerror or err}")
+    return KomtError(f"cannot write {path}: {err.strerror or err}; choose a writable -o folder")
 
 
 def ensure_writable_dir(folder: Path) -> Path:
@@ -26,7 +26,8 @@ def ensure_writable_dir(folder: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise _explain_oserror(err, folder / "x") from None
+        raise KomtError(f"cannot create the output folder {folder}: {err.strerror or err}; "
+                        "choose a writable -o folder") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise KomtError(f"cannot write to {folder}: permission denied; choose a writable -o folder")
     return folder

@@ -248,7 +248,7 @@ def greedy(llm, prompt: str, max_new_tokens: int, *, add_bos: bool = True) -> st
 
 def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_pickle: bool = False,
            template: str | None = None, n_threads: int | None = None, n_ctx: int = 512,
-           hf_dtype: str = "float32", max_new_tokens: int = 24, bounds: Bounds | None = None) -> VerifyReport:
+           hf_dtype: str = "float32", max_new_tokens: int = 40, bounds: Bounds | None = None) -> VerifyReport:
     """Check FILE against the HF model ``hf`` (zoo name, Hub id or folder); see the module docstring."""
     import torch
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -274,6 +274,11 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
     except ValueError as err:
         raise KomtError(f"llama.cpp could not load {path} ({err}): the file is damaged or not a model") from None
 
+    cfg = json.loads((resolved.path / "config.json").read_text(encoding="utf-8"))
+    if cfg.get("vocab_size") != llm.n_vocab():
+        raise KomtError(f"{path.name} has {llm.n_vocab()} tokens but {hf} has {cfg.get('vocab_size')}: the file was "
+                        "not made from this model; pass the model it was converted from")
+
     # 1. tokenizer parity
     parity = TokenizerParity(probes=len(KOREAN_PROBES))
     for text in KOREAN_PROBES:
@@ -283,7 +288,6 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
             parity.mismatches.append({"text": text, "gguf": list(ours), "reference": theirs})
 
     # 2. logit parity, on the reference tokenization so that tokenizer and weights are judged separately
-    cfg = json.loads((resolved.path / "config.json").read_text(encoding="utf-8"))
     family = template or (resolved.zoo.family if resolved.zoo else
                           family_for_architecture((cfg.get("architectures") or ["Llama"])[0]))
     tmpl = template_for(family)

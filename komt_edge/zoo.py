@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,6 +139,3 @@ def resolve_adapter(adapter: str) -> Path:
         return download(adapter)
     raise KomtError(f"adapter {adapter!r} is neither a local folder nor a Hub id (ORG/NAME)")
 
-
-def hf_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}

@@ -1,0 +1,180 @@
+"""The `komt-edge` command. Each command parses its options, calls the stage function of the same name, prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import KomtError
+
+THREADS = click.option("--threads", "-t", "n_threads", type=click.IntRange(min=1), default=None,
+                       help="CPU threads for llama.cpp (default: all cores).")
+ALLOW_PICKLE = click.option("--allow-pickle", is_flag=True,
+                            help="Also read pickle *.bin weights, with torch.load(weights_only=True).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="komt-edge")
+def cli() -> None:
+    """komt-edge: take komt Korean LLMs from the Hub to verified llama.cpp files.
+
+    MODEL is a zoo name (`komt-edge models`), a Hub id (ORG/NAME) or a local folder.
+    """
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the zoo as JSON.")
+def models(as_json: bool) -> None:
+    """List the published komt models, their Hub ids and prompt templates."""
+    from dataclasses import asdict
+
+    from .zoo import ZOO
+
+    if as_json:
+        click.echo(json.dumps([{**asdict(m), "template": m.template.format("{prompt}")} for m in ZOO],
+                              ensure_ascii=False, indent=2))
+        return
+    for m in ZOO:
+        click.echo(f"{m.name}  ({m.size_label}, {m.architecture}, licence {m.license})")
+        click.echo(f"  aliases:  {', '.join(m.aliases) or '-'}")
+        click.echo(f"  merged:   {m.merged}")
+        click.echo(f"  adapter:  {m.adapter}  (applies to {m.base})")
+        click.echo(f"  template: {m.template.format('{prompt}')!r}")
+
+
+@cli.command("merge")
+@click.argument("base")
+@click.argument("adapter")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output safetensors shard.")
+@ALLOW_PICKLE
+def merge_cmd(base: str, adapter: str, out: Path, max_shard_size: str, allow_pickle: bool) -> None:
+    """Merge a LoRA ADAPTER into the full-precision BASE, tensor by tensor.
+
+    BASE and ADAPTER are local folders or Hub ids.
+
+    Example: komt-edge merge mistralai/Mistral-7B-Instruct-v0.1 davidkim205/komt-mistral-7b-v1-lora -o merged/
+    """
+    from tqdm.auto import tqdm
+
+    from .merge import merge
+    from .zoo import resolve, resolve_adapter
+
+    base_path = resolve(base, allow_pickle=allow_pickle, prefer_adapter=False).path
+    adapter_path = resolve_adapter(adapter)
+    with tqdm(unit="B", unit_scale=True, desc="merge") as bar:
+        merge(base_path, adapter_path, out, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
+              progress=bar.update)
+    click.echo(f"merged model written to {out}")
+
+
+@cli.command("gguf")
+@click.argument("model")
+@click.option("-q", "--quant", "quants", multiple=True, default=("q4_0", "q8_0"), show_default=True,
+              help="Output type; repeat for several (f32 f16 bf16 q8_0 q4_0 q4_K_M q5_K_M q6_K ...).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
+              help="Output folder.")
+@click.option("--adapter", default=None, help="LoRA adapter (folder or Hub id) to merge first.")
+@click.option("--template", type=click.Choice(["llama", "mistral", "none"]), default=None,
+              help="Chat template to embed (default: the model's komt template).")
+@click.option("--name", default=None, help="Model name for general.name and file names.")
+@THREADS
+@ALLOW_PICKLE
+def gguf_cmd(model: str, quants: tuple[str, ...], out: Path, adapter: str | None, template: str | None,
+             name: str | None, n_threads: int | None, allow_pickle: bool) -> None:
+    """Convert MODEL to GGUF, one file per -q type, from one read of the checkpoint.
+
+    Example: komt-edge gguf komt-mistral-7b -q q4_0 -q q8_0 -o dist/
+    """
+    from .gguf import convert
+
+    quants = tuple(t for spec in quants for t in spec.replace(",", " ").split())
+    for path in convert(model, quants, out, adapter=adapter, allow_pickle=allow_pickle, template=template,
+                        name=name, n_threads=n_threads):
+        click.echo(str(path))
+
+
+@cli.command("verify")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--hf", "hf", required=True, help="The original model: zoo name, Hub id or folder.")
+@click.option("--adapter", default=None, help="LoRA adapter the file was merged with (zoo names imply it).")
+@click.option("--template", type=click.Choice(["llama", "mistral"]), default=None,
+              help="Prompt template for the logit prompts (default: the model's).")
+@click.option("--hf-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Precision of the HF reference forward pass.")
+@click.option("--max-kl", type=float, default=None, help="Override the mean-KL bound.")
+@click.option("--min-top1", type=float, default=None, help="Override the top-1 agreement bound (0-1).")
+@click.option("--max-abs", type=float, default=None, help="Override the max |Δlogit| bound.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the reports as JSON to this file.")
+@THREADS
+@ALLOW_PICKLE
+def verify_cmd(files: tuple[Path, ...], hf: str, adapter: str | None, template: str | None, hf_dtype: str,
+               max_kl: float | None, min_top1: float | None, max_abs: float | None, json_out: Path | None,
+               n_threads: int | None, allow_pickle: bool) -> None:
+    """Check that GGUF FILES tokenize and predict like the HF model, on Korean text.
+
+    Exits non-zero when any bound fails. Example: komt-edge verify dist/*.gguf --hf komt-mistral-7b
+    """
+    from .verify import Bounds, bounds_for, verify, _file_type
+
+    reports = []
+    for f in files:
+        bounds = None
+        if max_kl is not None or min_top1 is not None or max_abs is not None:
+            if not f.is_file():
+                raise KomtError(f"{f} does not exist: run `komt-edge gguf` first")
+            d = bounds_for(_file_type(f)[0])
+            bounds = Bounds(max_abs if max_abs is not None else d.max_abs,
+                            max_kl if max_kl is not None else d.mean_kl,
+                            min_top1 if min_top1 is not None else d.min_top1)
+        report = verify(f, hf, adapter=adapter, allow_pickle=allow_pickle, template=template, n_threads=n_threads,
+                        hf_dtype=hf_dtype, bounds=bounds)
+        click.echo(report.summary())
+        reports.append(report)
+    if json_out:
+        json_out.write_text("[" + ",\n".join(r.to_json() for r in reports) + "]\n", encoding="utf-8")
+    failed = [r.file for r in reports if not r.passed]
+    if failed:
+        raise KomtError(f"verification failed for {', '.join(Path(f).name for f in failed)}: see the report above")
+
+
+@cli.command("demo")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("dist/demo"), show_default=True)
+@THREADS
+def demo_cmd(out: Path, n_threads: int | None) -> None:
+    """Run merge → gguf → verify offline on a tiny komt-mistral-shaped model, then chat in Korean."""
+    from .demo import run_demo
+
+    result = run_demo(out, n_threads=n_threads)
+    click.echo("\nllama-cpp-python chat, formatted by the komt template stored in each file:")
+    click.echo(f"  user: {result.prompt}")
+    for name, answer in result.answers.items():
+        click.echo(f"  {name}: {answer}")
+    if not result.passed:
+        raise KomtError("the demo's verification failed: see the reports above")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except KomtError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
