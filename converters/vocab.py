@@ -188,6 +188,8 @@ def _bpe_pre(pre_tokenizer: dict | None) -> str:
     digits = [p for p in pre_tokenizer.get("pretokenizers", []) if p.get("type") == "Digits"]
     if kinds == ["Digits", "ByteLevel"] and digits and digits[0].get("individual_digits"):
         return "smollm"
+    if kinds == ["ByteLevel"] and pre_tokenizer.get("use_regex", True):
+        return "gpt-2"
     return "default"
 
 

@@ -46,6 +46,9 @@ def chat_template_for(resolved: ResolvedModel, architecture: str, template: str 
         return template_for(template).chat_template
     if resolved.zoo is not None:
         return resolved.zoo.template.chat_template
+    jinja = resolved.path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
     cfg_path = resolved.path / "tokenizer_config.json"
     if cfg_path.is_file():
         own = json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template")

@@ -1,0 +1,67 @@
+"""`komt-edge merge` equals peft's merge_and_unload, streams into shards, and refuses adapters that don't fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from komt_edge.errors import KomtError
+from komt_edge.merge import merge
+
+
+def _peft_merged(base, adapter, dtype):
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
+@pytest.mark.parametrize("family,dtype", [("mistral", torch.bfloat16), ("llama", torch.float32)])
+def test_merge_equals_peft_merge_and_unload(family, dtype, request, tmp_path):
+    base = request.getfixturevalue(f"tiny_{family}")
+    adapter = request.getfixturevalue(f"{family}_adapter")
+    out = merge(base, adapter, tmp_path / "merged")
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+    ref = _peft_merged(base, adapter, dtype)
+    a, b = ours.state_dict(), ref.state_dict()
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == dtype
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+    ids = torch.tensor([[1, 3000, 12000, 28000, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.float()(ids).logits, ref.float()(ids).logits, rtol=0, atol=1e-4)
+    # the tokenizer travels with the weights, tokenizer.model included
+    assert (out / "tokenizer.model").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+def test_merge_writes_shards_with_an_index(tiny_mistral, mistral_adapter, tmp_path):
+    out = merge(tiny_mistral, mistral_adapter, tmp_path / "sharded", max_shard_size="8MB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    for shard in shards:
+        with safe_open(str(out / shard), framework="pt") as f:
+            assert set(f.keys()) == {k for k, v in index["weight_map"].items() if v == shard}
+    AutoModelForCausalLM.from_pretrained(out)  # transformers loads the sharded result
+
+
+def test_adapter_for_another_base_is_refused(tiny_mistral, llama_adapter, tmp_path):
+    with pytest.raises(KomtError, match="does not fit"):
+        merge(tiny_mistral, llama_adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_base_is_refused(tiny_mistral, mistral_adapter, tmp_path):
+    import shutil
+
+    base = tmp_path / "bnb-base"
+    shutil.copytree(tiny_mistral, base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KomtError, match="full-precision base"):
+        merge(base, mistral_adapter, tmp_path / "out")
