@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -57,20 +58,25 @@ def chat_template_for(resolved: ResolvedModel, architecture: str, template: str 
     return template_for(family_for_architecture(architecture)).chat_template
 
 
-def metadata_for(resolved: ResolvedModel, conv: Converter, template: str | None) -> Metadata:
+def metadata_for(resolved: ResolvedModel, conv: Converter, template: str | None, name: str) -> Metadata:
+    """general.* and provenance: for a zoo model its licence, base and Hub repos; for a Hub id, that repo."""
     from gguf.utility import size_label
 
     zoo = resolved.zoo
-    base_models = [zoo.base] if zoo and resolved.adapter else ([resolved.source] if "/" in resolved.source and
-                                                                not Path(resolved.source).exists() else [])
+    from_hub = not Path(resolved.source).exists()
+    if zoo and resolved.adapter:
+        base_models, source = [zoo.base], zoo.adapter
+    elif zoo:
+        base_models, source = [zoo.base], zoo.merged
+    else:
+        base_models, source = ([resolved.source] if from_hub else []), (resolved.source if from_hub else None)
     return Metadata(
-        name=resolved.name,
-        basename=resolved.name,
+        name=name,
+        basename=name,
         size_label=size_label(conv.parameter_count(), 0, 0, 0),
         license=zoo.license if zoo else None,
         base_models=base_models,
-        source_repo=(zoo.adapter if resolved.adapter and zoo else zoo.merged) if zoo else
-        (resolved.source if base_models else None),
+        source_repo=source,
         source_revision=_revision(resolved.path),
         chat_template=chat_template_for(resolved, conv.hp.architecture, template),
         quantized_by=f"komt-edge {__version__}",
@@ -95,10 +101,8 @@ def convert(model: str, quants: Sequence[str] = DEFAULT_QUANTS, out: str | Path 
     conv = Converter(resolved.path, adapter=resolved.adapter, allow_pickle=allow_pickle)
     display = name or resolved.name
     for warning in conv.vocab.warnings:
-        tqdm.write(f"warning: {warning}")
-    meta = metadata_for(resolved, conv, template)
-    meta.name = display
-    meta.basename = display
+        tqdm.write(f"warning: {warning}", file=sys.stderr)
+    meta = metadata_for(resolved, conv, template, display)
     targets = {t: out / output_name(display, t) for t in types}
     with tqdm(total=conv.parameter_count(), unit="w", unit_scale=True, disable=not progress,
               desc=f"{display} → {', '.join(q.display_name(t) for t in types)}") as bar:

@@ -1,0 +1,228 @@
+"""Conversion benchmark: komt-edge vs llama.cpp's own path, same synthetic checkpoint, same machine, one run.
+
+    python -m komt_edge.benchmarks.convert_bench --shape tiny --shape 1b --shape mistral-7b --threads 2
+
+For each shape a random bf16 checkpoint (Mistral layout, the real Mistral v0.1 tokenizer) is written locally,
+then converted to q4_0 + q8_0 by
+
+- komt-edge: ``komt-edge gguf DIR -q q4_0 -q q8_0`` (one read of the checkpoint, both files);
+- llama.cpp: ``convert_hf_to_gguf.py --outtype bf16`` (the source precision), then ``llama-quantize`` for each
+  type (``llama_model_quantize``, the same library llama-quantize links).
+
+Wall time and peak anonymous memory (RssAnon, sampled every 20 ms over the process tree: pages of the
+memory-mapped checkpoint are file-backed and don't count) are reported for each. ``--keep`` keeps the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_SRC = ROOT / ".cache" / "llama.cpp-src"
+
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),  # TinyLlama-1.1B
+    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8),
+}
+
+
+def write_checkpoint(folder: Path, shape: dict, seed: int = 0) -> int:
+    """A random bf16 Mistral-layout checkpoint, written one tensor at a time; returns the parameter count."""
+    from komt_edge.merge import _ShardWriter
+    from komt_edge.tiny import write_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    h, ff, n_layer = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    plan = [("model.embed_tokens.weight", (32000, h))]
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        plan += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
+                 (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
+                 (p + "self_attn.o_proj.weight", (h, h)), (p + "post_attention_layernorm.weight", (h,)),
+                 (p + "mlp.gate_proj.weight", (ff, h)), (p + "mlp.up_proj.weight", (ff, h)),
+                 (p + "mlp.down_proj.weight", (h, ff))]
+    plan += [("model.norm.weight", (h,)), ("lm_head.weight", (32000, h))]
+    writer = _ShardWriter(folder, [(n, s, torch.bfloat16) for n, s in plan], 4 * 1024 ** 3)
+    gen = torch.Generator().manual_seed(seed)
+    for shard in writer.shards:
+        for name, shp, _dtype, _n in shard:
+            t = torch.randn(shp, generator=gen, dtype=torch.float32).mul_(0.02)
+            if name.endswith("norm.weight"):
+                t.add_(1.0)
+            writer.write(name, t.to(torch.bfloat16))
+    writer.close()
+    config = dict(architectures=["MistralForCausalLM"], model_type="mistral", max_position_embeddings=32768,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, vocab_size=32000, tie_word_embeddings=False,
+                  torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2, **shape)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(folder, "mistral")
+    return sum(int(torch.Size(s).numel()) for _, s in plan)
+
+
+def write_adapter(folder: Path, base: Path, shape: dict, r: int = 8, seed: int = 1) -> None:
+    """A random komt-recipe LoRA adapter (r=8, alpha=32 on q/k/v/o/gate/up/down) for ``write_checkpoint``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    h, ff = shape["hidden_size"], shape["intermediate_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    dims = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+            "self_attn.o_proj": (h, h), "mlp.gate_proj": (h, ff), "mlp.up_proj": (h, ff), "mlp.down_proj": (ff, h)}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(shape["num_hidden_layers"]):
+        for module, (d_in, d_out) in dims.items():
+            key = f"base_model.model.model.layers.{i}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn((r, d_in), generator=gen) * 0.01
+            tensors[f"{key}.lora_B.weight"] = torch.randn((d_out, r), generator=gen) * 0.01
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 32, "lora_dropout": 0.05, "bias": "none",
+        "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+        "target_modules": [m.split(".")[-1] for m in dims]}))
+
+
+def _rss_anon_kib(pid: int) -> int:
+    total = 0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                total += int(line.split()[1])
+    except OSError:
+        pass
+    return total + sum(_rss_anon_kib(int(c)) for c in children)
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd``; return its wall time and peak RssAnon (process tree)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss_anon_kib(proc.pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{err.decode(errors='replace')[-2000:]}")
+    return {"seconds": time.perf_counter() - start, "peak_rss_anon_mib": peak / 1024}
+
+
+def run_shape(name: str, work: Path, n_threads: int) -> dict:
+    src = work / f"{name}-hf"
+    t0 = time.perf_counter()
+    params = write_checkpoint(src, SHAPES[name])
+    gen_s = time.perf_counter() - t0
+    env = {**os.environ, "OMP_NUM_THREADS": str(n_threads)}
+    exe = str(Path(sys.executable).with_name("komt-edge"))
+    ours = measure([exe, "gguf", str(src), "-q", "q4_0", "-q", "q8_0", "--template", "mistral",
+                    "--threads", str(n_threads), "-o", str(work / "komt-edge")], env)
+    # llama.cpp: convert to the source precision, then quantize each type.
+    bf16 = work / "llama.cpp" / f"{name}-bf16.gguf"
+    bf16.parent.mkdir(exist_ok=True)
+    conv = measure([sys.executable, str(LLAMA_SRC / "convert_hf_to_gguf.py"), str(src), "--outtype", "bf16",
+                    "--outfile", str(bf16)], env)
+    quant = {}
+    for qtype, ftype in (("q4_0", 2), ("q8_0", 7)):
+        code = ("import ctypes, llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
+                f"p.ftype = {ftype}; p.nthread = {n_threads}; "
+                "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")
+        quant[qtype] = measure([sys.executable, "-c", code, str(bf16), str(bf16.with_name(f"{name}-{qtype}.gguf"))],
+                               env)
+    theirs_s = conv["seconds"] + sum(q["seconds"] for q in quant.values())
+    theirs_mem = max([conv["peak_rss_anon_mib"]] + [q["peak_rss_anon_mib"] for q in quant.values()])
+    # same bytes? (compare the q4_0 files tensor by tensor, memory-mapped)
+    import numpy as np
+    from gguf import GGUFReader
+
+    ours_q4 = {t.name: t for t in GGUFReader(next((work / "komt-edge").glob("*Q4_0.gguf"))).tensors}
+    theirs_q4 = {t.name: t for t in GGUFReader(bf16.with_name(f"{name}-q4_0.gguf")).tensors}
+    identical = ours_q4.keys() == theirs_q4.keys() and all(
+        t.tensor_type == theirs_q4[n].tensor_type and np.array_equal(t.data, theirs_q4[n].data)
+        for n, t in ours_q4.items())
+    del ours_q4, theirs_q4
+    shutil.rmtree(work / "llama.cpp")  # free the disk before the merge writes a second checkpoint
+    shutil.rmtree(work / "komt-edge")
+    write_adapter(work / "lora", src, SHAPES[name])
+    merged = measure([exe, "merge", str(src), str(work / "lora"), "-o", str(work / "merged")], env)
+    return {"shape": name, "params": params, "checkpoint_gib": sum(p.stat().st_size for p in src.glob("*.safetensors"))
+            / 1024 ** 3, "generate_s": gen_s,
+            "komt_edge": ours, "llama_cpp": {"convert_bf16": conv, **quant, "seconds": theirs_s,
+                                             "peak_rss_anon_mib": theirs_mem},
+            "q4_0_identical": identical, "merge": merged}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", action="append", choices=sorted(SHAPES), help="repeatable (default: tiny)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    ap.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and GGUF files")
+    args = ap.parse_args(argv)
+    if not (LLAMA_SRC / "convert_hf_to_gguf.py").is_file():
+        sys.exit(f"error: {LLAMA_SRC}/convert_hf_to_gguf.py is missing: run `make install`")
+    work = args.work or Path(tempfile.mkdtemp(prefix="komt-bench-"))
+    results = []
+    try:
+        for shape in args.shape or ["tiny"]:
+            shape_dir = work / shape
+            shutil.rmtree(shape_dir, ignore_errors=True)
+            shape_dir.mkdir(parents=True)
+            results.append(run_shape(shape, shape_dir, args.threads))
+            if not args.keep:
+                shutil.rmtree(shape_dir, ignore_errors=True)
+    finally:
+        if not args.keep and args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    import llama_cpp
+
+    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
+            "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
+            "torch": torch.__version__}
+    print(f"threads={args.threads}, cpus={os.cpu_count()}, llama-cpp-python {llama_cpp.__version__}")
+    print("| shape | params | bf16 checkpoint | komt-edge q4_0+q8_0 | llama.cpp bf16 → q4_0, q8_0 | "
+          "peak RssAnon komt-edge | peak RssAnon llama.cpp | q4_0 identical | komt-edge merge (time, RssAnon) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['shape']} | {r['params'] / 1e9:.2f} B | {r['checkpoint_gib']:.2f} GiB | "
+              f"{r['komt_edge']['seconds']:.1f} s | {r['llama_cpp']['seconds']:.1f} s "
+              f"({r['llama_cpp']['convert_bf16']['seconds']:.1f} + {r['llama_cpp']['q4_0']['seconds']:.1f} + "
+              f"{r['llama_cpp']['q8_0']['seconds']:.1f}) | {r['komt_edge']['peak_rss_anon_mib']:.0f} MiB | "
+              f"{r['llama_cpp']['peak_rss_anon_mib']:.0f} MiB | {'yes' if r['q4_0_identical'] else 'NO'} | "
+              f"{r['merge']['seconds']:.1f} s, {r['merge']['peak_rss_anon_mib']:.0f} MiB |")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
