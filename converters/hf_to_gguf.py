@@ -104,9 +104,7 @@ class Hparams:
                 head_dim=int(cfg.get("head_dim") or n_embd // n_head),
                 n_ctx=int(cfg.get("max_position_embeddings") or 4096),
                 rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg["rope_theta"]) if cfg.get("rope_theta") is not None else
-                (float(cfg["rope_parameters"]["rope_theta"]) if (cfg.get("rope_parameters") or {}).get("rope_theta")
-                 is not None else None),
+                rope_theta=_rope_theta(cfg),
                 rope_scaling=cfg.get("rope_scaling"),
                 vocab_size=int(cfg["vocab_size"]),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -118,6 +116,12 @@ class Hparams:
     def model_shape(self) -> q.ModelShape:
         return q.ModelShape("llama", self.n_embd, self.n_ff, self.n_layer, self.n_head, self.n_head_kv,
                             self.head_dim)
+
+
+def _rope_theta(cfg: dict) -> float | None:
+    """rope_theta, at the top level (transformers 4) or under rope_parameters (transformers 5)."""
+    theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta"))
+    return float(theta) if theta is not None else None
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:

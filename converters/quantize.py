@@ -247,6 +247,9 @@ def compute_types(shape: ModelShape, tensors: list[TensorSpec], ftype: LlamaFile
 # Tensor data.
 # ---------------------------------------------------------------------------------------------------
 
+_CHUNK_ELEMENTS = 1 << 20
+
+
 def quantize(data: np.ndarray, ggml_type: GGMLQuantizationType, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
     """Quantize a float32 matrix row-wise with llama.cpp's quantizer; returns the raw bytes (uint8 rows).
 
@@ -272,8 +275,7 @@ def quantize(data: np.ndarray, ggml_type: GGMLQuantizationType, pool: ThreadPool
     def run(first: int, count: int) -> int:
         return lib.ggml_quantize_chunk(int(ggml_type), src, dst, first * n_per_row, count, n_per_row, None)
 
-    workers = pool._max_workers if pool is not None else 1  # noqa: SLF001 - sizing only
-    chunk = max(1, min(nrows, max(16, -(-nrows // (workers * 4)))))
+    chunk = max(1, _CHUNK_ELEMENTS // n_per_row)  # rows per task: about a million weights
     spans = [(r, min(chunk, nrows - r)) for r in range(0, nrows, chunk)]
     if pool is None or len(spans) == 1:
         written = sum(run(r, n) for r, n in spans)
