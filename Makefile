@@ -10,6 +10,7 @@ QUANTS ?= q4_0 q8_0
 OUT ?= dist
 THREADS ?=
 PICKLE ?=
+HF_DTYPE ?= float32
 THREADS_FLAG := $(if $(THREADS),--threads $(THREADS),)
 PICKLE_FLAG := $(if $(PICKLE),--allow-pickle,)
 
@@ -68,7 +69,7 @@ gguf: install
 	set -o pipefail; $(VENV)/bin/komt-edge gguf $(MODEL) $(foreach q,$(QUANTS),-q $(q)) -o $(OUT) \
 		$(THREADS_FLAG) $(PICKLE_FLAG) | tee $(OUT)/gguf-files.txt
 	$(VENV)/bin/komt-edge verify $$(cat $(OUT)/gguf-files.txt) --hf $(MODEL) $(THREADS_FLAG) $(PICKLE_FLAG) \
-		--json $(OUT)/verify.json
+		--hf-dtype $(HF_DTYPE) --json $(OUT)/verify.json
 
 bench-convert: install
 	$(PY) -m komt_edge.benchmarks.convert_bench $(BENCH_ARGS)
