@@ -14,7 +14,7 @@ from pathlib import Path
 from .gguf import convert
 from .merge import merge
 from .tiny import DEMO_QA, build_tiny_adapter, build_tiny_model
-from .verify import VerifyReport, verify
+from .verify import VerifyReport, load_reference, verify
 
 DEMO_NAME = "komt-tiny-mistral"
 
@@ -60,9 +60,10 @@ def run_demo(out: str | Path = "dist/demo", *, quants: tuple[str, ...] = ("q4_0"
     log(f"[4/5] gguf {' '.join(quants)} → {out}")
     files = convert(merged, quants, out, template="mistral", name=DEMO_NAME, n_threads=n_threads, progress=progress)
     log("[5/5] verify against the merged HF model")
+    reference = load_reference(str(merged), template="mistral")
     reports = []
     for f in files:
-        report = verify(f, str(merged), template="mistral", n_threads=n_threads)
+        report = verify(f, str(merged), n_threads=n_threads, reference=reference)
         log(report.summary())
         reports.append(report)
     prompt = DEMO_QA[0][0]

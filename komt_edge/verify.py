@@ -246,16 +246,53 @@ def greedy(llm, prompt: str, max_new_tokens: int, *, add_bos: bool = True) -> st
     return llm.detokenize(out).decode("utf-8", errors="replace")
 
 
-def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_pickle: bool = False,
-           template: str | None = None, n_threads: int | None = None, n_ctx: int = 512,
-           hf_dtype: str = "float32", max_new_tokens: int = 40, bounds: Bounds | None = None) -> VerifyReport:
-    """Check FILE against the HF model ``hf`` (zoo name, Hub id or folder); see the module docstring."""
+@dataclass
+class Reference:
+    """The original model's side of the comparison, computed once and reused for every file of a model."""
+    hf: str
+    resolved: object  # zoo.ResolvedModel
+    tokenizer: ReferenceTokenizer
+    template: object  # templates.PromptTemplate
+    vocab_size: int | None
+    prompt_ids: list[list[int]]
+    logits: list[np.ndarray]  # one [tokens, vocab] float32 array per prompt
+
+
+def load_reference(hf: str, *, adapter: str | None = None, allow_pickle: bool = False, template: str | None = None,
+                   hf_dtype: str = "float32", n_ctx: int = 512) -> Reference:
+    """Tokenize the Korean prompts and run the HF model on them (base + adapter merged in its own dtype)."""
     import torch
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from llama_cpp import Llama
 
     from .templates import template_for
     from .zoo import family_for_architecture
+
+    resolved = resolve(hf, adapter=adapter, allow_pickle=allow_pickle)
+    tokenizer = ReferenceTokenizer(resolved.path)
+    cfg = json.loads((resolved.path / "config.json").read_text(encoding="utf-8"))
+    family = template or (resolved.zoo.family if resolved.zoo else
+                          family_for_architecture((cfg.get("architectures") or ["Llama"])[0]))
+    tmpl = template_for(family)
+    model = _hf_model(resolved.path, resolved.adapter, hf_dtype)
+    prompt_ids, logits = [], []
+    for prompt in KOREAN_PROMPTS:
+        ids = tokenizer.encode(tmpl.format(prompt))[:n_ctx]
+        with torch.no_grad():
+            logits.append(model(torch.tensor([ids])).logits[0].to(torch.float32).numpy())
+        prompt_ids.append(ids)
+    del model
+    return Reference(hf, resolved, tokenizer, tmpl, cfg.get("vocab_size"), prompt_ids, logits)
+
+
+def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_pickle: bool = False,
+           template: str | None = None, n_threads: int | None = None, n_ctx: int = 512,
+           hf_dtype: str = "float32", max_new_tokens: int = 40, bounds: Bounds | None = None,
+           reference: Reference | None = None) -> VerifyReport:
+    """Check FILE against the HF model ``hf`` (zoo name, Hub id or folder); see the module docstring.
+
+    Pass ``reference`` (from ``load_reference``) to check several files against one HF forward pass.
+    """
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from llama_cpp import Llama
 
     path = Path(gguf_file)
     if not path.is_file():
@@ -264,55 +301,47 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
         file_type, chat_template = _file_type(path)
     except Exception as err:  # gguf-py raises ValueError/struct errors on damaged files
         raise KomtError(f"{path} is not a readable GGUF file ({err}): convert it again") from None
-    resolved = resolve(hf, adapter=adapter, allow_pickle=allow_pickle)
     bounds = bounds or bounds_for(file_type)
-    ref_tok = ReferenceTokenizer(resolved.path)
-
     try:
         llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                     logits_all=True, verbose=False, seed=0)
     except ValueError as err:
         raise KomtError(f"llama.cpp could not load {path} ({err}): the file is damaged or not a model") from None
+    try:
+        ref = reference or load_reference(hf, adapter=adapter, allow_pickle=allow_pickle, template=template,
+                                          hf_dtype=hf_dtype, n_ctx=n_ctx)
+        if ref.vocab_size != llm.n_vocab():
+            raise KomtError(f"{path.name} has {llm.n_vocab()} tokens but {ref.hf} has {ref.vocab_size}: the file "
+                            "was not made from this model; pass the model it was converted from")
 
-    cfg = json.loads((resolved.path / "config.json").read_text(encoding="utf-8"))
-    if cfg.get("vocab_size") != llm.n_vocab():
-        raise KomtError(f"{path.name} has {llm.n_vocab()} tokens but {hf} has {cfg.get('vocab_size')}: the file was "
-                        "not made from this model; pass the model it was converted from")
+        # 1. tokenizer parity
+        parity = TokenizerParity(probes=len(KOREAN_PROBES))
+        for text in KOREAN_PROBES:
+            ours = llm.tokenize(text.encode("utf-8"), add_bos=ref.tokenizer.add_bos, special=False)
+            theirs = ref.tokenizer.encode(text)
+            if list(ours) != theirs:
+                parity.mismatches.append({"text": text, "gguf": list(ours), "reference": theirs})
 
-    # 1. tokenizer parity
-    parity = TokenizerParity(probes=len(KOREAN_PROBES))
-    for text in KOREAN_PROBES:
-        ours = llm.tokenize(text.encode("utf-8"), add_bos=ref_tok.add_bos, special=False)
-        theirs = ref_tok.encode(text)
-        if list(ours) != theirs:
-            parity.mismatches.append({"text": text, "gguf": list(ours), "reference": theirs})
+        # 2. logit parity, on the reference tokenization so that tokenizer and weights are judged separately
+        tests = []
+        for ids in ref.prompt_ids:
+            llm.reset()
+            llm.eval(ids)
+            tests.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        logits = compare_logits(np.concatenate(ref.logits), np.concatenate(tests), bounds)
 
-    # 2. logit parity, on the reference tokenization so that tokenizer and weights are judged separately
-    family = template or (resolved.zoo.family if resolved.zoo else
-                          family_for_architecture((cfg.get("architectures") or ["Llama"])[0]))
-    tmpl = template_for(family)
-    model = _hf_model(resolved.path, resolved.adapter, hf_dtype)
-    refs, tests = [], []
-    for prompt in KOREAN_PROMPTS:
-        ids = ref_tok.encode(tmpl.format(prompt))[: n_ctx]
-        with torch.no_grad():
-            refs.append(model(torch.tensor([ids])).logits[0].to(torch.float32).numpy())
-        llm.reset()
-        llm.eval(ids)
-        tests.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    del model
-    logits = compare_logits(np.concatenate(refs), np.concatenate(tests), bounds)
-
-    # 3. chat template + greedy generation
-    prompt = KOREAN_PROMPTS[0]
-    rendered = ""
-    if chat_template:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        rendered = env.from_string(chat_template).render(
-            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-            bos_token="", eos_token="</s>")
-    template_ok = rendered == tmpl.format(prompt)
-    text = greedy(llm, tmpl.format(prompt), max_new_tokens, add_bos=ref_tok.add_bos)
-    generation = Generation(prompt, text, template_ok, rendered)
-    llm.close()
+        # 3. chat template + greedy generation
+        tmpl = ref.template
+        prompt = KOREAN_PROMPTS[0]
+        rendered = ""
+        if chat_template:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            rendered = env.from_string(chat_template).render(
+                messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+                bos_token="", eos_token="</s>")
+        template_ok = rendered == tmpl.format(prompt)
+        text = greedy(llm, tmpl.format(prompt), max_new_tokens, add_bos=ref.tokenizer.add_bos)
+        generation = Generation(prompt, text, template_ok, rendered)
+    finally:
+        llm.close()
     return VerifyReport(str(path), file_type, parity, logits, generation)
