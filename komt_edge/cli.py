@@ -160,6 +160,81 @@ def demo_cmd(out: Path, n_threads: int | None) -> None:
         raise KomtError("the demo's verification failed: see the reports above")
 
 
+@cli.command("train")
+@click.option("--model", "model", required=True,
+              help="What the adapter applies to: zoo name (its merged komt model), Hub id or local folder.")
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path),
+              help='JSON or JSONL records {"instruction", "output"} (optional "input").')
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Output folder: the adapter, checkpoints/ and logs/.")
+@click.option("--bits", type=click.Choice(["4", "8", "16", "32"]), default=None,
+              help="Base weights: 4 (nf4 QLoRA, default on CUDA), 8, 16 or 32; CPU trains in 32.")
+@click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank.")
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=32, show_default=True,
+              help="LoRA alpha (scale = alpha / r).")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True)
+@click.option("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+              show_default=True, help="Comma-separated module names to adapt.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many optimizer steps (overrides --epochs).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+              help="Peak learning rate (cosine schedule).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Per device.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Gradient accumulation steps.")
+@click.option("--max-length", type=click.IntRange(min=8), default=2048, show_default=True,
+              help="Tokens per record; longer records are truncated (reported).")
+@click.option("--eval-split", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True,
+              help="Fraction of records held out for the eval loss (0: none).")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT/checkpoints.")
+@click.option("--template", type=click.Choice(["llama", "mistral"]), default=None,
+              help="komt prompt template (default: the model's family).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--save-steps", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Checkpoint every N steps.")
+@click.option("--save-total-limit", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Checkpoints kept.")
+@click.option("--eval-steps", type=click.IntRange(min=1), default=None,
+              help="Eval every N steps (default: --save-steps).")
+@click.option("--logging-steps", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--optim", default=None,
+              help="transformers optimizer name (default: paged_adamw_32bit on CUDA, adamw_torch on CPU).")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Default: on for CUDA, off on CPU.")
+@click.option("--deepspeed", default=None,
+              help="DeepSpeed JSON config, or 'zero3' for the shipped ZeRO-3 CPU-offload config.")
+@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard logs to OUT/logs/tensorboard.")
+@ALLOW_PICKLE
+def train_cmd(model: str, data: Path, out: Path, bits: str | None, lora_r: int, lora_alpha: float,
+              lora_dropout: float, target_modules: str, epochs: float, max_steps: int | None, lr: float,
+              batch_size: int, grad_accum: int, max_length: int, eval_split: float, resume: bool,
+              template: str | None, device: str, warmup_steps: int, save_steps: int, save_total_limit: int,
+              eval_steps: int | None, logging_steps: int, seed: int, optim: str | None,
+              gradient_checkpointing: bool | None, deepspeed: str | None, tensorboard: bool,
+              allow_pickle: bool) -> None:
+    """Train a komt-style LoRA adapter on Korean instruction data (komt's QLoRA recipe by default).
+
+    Example: komt-edge train --model komt-mistral-7b --data ko.jsonl -o out/my-lora, then
+    komt-edge gguf komt-mistral-7b --adapter out/my-lora. Multi-GPU:
+    accelerate launch --config_file "$(python -m komt_edge.configs multi-gpu)" -m komt_edge.cli train ...
+    """
+    from .train import train
+
+    result = train(model, data, out, bits=int(bits) if bits else None, lora_r=lora_r, lora_alpha=lora_alpha,
+                   lora_dropout=lora_dropout, target_modules=target_modules.split(","), epochs=epochs,
+                   max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+                   eval_split=eval_split, resume=resume, template=template, device=device,
+                   warmup_steps=warmup_steps, save_steps=save_steps, save_total_limit=save_total_limit,
+                   eval_steps=eval_steps, logging_steps=logging_steps, seed=seed, optim=optim,
+                   gradient_checkpointing=gradient_checkpointing, deepspeed=deepspeed, tensorboard=tensorboard,
+                   allow_pickle=allow_pickle, log=click.echo)
+    click.echo(result.summary())
+    click.echo(f"next: komt-edge gguf {model} --adapter {out} --template {result.template} -q q4_0 -q q8_0 -o dist")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -1,0 +1,322 @@
+"""Training data for `komt-edge train`: Korean instruction records → token ids with the prompt masked.
+
+Records are JSON objects ``{"instruction": str, "output": str}`` with an optional ``"input": str``, in a JSON
+file (a list of records) or a JSON Lines file (one record per line). Other keys are ignored.
+
+**Prompt.** ``instruction`` alone, or, when ``input`` is present and not empty,
+``instruction + "\\n\\n" + input`` (:func:`prompt_of`). The prompt is wrapped in the model family's komt template
+(``komt_edge.templates``, the same one the zoo and the GGUF chat template use), and the answer follows it
+directly: ``template.format(prompt) + output``, then the eos token.
+
+**Tokens.** The prompt is tokenized exactly as llama.cpp and ``komt-edge verify`` tokenize a prompt at inference
+time (bos + the tokenizer's ids for ``template.format(prompt)``). The mask covers exactly those tokens: labels
+are -100 there and equal the input ids after. SentencePiece can merge characters across the prompt/answer
+boundary (the Llama template ends in a space, ``"### Response: "``, that joins the answer's first word), so the
+whole text is tokenized once and the prompt's ids must be a prefix of it; when they are not, the answer is
+tokenized on its own as a continuation (SentencePiece without its dummy-prefix space) and appended to the
+prompt's ids, so that training sees the same prompt tokens as inference. Those records are counted as
+``boundary_merges``.
+
+**Length.** Sequences longer than ``max_length`` tokens are cut at ``max_length`` (the end of the answer and its
+eos are lost) and counted as ``truncated``; records whose prompt alone fills ``max_length`` have no answer
+token left, and are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .errors import KomtError
+from .templates import PromptTemplate
+
+IGNORE_INDEX = -100
+INPUT_SEPARATOR = "\n\n"  # between instruction and input, inside the template
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    output: str
+    input: str = ""
+    where: str = ""  # "line 3" or "record 2", for messages
+
+
+def prompt_of(record: Record) -> str:
+    """The user prompt that goes inside the komt template: instruction, then a blank line and input if any."""
+    return record.instruction + INPUT_SEPARATOR + record.input if record.input else record.instruction
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record(obj, path: Path, where: str) -> Record:
+    if not isinstance(obj, dict):
+        raise KomtError(f"{path} {where}: expected a JSON object with \"instruction\" and \"output\", "
+                        f"got {type(obj).__name__}")
+    for key in ("instruction", "output"):
+        if key not in obj:
+            raise KomtError(f"{path} {where}: \"{key}\" is missing (each record needs \"instruction\" and \"output\", "
+                            "optionally \"input\")")
+    for key in ("instruction", "output", "input"):
+        if key in obj and obj[key] is not None and not isinstance(obj[key], str):
+            raise KomtError(f"{path} {where}: \"{key}\" must be a string, got {type(obj[key]).__name__}")
+    if not obj["instruction"].strip():
+        raise KomtError(f"{path} {where}: \"instruction\" is empty")
+    if not obj["output"].strip():
+        raise KomtError(f"{path} {where}: \"output\" is empty: there is nothing to learn from this record")
+    return Record(obj["instruction"], obj["output"], obj.get("input") or "", where)
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Read and validate a JSON (list of records) or JSONL file; errors name the line (JSONL) or the record."""
+    path = Path(path)
+    if not path.is_file():
+        raise KomtError(f"data file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise KomtError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    records: list[Record] = []
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        lines = text.splitlines()
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.msg == "Extra data":  # several top-level values: JSON Lines under another name
+                lines = text.splitlines()
+                data = None
+            else:
+                raise KomtError(f"{path} line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if data is not None:
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise KomtError(f"{path}: expected a JSON list of records (or JSON Lines, one record per line)")
+            records = [_record(obj, path, f"record {i}") for i, obj in enumerate(data)]
+            lines = []
+    for no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise KomtError(f"{path} line {no}: not valid JSON ({err.msg} at column {err.colno})") from None
+        records.append(_record(obj, path, f"line {no}"))
+    if not records:
+        raise KomtError(f"{path} holds no records: expected {{\"instruction\": ..., \"output\": ...}} objects")
+    return records
+
+
+# -- tokenizing -------------------------------------------------------------------------------------------
+
+class TrainTokenizer:
+    """Prompt ids exactly as inference sees them (komt_edge.verify.ReferenceTokenizer: SentencePiece for
+    tokenizer.model, `tokenizers` for tokenizer.json, bos per tokenizer_config), plus eos and a continuation
+    encoder for the answer."""
+
+    def __init__(self, folder: str | Path):
+        from .verify import ReferenceTokenizer
+
+        folder = Path(folder)
+        self.ref = ReferenceTokenizer(folder)
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        if (folder / "tokenizer.model").is_file():
+            import sentencepiece as spm
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString((folder / "tokenizer.model").read_bytes())
+            self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+            self._tk = None
+            self.eos_id = self._sp.eos_id()
+        else:
+            from tokenizers import Tokenizer
+
+            self._sp = self._sp_cont = None
+            self._tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            eos = cfg.get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            eos_id = self._tk.token_to_id(eos) if eos else None
+            if eos_id is None:
+                model_cfg = folder / "config.json"
+                eos_id = json.loads(model_cfg.read_text()).get("eos_token_id") if model_cfg.is_file() else None
+                eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+            if eos_id is None:
+                raise KomtError(f"{folder}: the tokenizer has no eos token; set eos_token in tokenizer_config.json")
+            self.eos_id = int(eos_id)
+        self.pad_id = self.eos_id  # padded positions are masked by attention_mask and labels alike
+
+    def encode(self, text: str) -> list[int]:
+        """bos (when the model adds one) + ids, as llama.cpp tokenizes a prompt."""
+        return self.ref.encode(text)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of text that follows other text directly (no leading dummy space)."""
+        if self._sp_cont is not None:
+            return list(self._sp_cont.encode(text))
+        return list(self._tk.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids that start a text (SentencePiece drops its dummy-prefix space)."""
+        if self._sp is not None:
+            return self._sp.decode(list(ids))
+        return self._tk.decode(list(ids), skip_special_tokens=False)
+
+    def decode_continuation(self, ids: Sequence[int]) -> str:
+        """Text of ids that continue a text (an answer after its prompt)."""
+        if self._sp_cont is not None:
+            return self._sp_cont.decode(list(ids))
+        return self._tk.decode(list(ids), skip_special_tokens=False)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+    truncated: bool = False
+    boundary_merge: bool = False
+    full_len: int = 0  # length before truncation
+
+
+def encode_record(tok: TrainTokenizer, template: PromptTemplate, record: Record, max_length: int) -> Example:
+    """input_ids = prompt ids + answer ids + eos; labels = -100 over the prompt ids, the ids after."""
+    prompt_text = template.format(prompt_of(record))
+    prompt_ids = tok.encode(prompt_text)
+    full = tok.encode(prompt_text + record.output)
+    merged = full[: len(prompt_ids)] != prompt_ids
+    if merged:
+        full = prompt_ids + tok.encode_continuation(record.output)
+    assert full[: len(prompt_ids)] == prompt_ids, "the prompt's tokens must be a prefix of the training sequence"
+    ids = full + [tok.eos_id]
+    truncated = len(ids) > max_length
+    ids = ids[:max_length]
+    n_prompt = min(len(prompt_ids), len(ids))
+    labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+    return Example(ids, labels, n_prompt, truncated, merged, len(full) + 1)
+
+
+@dataclass
+class DataStats:
+    path: str
+    sha256: str
+    records: int
+    train: int
+    eval: int
+    truncated: int
+    skipped: int  # prompt alone fills max_length: no answer token left
+    boundary_merges: int
+    train_tokens: int  # tokens per epoch (non-padding)
+    answer_tokens: int  # of which are trained on (labels != -100)
+    max_length: int
+    longest: int  # longest sequence before truncation
+    skipped_where: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        text = (f"{self.records} records from {Path(self.path).name} (sha256 {self.sha256[:12]}): {self.train} train, "
+                f"{self.eval} held out for eval; {self.train_tokens} train tokens per epoch, "
+                f"{self.answer_tokens} of them answer tokens")
+        if self.truncated:
+            text += (f"; {self.truncated} records longer than --max-length {self.max_length} were truncated "
+                     f"(longest {self.longest} tokens)")
+        if self.skipped:
+            text += (f"; {self.skipped} records skipped: their prompt alone fills --max-length "
+                     f"({', '.join(self.skipped_where[:5])}{', ...' if self.skipped > 5 else ''})")
+        return text
+
+
+def split_indices(n: int, eval_split: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded shuffle; ``eval_split`` of the records (at least one when > 0 and n ≥ 2) are held out."""
+    if not 0 <= eval_split < 1:
+        raise KomtError(f"--eval-split {eval_split}: give a fraction in [0, 1), e.g. 0.05")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = 0
+    if eval_split > 0 and n >= 2:
+        n_eval = min(n - 1, max(1, round(n * eval_split)))
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def prepare(path: str | Path, tok: TrainTokenizer, template: PromptTemplate, *, max_length: int,
+            eval_split: float, seed: int, records: list[Record] | None = None
+            ) -> tuple[list[Example], list[Example], DataStats]:
+    """Load (unless ``records`` were read from ``path`` already), validate, split and tokenize:
+    (train examples, eval examples, stats)."""
+    if max_length < 8:
+        raise KomtError(f"--max-length {max_length} is too short: give at least 8 tokens (komt uses 2048)")
+    path = Path(path)
+    records = load_records(path) if records is None else records
+    train_idx, eval_idx = split_indices(len(records), eval_split, seed)
+    encoded = [encode_record(tok, template, r, max_length) for r in records]
+    skipped_where = [r.where for r, e in zip(records, encoded) if e.prompt_len >= len(e.input_ids)]
+    keep = [e.prompt_len < len(e.input_ids) for e in encoded]
+    train = [encoded[i] for i in train_idx if keep[i]]
+    evals = [encoded[i] for i in eval_idx if keep[i]]
+    if not train:
+        raise KomtError(f"{path}: no training record has an answer token within --max-length {max_length}: "
+                        "raise --max-length")
+    stats = DataStats(
+        path=str(path.resolve()), sha256=file_sha256(path), records=len(records), train=len(train), eval=len(evals),
+        truncated=sum(e.truncated for e in encoded), skipped=len(skipped_where),
+        boundary_merges=sum(e.boundary_merge for e in encoded),
+        train_tokens=sum(len(e.input_ids) for e in train),
+        answer_tokens=sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in train),
+        max_length=max_length,
+        longest=max(e.full_len for e in encoded),
+        skipped_where=skipped_where)
+    return train, evals, stats
+
+
+class ExampleDataset:
+    """A map-style dataset of Examples for transformers' Trainer."""
+
+    def __init__(self, examples: Sequence[Example]):
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        e = self.examples[i]
+        return {"input_ids": e.input_ids, "labels": e.labels}
+
+
+class Collator:
+    """Right-pads a batch: pad id in input_ids, 0 in attention_mask, -100 in labels."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, batch: Sequence[dict]) -> dict:
+        import torch
+
+        width = max(len(b["input_ids"]) for b in batch)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            width = (width + m - 1) // m * m
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
