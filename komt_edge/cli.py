@@ -235,6 +235,42 @@ def train_cmd(model: str, data: Path, out: Path, bits: str | None, lora_r: int, 
     click.echo(f"next: komt-edge gguf {model} --adapter {out} --template {result.template} -q q4_0 -q q8_0 -o dist")
 
 
+@cli.command("gptq")
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
+              help="Parent folder; the checkpoint goes to OUT/<model>-GPTQ-<bits>bit-g<group size>.")
+@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits: 2, 3, 4 or 8.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="32, 64, 128 or -1 (per channel).")
+@click.option("--desc-act/--no-desc-act", default=False, show_default=True,
+              help="Quantize columns in activation order (writes a permuted g_idx).")
+@click.option("--calibration", default="korean", show_default=True,
+              help="'korean' (built-in Korean set) or a text / JSON / JSONL file.")
+@click.option("--samples", type=int, default=96, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per calibration window.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--adapter", default=None, help="LoRA adapter (folder or Hub id) to merge first.")
+@click.option("--name", default=None, help="Model name for the output folder.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Reload, generate in Korean and compare held-out Korean perplexity with the original.")
+@click.option("--eval-tokens", type=click.IntRange(min=16), default=8192, show_default=True,
+              help="Held-out Korean tokens the check scores (the split holds ~7.7k).")
+@click.option("--verbose", is_flag=True, help="Show GPTQModel's own logs and progress bars.")
+@ALLOW_PICKLE
+def gptq_cmd(model: str, out: Path, bits: int, group_size: int, desc_act: bool, calibration: str, samples: int,
+             seq_len: int, device: str, adapter: str | None, name: str | None, check: bool, eval_tokens: int,
+             verbose: bool, allow_pickle: bool) -> None:
+    """Quantize MODEL to a GPTQ checkpoint (transformers, vLLM), calibrated on Korean text.
+
+    Example: komt-edge gptq komt-mistral-7b -o dist/
+    """
+    from .gptq import gptq
+
+    result = gptq(model, out, bits=bits, group_size=group_size, desc_act=desc_act, calibration=calibration,
+                  samples=samples, seq_len=seq_len, device=device, adapter=adapter, name=name, check=check,
+                  eval_tokens=eval_tokens, allow_pickle=allow_pickle, verbose=verbose)
+    click.echo(result.summary())
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
