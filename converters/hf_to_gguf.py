@@ -4,6 +4,10 @@ Layout and conventions are llama.cpp's (learned from convert_hf_to_gguf.py and l
 
 - tensor names come from gguf-py's name map for the architecture;
 - ``q_proj``/``k_proj`` rows are permuted into llama.cpp's rotary layout (pairs → halves per head);
+- Gemma 3 (``gemma3``): no permutation (NeoX rotary), every RMSNorm weight stored as ``1 + w`` (Gemma's norms
+  multiply by ``1 + w``; llama.cpp's by ``w``), the tied embedding cut to the tokenizer's vocabulary, both rope
+  bases (global and sliding-window layers) and the sliding window written, and the local/global layer pattern
+  when config.layer_types differs from the 5:1 that llama.cpp assumes;
 - 1-D tensors and norms stay F32; 2-D weights take the output type;
 - quantized outputs use llama-quantize's per-tensor mix, computed by llama.cpp itself (converters.quantize),
   and tensors are written in llama.cpp's order, so the k-quant mixes count layers the same way.
@@ -39,6 +43,7 @@ from .vocab import Vocab, load_vocab
 ARCHITECTURES = {
     "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
     "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,  # llama.cpp runs Mistral 7B as llama (no sliding window key)
+    "Gemma3ForCausalLM": gguf.MODEL_ARCH.GEMMA3,
 }
 
 # HF tensors that carry no weights llama.cpp needs.
@@ -83,6 +88,19 @@ class Hparams:
     rope_scaling: dict | None
     vocab_size: int
     tie_embeddings: bool
+    # gemma3 only
+    rope_theta_swa: float | None = None
+    sliding_window: int | None = None
+    swa_layers: list[bool] | None = None  # per layer: sliding-window attention (config.layer_types)
+    final_logit_softcapping: float | None = None
+
+    @property
+    def gguf_arch(self) -> gguf.MODEL_ARCH:
+        return ARCHITECTURES[self.architecture]
+
+    @property
+    def is_gemma3(self) -> bool:
+        return self.gguf_arch == gguf.MODEL_ARCH.GEMMA3
 
     @classmethod
     def from_config(cls, cfg: dict, folder: Path) -> "Hparams":
@@ -91,6 +109,8 @@ class Hparams:
         if arch not in ARCHITECTURES:
             raise KomtError(f"unsupported architecture {arch!r} in {folder}/config.json: komt-edge converts "
                             f"{', '.join(ARCHITECTURES)}")
+        if ARCHITECTURES[arch] == gguf.MODEL_ARCH.GEMMA3:
+            return cls._gemma3(cfg, folder, arch)
         try:
             n_head = int(cfg["num_attention_heads"])
             n_embd = int(cfg["hidden_size"])
@@ -113,8 +133,42 @@ class Hparams:
             raise KomtError(f"{folder}/config.json lacks {err.args[0]!r}: it is not a complete "
                             f"{arch} config") from None
 
+    @classmethod
+    def _gemma3(cls, cfg: dict, folder: Path, arch: str) -> "Hparams":
+        """Gemma 3 text config, with the defaults llama.cpp's converter assumes for keys a config may omit."""
+        rope = cfg.get("rope_parameters") or {}
+        full = rope.get("full_attention", rope)
+        theta = full.get("rope_theta", cfg.get("rope_theta", 1_000_000.0))
+        theta_swa = (rope.get("sliding_attention") or {}).get("rope_theta", cfg.get("rope_local_base_freq"))
+        scaling = dict(full) if full.get("rope_type") not in (None, "default") else cfg.get("rope_scaling")
+        try:
+            return cls(
+                architecture=arch,
+                n_layer=int(cfg["num_hidden_layers"]),
+                n_embd=int(cfg["hidden_size"]),
+                n_ff=int(cfg["intermediate_size"]),
+                n_head=int(cfg.get("num_attention_heads", 8)),
+                n_head_kv=int(cfg.get("num_key_value_heads", 4)),
+                head_dim=int(cfg.get("head_dim", 256)),
+                n_ctx=int(cfg.get("max_position_embeddings", 131072)),
+                rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(theta),
+                rope_scaling=scaling,
+                vocab_size=int(cfg["vocab_size"]),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+                rope_theta_swa=float(theta_swa) if theta_swa is not None else None,
+                sliding_window=(int(cfg["sliding_window"]) if cfg.get("sliding_window_pattern") != 1
+                                and cfg.get("sliding_window") is not None else None),
+                swa_layers=([t == "sliding_attention" for t in cfg["layer_types"]]
+                            if isinstance(cfg.get("layer_types"), list) else None),
+                final_logit_softcapping=cfg.get("final_logit_softcapping") or None,
+            )
+        except KeyError as err:
+            raise KomtError(f"{folder}/config.json lacks {err.args[0]!r}: it is not a complete "
+                            f"{arch} config") from None
+
     def model_shape(self) -> q.ModelShape:
-        return q.ModelShape("llama", self.n_embd, self.n_ff, self.n_layer, self.n_head, self.n_head_kv,
+        return q.ModelShape(gguf.MODEL_ARCH_NAMES[self.gguf_arch], self.n_embd, self.n_ff, self.n_layer, self.n_head, self.n_head_kv,
                             self.head_dim)
 
 
@@ -154,13 +208,18 @@ class Converter:
         for hf_name in self.ckpt.names:
             if hf_name.endswith(_SKIP_SUFFIXES):
                 continue
+            if hp.is_gemma3 and hf_name == "lm_head.weight" and hp.tie_embeddings:
+                continue  # tied to the embedding, which llama.cpp uses as the output
             gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise KomtError(f"tensor {hf_name!r} in {self.folder} has no llama.cpp counterpart: "
                                 f"the checkpoint is not a plain {hp.architecture}")
             shape = self.ckpt.info(hf_name).shape
             heads = None
-            if hf_name.endswith("q_proj.weight"):
+            if hp.is_gemma3:
+                if gname == "token_embd.weight" and shape[0] > len(self.vocab.tokens):
+                    shape = (len(self.vocab.tokens), *shape[1:])  # rows past the tokenizer's vocabulary dropped
+            elif hf_name.endswith("q_proj.weight"):
                 heads = hp.n_head
             elif hf_name.endswith("k_proj.weight"):
                 heads = hp.n_head_kv
@@ -172,7 +231,7 @@ class Converter:
         if missing:
             raise KomtError(f"{self.folder} lacks {missing[0]} (and {len(missing) - 1} more): incomplete checkpoint")
         emb = next(p for p in planned if p.gguf_name == "token_embd.weight")
-        if emb.shape[0] != hp.vocab_size:
+        if emb.shape[0] != (len(self.vocab.tokens) if hp.is_gemma3 else hp.vocab_size):
             raise KomtError(f"token embedding has {emb.shape[0]} rows but config.json says vocab_size="
                             f"{hp.vocab_size}: fix config.json")
         planned.sort(key=lambda p: q.tensor_order_key(p.gguf_name))
@@ -204,7 +263,7 @@ class Converter:
     # -- writing -----------------------------------------------------------------------------------
     def _writer(self, path: Path, qtype: str, meta: Metadata, types: list[QT]) -> gguf.GGUFWriter:
         hp = self.hp
-        w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[ARCHITECTURES[hp.architecture]])
+        w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[hp.gguf_arch])
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(meta.name)
         if meta.basename:
@@ -236,7 +295,20 @@ class Converter:
         w.add_layer_norm_rms_eps(hp.rms_eps)
         if hp.rope_theta is not None:
             w.add_rope_freq_base(hp.rope_theta)
-        w.add_rope_dimension_count(hp.head_dim)
+        if hp.is_gemma3:
+            if hp.rope_theta_swa is not None:
+                w.add_rope_freq_base_swa(hp.rope_theta_swa)
+            if hp.sliding_window is not None:
+                w.add_sliding_window(hp.sliding_window)
+                # llama.cpp assumes Gemma 3's 5 local : 1 global layers unless told; convert_hf_to_gguf.py never
+                # tells, so a config with other layer_types would run wrong. Written only when it differs.
+                default = [il % 6 < 5 for il in range(hp.n_layer)]
+                if hp.swa_layers is not None and hp.swa_layers != default:
+                    w.add_sliding_window_pattern(hp.swa_layers)
+            if hp.final_logit_softcapping:
+                w.add_final_logit_softcapping(float(hp.final_logit_softcapping))
+        else:
+            w.add_rope_dimension_count(hp.head_dim)
         w.add_key_length(hp.head_dim)
         w.add_value_length(hp.head_dim)
         scaling = hp.rope_scaling or {}
@@ -264,6 +336,11 @@ class Converter:
                 t = merged_weight(t, self.adapter.pairs[p.hf_name])
             elif p.hf_name in self.adapter.replacements:
                 t = self.adapter.replacements[p.hf_name].to(t.dtype)
+        if self.hp.is_gemma3:
+            if p.gguf_name == "token_embd.weight":
+                t = t[: p.shape[0]]
+            if p.hf_name.endswith("norm.weight"):
+                t = t.to(torch.float32) + 1  # in float32, as convert_hf_to_gguf.py does
         if t.dtype not in (torch.float32,):
             t = t.to(torch.float32)
         if p.permute_heads is not None:

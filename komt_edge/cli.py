@@ -271,6 +271,177 @@ def gptq_cmd(model: str, out: Path, bits: int, group_size: int, desc_act: bool, 
     click.echo(result.summary())
 
 
+# --- komt-edge bench: speed, quality, judge (komt_edge.bench*) ---------------------------------------
+
+BENCH_TEXT = click.option("--text", "text", type=click.Path(path_type=Path), default=None,
+                          help="Korean UTF-8 text file to evaluate on (default: the held-out split of --source).")
+BENCH_SOURCE = click.option("--source", default="konlpy", show_default=True,
+                            help="Built-in Korean corpus for the default text (komt_edge.corpora).")
+BENCH_OUT = click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=None,
+                         help="Write OUT.md, OUT.json and OUT.png (e.g. -o dist/bench/komt-mistral-7b).")
+
+
+def _thread_list(spec: str | None) -> list[int] | None:
+    if not spec:
+        return None
+    try:
+        values = [int(x) for x in spec.replace(",", " ").split()]
+    except ValueError:
+        raise KomtError(f"--threads {spec!r}: give thread counts such as 1,2,4") from None
+    if not values or min(values) < 1:
+        raise KomtError(f"--threads {spec!r}: thread counts must be ≥ 1")
+    return values
+
+
+def _write_bench(reports: list, out: Path | None, title: str) -> None:
+    from .bench_report import write_outputs
+
+    if out is not None:
+        for p in write_outputs(reports, out, title=title):
+            click.echo(f"wrote {p}", err=True)
+
+
+@cli.group("bench")
+def bench_group() -> None:
+    """Benchmarks: llama.cpp speed (llama-bench's pp/tg), Korean quality (perplexity, KL vs a reference),
+    and komt's LLM-judged score."""
+
+
+@bench_group.command("quality")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--reference", "-r", type=click.Path(path_type=Path), default=None,
+              help="Reference GGUF (f16 or f32 of the same model): adds llama-perplexity's KL-divergence statistics.")
+@BENCH_TEXT
+@BENCH_SOURCE
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=8), default=512, show_default=True,
+              help="Tokens per chunk (llama-perplexity -c); the second half of each chunk is scored.")
+@click.option("--chunks", "n_chunks", type=click.IntRange(min=0), default=0,
+              help="Score at most this many chunks (0 = all, as llama-perplexity --chunks).")
+@click.option("--threads", "-t", "n_threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for llama.cpp (default: all cores).")
+@click.option("--ngl", "n_gpu_layers", type=int, default=0, show_default=True, help="Layers to offload to a GPU.")
+@BENCH_OUT
+def bench_quality_cmd(files: tuple[Path, ...], reference: Path | None, text: Path | None, source: str, n_ctx: int,
+                      n_chunks: int, n_threads: int | None, n_gpu_layers: int, out: Path | None) -> None:
+    """Korean perplexity of each GGUF FILE and, with --reference, KL divergence against it.
+
+    Example: komt-edge bench quality dist/*-Q4_0.gguf dist/*-Q8_0.gguf --reference dist/*-F16.gguf -o dist/bench/q
+    """
+    from .bench import quality
+    from .bench_report import quality_markdown
+
+    report = quality(files, reference, text=text, source=source, n_ctx=n_ctx, n_chunks=n_chunks or None,
+                     n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+    click.echo(quality_markdown(report))
+    _write_bench([report], out, "Korean quality")
+
+
+@bench_group.command("speed")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--threads", "-t", "threads", default=None,
+              help="Thread counts, comma-separated (default: all cores), as llama-bench -t.")
+@click.option("-p", "--n-prompt", "n_prompt", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Prompt tokens of the pp test.")
+@click.option("-n", "--n-gen", "n_gen", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Generated tokens of the tg test.")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--ngl", "n_gpu_layers", type=int, default=0, show_default=True, help="Layers to offload to a GPU.")
+@click.option("--hf", default=None, help="HF model for the GPU rows (transformers fp16/bf16 generate).")
+@click.option("--gptq", default=None, help="GPTQ checkpoint for the GPU rows.")
+@click.option("--no-cuda", is_flag=True, help="Skip the GPU rows.")
+@BENCH_TEXT
+@BENCH_SOURCE
+@BENCH_OUT
+def bench_speed_cmd(files: tuple[Path, ...], threads: str | None, n_prompt: int, n_gen: int, repetitions: int,
+                    n_gpu_layers: int, hf: str | None, gptq: str | None, no_cuda: bool, text: Path | None,
+                    source: str, out: Path | None) -> None:
+    """Prompt and generation tokens/s of each GGUF FILE (llama-bench's pp512/tg128), Korean characters/s,
+    bits per weight and the memory-bandwidth roofline; GPU rows say "no GPU" on CPU-only machines.
+
+    Example: komt-edge bench speed dist/*.gguf -t 1,2 -o dist/bench/speed
+    """
+    from .bench import speed
+    from .bench_report import speed_markdown
+
+    report = speed(files, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, n_threads=_thread_list(threads),
+                   n_gpu_layers=n_gpu_layers, text=text, source=source, cuda=not no_cuda, hf=hf, gptq=gptq)
+    click.echo(speed_markdown(report))
+    _write_bench([report], out, "Speed")
+
+
+@bench_group.command("all")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Reference GGUF for KL divergence (default: the F32/F16/BF16 file among FILES, if any).")
+@click.option("--threads", "-t", "threads", default=None, help="Thread counts for speed, comma-separated.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=8), default=512, show_default=True)
+@click.option("--chunks", "n_chunks", type=click.IntRange(min=0), default=0, help="0 = all chunks.")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=5, show_default=True)
+@BENCH_TEXT
+@BENCH_SOURCE
+@BENCH_OUT
+def bench_all_cmd(files: tuple[Path, ...], reference: Path | None, threads: str | None, n_ctx: int, n_chunks: int,
+                  repetitions: int, text: Path | None, source: str, out: Path | None) -> None:
+    """Quality and speed of FILES in one run, one Markdown/JSON/PNG (what `make bench` runs)."""
+    from .bench import file_info, quality, speed
+    from .bench_report import quality_markdown, speed_markdown
+
+    if reference is None:
+        floats = [f for f in files if f.is_file() and file_info(f).file_type in ("ALL_F32", "MOSTLY_F16",
+                                                                                  "MOSTLY_BF16")]
+        reference = floats[0] if floats else None
+    threads_list = _thread_list(threads)
+    q = quality(files, reference, text=text, source=source, n_ctx=n_ctx, n_chunks=n_chunks or None,
+                n_threads=max(threads_list) if threads_list else None)
+    click.echo(quality_markdown(q))
+    s = speed(files, repetitions=repetitions, n_threads=threads_list, text=text, source=source)
+    click.echo(speed_markdown(s))
+    _write_bench([q, s], out, "komt-edge benchmark")
+
+
+@bench_group.command("judge")
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.option("--judge-url", envvar="KOMT_JUDGE_URL", default=None,
+              help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 [env KOMT_JUDGE_URL].")
+@click.option("--judge-model", envvar="KOMT_JUDGE_MODEL", default=None,
+              help="Judge model name, e.g. gpt-4o [env KOMT_JUDGE_MODEL].")
+@click.option("--judge-key", default=None,
+              help="API key [env KOMT_JUDGE_API_KEY or OPENAI_API_KEY].")
+@click.option("--template", type=click.Choice(["auto", "llama", "mistral"]), default="auto", show_default=True,
+              help="komt prompt template for the questions (auto: the one stored in the file).")
+@click.option("--questions", "n_questions", type=click.IntRange(min=1), default=None,
+              help="Ask only the first N questions.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--threads", "-t", "n_threads", type=click.IntRange(min=1), default=None)
+@click.option("--show-prompt", is_flag=True, help="Print the judge prompt and the questions, then exit.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON.")
+def bench_judge_cmd(model: Path | None, judge_url: str | None, judge_model: str | None, judge_key: str | None,
+                    template: str, n_questions: int | None, max_tokens: int, n_threads: int | None,
+                    show_prompt: bool, json_out: Path | None) -> None:
+    """komt's evaluation: MODEL (a GGUF) answers Korean questions in its komt template, an LLM judge scores each
+    answer 0-5; prints score, average and percentage as komt reports them.
+
+    Example: komt-edge bench judge dist/komt-mistral-7b-v1-Q4_0.gguf --judge-url http://127.0.0.1:8080/v1
+    --judge-model local
+    """
+    from .bench_judge import JUDGE_PROMPT, JUDGE_SYSTEM, KOREAN_QUESTIONS, judge
+
+    if show_prompt:
+        click.echo(f"system: {JUDGE_SYSTEM}\n\n{JUDGE_PROMPT}\n")
+        for i, (cat, q) in enumerate(KOREAN_QUESTIONS, 1):
+            click.echo(f"{i:2d}. [{cat}] {q}")
+        return
+    if model is None:
+        raise KomtError("pass the GGUF file to evaluate: komt-edge bench judge MODEL.gguf --judge-url ...")
+    questions = KOREAN_QUESTIONS[:n_questions] if n_questions else None
+    report = judge(model, judge_url=judge_url, judge_model=judge_model, judge_key=judge_key, template=template,
+                   questions=questions, max_tokens=max_tokens, n_threads=n_threads)
+    click.echo(report.markdown())
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -1,0 +1,274 @@
+"""`komt-edge bench`: harness correctness on tiny models, outputs, the judge against a local server, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from komt_edge import bench
+from komt_edge.errors import KomtError
+
+from .conftest import N_THREADS
+
+N_CTX = 128
+CHUNKS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tiny_mistral, tmp_path_factory) -> dict[str, Path]:
+    from komt_edge.gguf import convert
+
+    out = tmp_path_factory.mktemp("bench")
+    paths = convert(str(tiny_mistral), ["f32", "q8_0", "q4_0"], out, n_threads=1, progress=False)
+    return dict(zip(["f32", "q8_0", "q4_0"], paths))
+
+
+@pytest.fixture(scope="module")
+def quality_report(tiny_ggufs):
+    files = [tiny_ggufs["f32"], tiny_ggufs["q8_0"], tiny_ggufs["q4_0"]]
+    return bench.quality(files, tiny_ggufs["f32"], n_ctx=N_CTX, n_chunks=CHUNKS, n_threads=N_THREADS,
+                         progress=False)
+
+
+def test_kl_of_a_file_against_itself_is_zero(quality_report):
+    same = quality_report.results[0]
+    assert same.kl.mean_kld == pytest.approx(0.0, abs=1e-7)
+    assert same.kl.max_kld == pytest.approx(0.0, abs=1e-6)
+    assert same.kl.same_top == 1.0
+    assert same.kl.ppl_ratio == pytest.approx(1.0, abs=1e-9)
+    assert same.kl.delta_ppl == pytest.approx(0.0, abs=1e-6)
+    assert same.tokens == CHUNKS * (N_CTX - 1 - N_CTX // 2)  # llama-perplexity scores the second half
+
+
+def test_q4_0_loses_more_than_q8_0(quality_report):
+    _, q8, q4 = quality_report.results
+    assert 0 < q8.kl.mean_kld < q4.kl.mean_kld
+    assert q8.kl.same_top > q4.kl.same_top
+    assert q4.kl.p99_kld <= q4.kl.max_kld
+    assert q8.kl.median_kld <= q8.kl.p99_kld
+    assert abs(np.log(q8.kl.ppl_ratio)) < abs(np.log(q4.kl.ppl_ratio)) + 0.05
+    # the reference's perplexity, seen from each comparison, is the f32 file's own
+    assert q8.kl.ppl_base == pytest.approx(quality_report.results[0].ppl, rel=1e-9)
+
+
+def test_perplexity_equals_an_independent_computation_from_hf_logits(tiny_mistral, tiny_ggufs, quality_report):
+    """Same tokens, same chunking (BOS first, second half scored), logits from transformers instead of llama.cpp."""
+    from transformers import AutoModelForCausalLM
+
+    body, _ = bench.korean_eval_text(None)
+    with bench.LlamaRunner(tiny_ggufs["f32"], n_ctx=N_CTX, n_threads=N_THREADS) as r:
+        tokens, bos = r.tokenize(body), r.bos
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral, dtype=torch.float32).eval()
+    nll = []
+    half = N_CTX // 2
+    for c in range(CHUNKS):
+        chunk = torch.tensor(tokens[c * N_CTX:(c + 1) * N_CTX], dtype=torch.long)
+        chunk[0] = bos
+        with torch.no_grad():
+            logp = torch.log_softmax(model(chunk[None]).logits[0].double(), -1)
+        pos = torch.arange(half, N_CTX - 1)
+        nll.append(-logp[pos, chunk[pos + 1]])
+    ppl_hf = float(torch.exp(torch.cat(nll).mean()))
+    assert quality_report.results[0].ppl == pytest.approx(ppl_hf, rel=1e-3)
+
+
+def test_files_that_do_not_fit_together_are_compared_in_groups(tiny_ggufs, quality_report):
+    assert bench._plan_groups([5, 5, 5], 5, 20) == [[0, 1, 2]]
+    assert bench._plan_groups([5, 5, 5], 5, 12) == [[0], [1], [2]]
+    files = [tiny_ggufs["q8_0"], tiny_ggufs["q4_0"]]
+    grouped = bench.quality(files, tiny_ggufs["f32"], n_ctx=N_CTX, n_chunks=CHUNKS, n_threads=N_THREADS,
+                            progress=False, memory_budget=1)  # the reference is re-run for each file
+    for g, r in zip(grouped.results, quality_report.results[1:]):
+        assert g.ppl == r.ppl and g.kl.mean_kld == r.kl.mean_kld
+
+
+def test_speed_reports_llama_bench_quantities(tiny_ggufs):
+    report = bench.speed([tiny_ggufs["q8_0"]], n_prompt=64, n_gen=16, repetitions=2, n_threads=N_THREADS,
+                         progress=False)
+    (r,) = report.results
+    assert r.pp.test == "pp64" and r.tg.test == "tg16"
+    assert len(r.pp.samples_ts) == 2 and r.pp.mean > 0 and r.tg.mean > 0 and r.tg.sd >= 0
+    assert r.n_threads == N_THREADS
+    assert 8.0 < r.file.bpw < 9.0  # q8_0: 8.5 bits for the matrices, f32 norms
+    assert 0.5 < r.chars_per_token < 3  # Korean with the Mistral tokenizer: ~0.93
+    assert r.bandwidth_bytes_s > 1e8 and r.roofline_tg > 0 and r.roofline_fraction > 0
+    info = r.file
+    assert info.bytes_per_token < info.tensor_bytes  # the embedding is a lookup
+    if not torch.cuda.is_available():
+        assert report.cuda and all(c.status == "no GPU" for c in report.cuda)
+
+
+def test_outputs_markdown_json_png(quality_report, tiny_ggufs, tmp_path):
+    from komt_edge.bench_report import write_outputs
+
+    speed = bench.speed([tiny_ggufs["q4_0"]], n_prompt=32, n_gen=8, repetitions=1, n_threads=N_THREADS,
+                        bandwidth=False, cuda=False, progress=False)
+    md, js, png = write_outputs([quality_report, speed], tmp_path / "bench", title="tiny")
+    text = md.read_text(encoding="utf-8")
+    assert "| mistral-Q4_0.gguf | Q4_0 |" in text and "mean KLD" in text and "pp32 t/s" in text
+    data = json.loads(js.read_text(encoding="utf-8"))
+    assert [d["kind"] for d in data] == ["quality", "speed"]
+    assert data[0]["env"]["llama_cpp_python"] and data[0]["env"]["cpu_count"]
+    assert data[0]["results"][2]["kl"]["mean_kld"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- bad inputs --------------------------------------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    with pytest.raises(KomtError, match="does not exist"):
+        bench.quality([tmp_path / "nope.gguf"], progress=False)
+    with pytest.raises(KomtError, match="does not exist"):
+        bench.speed([tmp_path / "nope.gguf"], progress=False)
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(KomtError, match="not a GGUF"):
+        bench.quality([bad], progress=False)
+
+
+def test_reference_with_another_vocabulary(tiny_ggufs, tiny_llama, tmp_path):
+    from komt_edge.gguf import convert
+
+    other = convert(str(tiny_llama), ["q8_0"], tmp_path, n_threads=1, progress=False)[0]  # 32001 tokens
+    with pytest.raises(KomtError, match="vocabulary"):
+        bench.quality([tiny_ggufs["q8_0"]], other, n_ctx=N_CTX, n_chunks=1, n_threads=N_THREADS, progress=False)
+
+
+def test_text_shorter_than_two_chunks(tiny_ggufs, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("대한민국의 수도는 서울입니다.", encoding="utf-8")
+    with pytest.raises(KomtError, match="shorter than two chunks"):
+        bench.quality([tiny_ggufs["q8_0"]], text=short, n_ctx=N_CTX, n_threads=N_THREADS, progress=False)
+
+
+def test_cli_error_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "komt_edge.cli", "bench", "quality", str(tmp_path / "x.gguf")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error:") and "does not exist" in proc.stderr
+
+
+# --- judge ---------------------------------------------------------------------------------------------------
+
+def test_parse_score():
+    from komt_edge.bench_judge import parse_score
+
+    assert parse_score("정확하고 자연스럽습니다.\n점수: 5") == 5
+    assert parse_score("점수 : 3/5") == 3
+    assert parse_score("**점수: 4**") == 4
+    assert parse_score('{"score": 2}') == 2
+    assert parse_score("처음에는 점수: 1 이라고 했지만\n점수: 4") == 4
+    assert parse_score("no score here") is None
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_judge_endpoint(tiny_ggufs):
+    from komt_edge.bench_judge import judge
+
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    with pytest.raises(KomtError, match="unreachable"):
+        judge(tiny_ggufs["q8_0"], judge_url=url, judge_model="m", progress=False)
+    with pytest.raises(KomtError, match="--judge-url"):
+        judge(tiny_ggufs["q8_0"], judge_url="", judge_model="m", progress=False)
+
+
+def test_judge_against_a_local_openai_compatible_server(tiny_ggufs):
+    """komt's protocol offline: the tiny model answers in its komt template, a local llama.cpp judge scores."""
+    from komt_edge.bench_judge import KOREAN_QUESTIONS, LocalServer, judge
+
+    with LocalServer(tiny_ggufs["q8_0"], n_ctx=1024, n_threads=N_THREADS) as url:
+        report = judge(tiny_ggufs["q4_0"], judge_url=url, judge_model="local", questions=KOREAN_QUESTIONS[:2],
+                       max_tokens=8, n_threads=N_THREADS, progress=False)
+    assert report.template == "mistral"  # read from the file's komt chat template
+    assert len(report.answers) == 2 and all(a.judge_reply is not None for a in report.answers)
+    assert 0 <= report.score <= 10 and report.percentage == pytest.approx(100 * report.average / 5)
+    assert "| mistral-Q4_0.gguf |" in report.markdown()
+    data = report.to_dict()
+    assert data["questions"] == 2 and "점수: N" in data["judge_prompt"]
+
+
+# --- gemma3 in the converter: byte-identical to llama.cpp, and runs like transformers -------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    """Random Gemma 3 weights in llama.cpp's gemma3 layout, bf16 like the release, with Gemma's real
+    tokenizer (its first 8192 pieces: specials, bytes, frequent pieces) rebuilt from the gemma3-270m package's GGUF."""
+    from komt_edge.bench_gemma import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3")
+
+
+def test_gemma3_float_types_match_convert_hf_to_gguf(tiny_gemma3, tmp_path):
+    from komt_edge.gguf import convert
+
+    from .conftest import assert_same_tensors, llama_cpp_convert
+
+    ours = convert(str(tiny_gemma3), ["f16", "f32"], tmp_path, n_threads=1, progress=False)
+    for qtype, path in zip(["f16", "f32"], ours):
+        assert_same_tensors(path, llama_cpp_convert(tiny_gemma3, qtype, tmp_path / f"llama.cpp-{qtype}.gguf"))
+
+
+def test_gemma3_quantized_types_match_llama_quantize(tiny_gemma3, tmp_path):
+    from komt_edge.gguf import convert
+
+    from .conftest import assert_same_tensors, gguf_field, gguf_tensors, llama_cpp_convert, llama_cpp_quantize
+
+    qtypes = ["q8_0", "q4_0", "q4_K_M"]
+    ours = convert(str(tiny_gemma3), qtypes, tmp_path, n_threads=1, progress=False)
+    source = llama_cpp_convert(tiny_gemma3, "bf16", tmp_path / "llama.cpp-bf16.gguf")
+    for qtype, path in zip(qtypes, ours):
+        assert_same_tensors(path, llama_cpp_quantize(source, tmp_path / f"llama.cpp-{qtype}.gguf", qtype))
+    tensors = gguf_tensors(ours[0])
+    assert "output.weight" not in tensors  # tied: llama.cpp uses the embedding as the output
+    # norms are stored as 1 + w (Gemma multiplies by 1 + w)
+    ref = gguf_tensors(source)
+    assert tensors["blk.0.attn_q_norm.weight"] == ref["blk.0.attn_q_norm.weight"]
+    # the gemma3 hyperparameters llama.cpp's converter writes, with the same values
+    for key in ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+                "attention.head_count_kv", "attention.key_length", "attention.value_length",
+                "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.freq_base_swa",
+                "attention.sliding_window"):
+        assert gguf_field(ours[0], f"gemma3.{key}") == gguf_field(source, f"gemma3.{key}"), key
+    for key in ("model", "pre", "bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token",
+                "add_space_prefix", "tokens", "scores"):
+        assert gguf_field(ours[0], f"tokenizer.ggml.{key}") == gguf_field(source, f"tokenizer.ggml.{key}"), key
+    # beyond llama.cpp's converter: <unk> and the user-defined pieces ("\n\n", ...) keep the release's ids/types
+    assert gguf_field(ours[0], "tokenizer.ggml.unknown_token_id") == 3
+    assert 4 in gguf_field(ours[0], "tokenizer.ggml.token_type")
+
+
+def test_gemma3_gguf_runs_like_transformers(tiny_gemma3, tmp_path):
+    """llama.cpp on the converted f32 file predicts what transformers predicts (norm offsets, rotary layout,
+    embedding scale, sliding window, tied output all right), on Korean text."""
+    from transformers import AutoModelForCausalLM
+
+    from komt_edge.gguf import convert
+    from komt_edge.verify import Bounds, compare_logits
+
+    f32 = convert(str(tiny_gemma3), ["f32"], tmp_path, n_threads=1, progress=False)[0]
+    text = "대한민국의 수도는 서울이며, 가장 큰 항구 도시는 부산입니다. " * 2  # > the 64-token sliding window
+    with bench.LlamaRunner(f32, n_ctx=512, n_threads=N_THREADS) as r:
+        ids = r.tokenize(text)
+        r.decode(ids, 0, logits_from=0)
+        ours = r.logits(len(ids)).copy()
+    assert len(ids) > 64
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids.astype(np.int64))[None]).logits[0].numpy()
+    parity = compare_logits(ref, ours, Bounds(0.05, 1e-5, 0.99))
+    assert parity.passed, parity
