@@ -20,6 +20,7 @@ SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 LLAMA_SRC := .cache/llama.cpp-src
 
 .PHONY: install demo test gguf verify bench-convert clean help
+.PHONY: release
 .PHONY: gptq
 .PHONY: train
 .PHONY: bench llama-tools llama-bench-wheel korean-corpus bench-agreement
@@ -163,3 +164,31 @@ gptq: install
 	mkdir -p $(OUT)
 	$(VENV)/bin/komt-edge gptq $(MODEL) -o $(OUT) --bits $(GPTQ_BITS) --group-size $(GPTQ_GROUP) $(PICKLE_FLAG) \
 		$(GPTQ_ARGS)
+
+# --- Hub release (komt-edge release) ---------------------------------------------------------------------
+RELEASE_QUANTS ?= q4_0 q4_K_M q5_K_M q8_0
+RELEASE_ARGS ?=
+
+# Build, verify, benchmark and publish ORG/<model>-GGUF (and -GPTQ) with model cards: merge → gguf → gptq →
+# verify → bench → card → push, resumable (re-run after a crash or a network failure: finished stages are
+# skipped). The Hub token comes from HF_TOKEN or `hf auth login`. QUANTS="q4_0 q8_0" on the command line overrides
+# RELEASE_QUANTS; RELEASE_ARGS passes options: --no-gptq --dry-run --private --gguf-repo ORG/NAME -o DIR ...
+release: install
+	$(if $(ORG),,$(error ORG is required: make release MODEL=komt-mistral-7b ORG=my-org))
+	$(VENV)/bin/komt-edge release $(MODEL) --org $(ORG) \
+		--quants "$(if $(filter command line,$(origin QUANTS)),$(QUANTS),$(RELEASE_QUANTS))" \
+		$(THREADS_FLAG) $(PICKLE_FLAG) $(RELEASE_ARGS)
+
+# Natural Korean prose for `--source libreoffice`: Debian's libreoffice-help-ko (MPL-2.0), unpacked without
+# installing LibreOffice (apt-get as root). Optional: the tests use konlpy's text.
+LO_HELP := $(HOME)/.cache/komt-edge/libreoffice-help-ko
+korean-corpus: $(LO_HELP)/usr/share/doc/libreoffice-help-ko/copyright
+
+$(LO_HELP)/usr/share/doc/libreoffice-help-ko/copyright:
+	mkdir -p .cache/deb $(LO_HELP)
+	cd .cache/deb && apt-get download libreoffice-help-ko
+	dpkg-deb -x $$(ls -t .cache/deb/libreoffice-help-ko_*.deb | head -1) $(LO_HELP)
+
+# komt-edge bench vs llama-bench / llama-perplexity on Gemma 3 270M (README, "Benchmarks"); ~40 min on 2 cores.
+bench-agreement: install llama-tools korean-corpus
+	$(PY) -m komt_edge.benchmarks.llama_cpp_agreement $(BENCH_ARGS)

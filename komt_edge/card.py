@@ -1,0 +1,353 @@
+"""Model cards for the GGUF and GPTQ repos of a komt release.
+
+A card is the repo's README.md: YAML metadata the Hub understands (``base_model`` + ``base_model_relation:
+quantized`` put the repo in the base model's tree, ``language: ko``, licence, library, task, tags), then a
+description, a table of the files with their measured quality and speed, the komt prompt template, usage
+snippets (llama.cpp, llama-cpp-python, Ollama; transformers for GPTQ) and provenance: tool versions, source repo
+revisions and the sha256 of every file.
+
+``hub_metadata_errors`` checks metadata against the Hub's rules for the fields cards use (the Hub runs the same
+checks in ``POST /api/validate-yaml`` and on every commit of a README.md); ``render_card`` refuses to produce a
+card that fails them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import KomtError
+from .templates import PromptTemplate, template_for
+
+KOMT_URL = "https://github.com/davidkim205/komt"
+HUB_URL = "https://huggingface.co"
+
+# The Hub's licence identifiers (huggingface.co/docs/hub/repositories-licenses).
+HUB_LICENSES = frozenset("""
+apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0
+cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0
+cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0
+cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl
+gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr
+mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license
+fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma unknown other
+""".split())
+BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
+_REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+_LANG = re.compile(r"^[a-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$")
+_LICENSE_NAME = re.compile(r"^[a-z0-9.-]+$")
+
+# Stop strings per template family, for runtimes that need them spelled out (Ollama).
+STOP_STRINGS = {"mistral": ("</s>", "[INST]"), "llama": ("</s>", "### instruction:")}
+EXAMPLE_PROMPT = "한국의 수도는 어디인가요?"
+
+
+@dataclass
+class CardRow:
+    """One quantization: a file, or the gguf-split shards of one."""
+
+    quant: str  # Q4_0, Q4_K_M, GPTQ-4bit-g128 ...
+    files: list[str]
+    size: int
+    bits_per_weight: float | None = None
+    ppl: float | None = None  # Korean perplexity (benchmark stage; the GPTQ check for GPTQ)
+    ppl_reference: float | None = None  # the original model's, on the same text (GPTQ check)
+    kld_f16: float | None = None  # mean KL divergence vs the f16 file (benchmark stage)
+    tokens_per_s: float | None = None  # generation speed on the benchmark machine
+    kl_ref: float | None = None  # mean KL vs the HF original (verify stage)
+    top1: float | None = None  # top-1 agreement with the HF original (verify stage)
+    verified: bool | None = None
+
+
+@dataclass
+class Source:
+    role: str  # "base", "adapter", "model"
+    repo: str  # Hub id, or a local folder name
+    revision: str | None = None
+    on_hub: bool = True
+
+
+@dataclass
+class CardSpec:
+    kind: str  # "gguf" or "gptq"
+    repo_id: str
+    model_name: str
+    family: str  # template family: "llama" or "mistral"
+    rows: list[CardRow]
+    files: dict[str, tuple[int, str]]  # every file of the repo except README.md → (size, sha256)
+    base_model: str | None = None
+    license: str | None = None
+    license_name: str | None = None
+    license_link: str | None = None
+    sources: list[Source] = field(default_factory=list)
+    tools: dict[str, str] = field(default_factory=dict)  # tool → version
+    bench_machine: str | None = None
+    verify_tokens: int | None = None
+    gptq: dict | None = None  # bits, group_size, desc_act, ... from the GPTQ stage
+    architecture: str | None = None
+    size_label: str | None = None
+
+    @property
+    def template(self) -> PromptTemplate:
+        return template_for(self.family)
+
+
+# --- metadata ----------------------------------------------------------------------------------------------
+
+def card_metadata(spec: CardSpec) -> dict:
+    """The YAML block: what the Hub indexes (model tree, filters, licence)."""
+    if spec.kind == "gguf":
+        tags = ["gguf", "llama-cpp", "llama.cpp"]
+    else:
+        tags = ["gptq"] + ([f"{(spec.gptq or {}).get('bits')}-bit"] if (spec.gptq or {}).get("bits") else [])
+    tags += ["komt", "korean", "komt-edge", "quantized", spec.family, "text-generation-inference"]
+    meta: dict = {}
+    if spec.base_model:
+        meta["base_model"] = spec.base_model
+        meta["base_model_relation"] = "quantized"
+    meta["language"] = ["ko"]
+    license_id = spec.license or "unknown"
+    meta["license"] = license_id
+    if license_id == "other":
+        meta["license_name"] = spec.license_name or "other"
+        if spec.license_link:
+            meta["license_link"] = spec.license_link
+    meta["library_name"] = "gguf" if spec.kind == "gguf" else "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = list(dict.fromkeys(tags))
+    meta["quantized_by"] = "komt-edge"
+    return meta
+
+
+def hub_metadata_errors(meta: dict) -> list[str]:
+    """Violations of the Hub's metadata rules for the fields model cards use; empty when valid."""
+    errors: list[str] = []
+
+    def strings(key: str, pattern: re.Pattern) -> None:
+        value = meta[key]
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+            errors.append(f"{key} must be a string or a list of strings")
+            return
+        errors.extend(f"{key}: {v!r} is not valid" for v in values if not pattern.match(v))
+
+    if "license" in meta:
+        if meta["license"] not in HUB_LICENSES:
+            errors.append(f"license {meta['license']!r} is not a Hub licence identifier")
+        elif meta["license"] == "other" and not meta.get("license_name"):
+            errors.append("license: other needs license_name (and license_link)")
+    if "license_name" in meta and not (isinstance(meta["license_name"], str)
+                                       and _LICENSE_NAME.match(meta["license_name"])):
+        errors.append("license_name must use lowercase letters, digits, '.' and '-'")
+    if "language" in meta:
+        strings("language", _LANG)
+    if "base_model" in meta:
+        strings("base_model", _REPO_ID)
+    if "base_model_relation" in meta:
+        if meta["base_model_relation"] not in BASE_MODEL_RELATIONS:
+            errors.append(f"base_model_relation must be one of {', '.join(BASE_MODEL_RELATIONS)}")
+        if "base_model" not in meta:
+            errors.append("base_model_relation needs base_model")
+    if "tags" in meta and not (isinstance(meta["tags"], list) and all(isinstance(t, str) and t for t in meta["tags"])):
+        errors.append("tags must be a list of strings")
+    if "pipeline_tag" in meta and meta["pipeline_tag"] != "text-generation":
+        errors.append(f"pipeline_tag {meta['pipeline_tag']!r} is not the text-generation task")
+    if "library_name" in meta and not re.match(r"^[\w.-]+$", str(meta["library_name"])):
+        errors.append("library_name must be a library identifier")
+    return errors
+
+
+def check_card(content: str) -> dict:
+    """Parse a card's metadata with huggingface_hub and check it; returns the metadata, raises KomtError."""
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard(content)
+    except ValueError as err:
+        raise KomtError(f"the model card's metadata does not parse: {err}") from None
+    meta = card.data.to_dict()
+    errors = hub_metadata_errors(meta)
+    if errors:
+        raise KomtError(f"the model card breaks the Hub's metadata rules: {'; '.join(errors)}")
+    return meta
+
+
+# --- body --------------------------------------------------------------------------------------------------
+
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _size(n: int) -> str:
+    from .push import fmt_size
+
+    return fmt_size(n)
+
+
+def _hub_link(repo: str) -> str:
+    return f"[{repo}]({HUB_URL}/{repo})"
+
+
+def _file_link(spec: CardSpec, name: str) -> str:
+    return f"[{name}]({HUB_URL}/{spec.repo_id}/blob/main/{name})"
+
+
+def _ollama_template(t: PromptTemplate) -> str:
+    return "{{ if .System }}{{ .System }}\n\n{{ end }}" + t.prefix + "{{ .Prompt }}" + t.suffix
+
+
+def _files_table(spec: CardSpec) -> list[str]:
+    if spec.kind == "gguf":
+        lines = ["| File | Quant | Size | Bits/weight | Korean PPL | KLD vs f16 | KL vs original | Top-1 | tokens/s |",
+                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    else:
+        lines = ["| Files | Quant | Size | Bits/weight | Korean PPL | KL vs original | Top-1 | tokens/s |",
+                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in spec.rows:
+        if spec.kind == "gguf":
+            first = _file_link(spec, row.files[0])
+            name = first if len(row.files) == 1 else f"{first} + {len(row.files) - 1} more shard(s)"
+        else:
+            name = f"{len(row.files)} files"
+        ppl = _num(row.ppl, ".3f") + (f" ({row.ppl_reference:.3f})" if row.ppl is not None and row.ppl_reference
+                                        else "")
+        cells = [name, row.quant, _size(row.size), _num(row.bits_per_weight, ".2f"), ppl]
+        if spec.kind == "gguf":
+            cells.append(_num(row.kld_f16, ".4f"))
+        cells += [_num(row.kl_ref, ".2e"), "–" if row.top1 is None else f"{row.top1:.1%}",
+                  _num(row.tokens_per_s, ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = ["", "- **KL vs original**, **Top-1**: `komt-edge verify`, llama.cpp's logits against the Hugging Face "
+             "original in float32 on Korean prompts in the komt template"
+             + (f" ({spec.verify_tokens} tokens per file)" if spec.verify_tokens else "")
+             + ": mean KL(original ‖ file) and how often the file's top token is the original's."]
+    if spec.kind == "gptq":
+        notes = ["", "- **Korean PPL**: komt-edge's GPTQ check, the reloaded checkpoint on held-out Korean text "
+                 "(the original model's in parentheses)" + (f", on {spec.bench_machine}" if spec.bench_machine
+                                                            else "") + "."]
+    elif spec.bench_machine:
+        notes.append(f"- **Korean PPL**, **KLD vs f16**, **tokens/s**: the komt-edge benchmark stage on "
+                     f"{spec.bench_machine}.")
+    else:
+        notes.append("- **Korean PPL**, **KLD vs f16**, **tokens/s**: – (the benchmark stage did not run for "
+                     "this release).")
+    return lines + notes
+
+
+def _usage_gguf(spec: CardSpec) -> list[str]:
+    t = spec.template
+    row = next((r for r in spec.rows if r.quant.upper().startswith("Q4")), spec.rows[0])
+    file = row.files[0]
+    prompt = t.format(EXAMPLE_PROMPT)
+    stops = "\n".join(f'PARAMETER stop "{s}"' for s in STOP_STRINGS[spec.family])
+    short = re.sub(r"[^a-z0-9-]+", "-", spec.model_name.lower()).strip("-") or "komt"
+    return [
+        "## Usage", "",
+        "### llama.cpp", "",
+        "```bash",
+        f"llama-cli -hf {spec.repo_id}:{row.quant} -cnv        # conversation mode uses the template in the file",
+        f"llama-cli -m {file} -no-cnv -n 256 -p {_shell_quote(prompt)}",
+        "```", "",
+        "### llama-cpp-python", "",
+        "```python",
+        "from llama_cpp import Llama",
+        "",
+        f'llm = Llama.from_pretrained(repo_id="{spec.repo_id}", filename="{file}", n_ctx=2048)',
+        f'out = llm.create_chat_completion(messages=[{{"role": "user", "content": "{EXAMPLE_PROMPT}"}}])',
+        'print(out["choices"][0]["message"]["content"])',
+        "```", "",
+        "### Ollama", "",
+        f"`ollama run hf.co/{spec.repo_id}:{row.quant}`, or with a Modelfile next to the downloaded file:", "",
+        "```",
+        f"FROM ./{file}",
+        f'TEMPLATE """{_ollama_template(t)}"""',
+        stops,
+        "```", "",
+        "```bash",
+        f"ollama create {short} -f Modelfile && ollama run {short}",
+        "```",
+    ]
+
+
+def _usage_gptq(spec: CardSpec) -> list[str]:
+    prompt = spec.template.format(EXAMPLE_PROMPT)
+    return [
+        "## Usage", "",
+        "### transformers", "",
+        "Needs `optimum` and `gptqmodel` (GPU, or CPU with gptqmodel's CPU kernels).", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{spec.repo_id}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{spec.repo_id}", device_map="auto")',
+        f"inputs = tokenizer({prompt!r}, return_tensors=\"pt\").to(model.device)",
+        "output = model.generate(**inputs, max_new_tokens=256)",
+        'print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+    ]
+
+
+def _shell_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'" if "\n" not in text else "$'" + text.replace(
+        "\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def render_card(spec: CardSpec) -> str:
+    """README.md for the repo: metadata, description, files, template, usage, provenance."""
+    if not spec.rows:
+        raise KomtError(f"no files for the {spec.kind.upper()} card of {spec.repo_id}")
+    from huggingface_hub import ModelCardData
+
+    meta = card_metadata(spec)
+    errors = hub_metadata_errors(meta)
+    if errors:
+        raise KomtError(f"the card for {spec.repo_id} would break the Hub's metadata rules: {'; '.join(errors)}")
+    yaml_block = ModelCardData(**meta).to_yaml()
+    t = spec.template
+    kind = "GGUF" if spec.kind == "gguf" else "GPTQ"
+    origin = _hub_link(spec.base_model) if spec.base_model else f"`{spec.model_name}`"
+    what = (f"{kind} files of {origin}, a Korean instruction-tuned "
+            f"{spec.architecture or 'Llama-family'} model of the [komt]({KOMT_URL}) project"
+            + (f" ({spec.size_label} parameters)" if spec.size_label else "") + ".")
+    if spec.kind == "gguf":
+        what += (" For llama.cpp and what builds on it (llama-cpp-python, Ollama, LM Studio), on a laptop CPU. "
+                 "Each file carries the komt prompt template (`tokenizer.chat_template`).")
+    else:
+        gptq = spec.gptq or {}
+        detail = ", ".join(f"{k} {v}" for k, v in gptq.items() if k in ("bits", "group_size", "desc_act", "sym",
+                                                                          "format"))
+        what += f" For GPU inference with transformers{(' (' + detail + ')') if detail else ''}."
+    tool = spec.tools.get("komt-edge")
+    lines = [
+        "---", yaml_block, "---", "",
+        f"# {spec.model_name} {kind}", "",
+        what, "",
+        f"Made with komt-edge{(' ' + tool) if tool else ''}: converted, verified against the original model in "
+        "Korean (tokenizer and logits), measured, and published in one `komt-edge release` run. Every file below "
+        "passed verification; the release stops before publishing anything when one does not.", "",
+        "## Files", "",
+        *_files_table(spec), "",
+        "## Prompt template", "",
+        f"komt's {t.name} format, the one the model was trained with:", "",
+        "```text", t.format("{prompt}"), "```", "",
+        f"Stop strings: {', '.join('`' + s + '`' for s in STOP_STRINGS[spec.family])}.", "",
+        *(_usage_gguf(spec) if spec.kind == "gguf" else _usage_gptq(spec)), "",
+        "## Provenance", "",
+        "| | |", "| --- | --- |",
+    ]
+    for s in spec.sources:
+        where = _hub_link(s.repo) if s.on_hub else f"`{s.repo}` (local)"
+        lines.append(f"| {s.role} | {where}" + (f" @ `{s.revision}`" if s.revision else "") + " |")
+    for name, version in spec.tools.items():
+        lines.append(f"| {name} | {version} |")
+    lines += ["", "sha256 of every file:", "", "| File | Size | sha256 |", "| --- | ---: | --- |"]
+    for name, (size, sha) in sorted(spec.files.items()):
+        lines.append(f"| {name} | {_size(size)} | `{sha}` |")
+    lines += ["", f"Licence: {meta['license']}"
+              + (f" ({meta.get('license_name')}{', ' + spec.license_link if spec.license_link else ''})"
+                 if meta["license"] == "other" else "")
+              + ", that of the original model; use follows its terms.", ""]
+    content = "\n".join(lines)
+    check_card(content)
+    return content

@@ -1,0 +1,349 @@
+"""`komt-edge release`: the tiny komt model (local base + LoRA adapter) released to a Hub on 127.0.0.1."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from komt_edge import release as rel
+from komt_edge.errors import KomtError
+from komt_edge.release import MANIFEST_NAME, release, split_gguf
+
+from .conftest import N_THREADS
+from .hub_server import (ORG, TOKEN, assert_no_token, client_env, configure_client, hub,  # noqa: F401 (fixture)
+                         new_server, parse_front_matter, validate_metadata)
+
+NAME = "komt-tiny"
+GGUF_REPO, GPTQ_REPO = f"{ORG}/{NAME}-GGUF", f"{ORG}/{NAME}-GPTQ"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _kw(adapter: Path, out: Path, **kw) -> dict:
+    opts = dict(quants=["q8_0"], adapter=str(adapter), name=NAME, base_model=f"{ORG}/komt-tiny-mistral",
+                license="apache-2.0", gptq=False, bench=False, out=out, n_threads=N_THREADS, progress=False,
+                backoff=0.01)
+    opts.update(kw)
+    return opts
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _published(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_mistral, tmp_path_factory) -> Path:
+    from komt_edge.tiny import build_tiny_adapter
+
+    return build_tiny_adapter(tiny_mistral, tmp_path_factory.mktemp("release-lora") / "lora", "mistral", steps=2)
+
+
+@pytest.fixture(scope="module")
+def released(tiny_mistral, tiny_adapter, tmp_path_factory):
+    """One full release (gguf q8_0 → verify → bench → card → push) to a module-wide test Hub."""
+    root = tmp_path_factory.mktemp("release")
+    server = new_server(root / "hub-storage")
+    logs: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        configure_client(mp, server.url, TOKEN, root / "hf-home")
+        started = time.monotonic()
+        result = release(str(tiny_mistral), ORG, log=logs.append, **_kw(tiny_adapter, root / "out", bench=True))
+        yield SimpleNamespace(server=server, root=root, out=root / "out", result=result, logs=logs,
+                              seconds=time.monotonic() - started, model=tiny_mistral, adapter=tiny_adapter)
+    server.stop()
+
+
+def test_full_release_lands_identical_files_and_a_valid_card(released):
+    r, server, out = released.result, released.server, released.out
+    bench_ran = rel.module_available("komt_edge.bench")
+    assert r.stages["gguf"].startswith("done") and r.stages["verify"].startswith("done")
+    assert r.stages["card"].startswith("done") and r.stages["push"].startswith("done")
+    assert r.stages["merge"].startswith("skipped") and r.stages["gptq"] == "skipped: disabled (--no-gptq)"
+    assert r.stages["bench"].startswith("done" if bench_ran else "skipped")
+    folder = out / f"{NAME}-GGUF"
+    local = _published(folder)
+    assert sorted(local) == ["README.md", f"{NAME}-Q8_0.gguf"]
+    remote = server.files(GGUF_REPO)
+    assert {k: v for k, v in remote.items() if k != ".gitattributes"} == local  # byte-identical
+    assert GPTQ_REPO not in server.repos
+
+    card = remote["README.md"].decode()
+    meta, error = parse_front_matter(card)
+    assert error is None and validate_metadata(meta) == ([], [])
+    assert meta["base_model"] == f"{ORG}/komt-tiny-mistral" and meta["base_model_relation"] == "quantized"
+    assert meta["language"] == ["ko"] and meta["license"] == "apache-2.0" and "komt-edge" in meta["tags"]
+    gguf_sha = _sha(folder / f"{NAME}-Q8_0.gguf")
+    assert f"`{gguf_sha}`" in card and "[INST]{prompt} [/INST]" in card and 'PARAMETER stop "[INST]"' in card
+    row = next(line for line in card.splitlines() if line.startswith(f"| [{NAME}-Q8_0.gguf]"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "Q8_0" and cells[3] == "8.50" and cells[7] == "100.0%"  # bits/weight, top-1 vs original
+    assert (cells[4] != "–") == bench_ran and (cells[8] != "–") == bench_ran  # Korean PPL, tokens/s
+
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    gguf = manifest["stages"]["gguf"]
+    assert gguf["outputs"][f"{NAME}-GGUF/{NAME}-Q8_0.gguf"]["sha256"] == gguf_sha
+    assert gguf["inputs"]["quants"] == ["q8_0"] and "model.safetensors" in gguf["inputs"]["model"]["files"]
+    assert gguf["tools"]["llama_cpp_python"] and gguf["tools"]["komt-edge"]
+    assert manifest["stages"]["verify"]["data"]["files"][f"{NAME}-Q8_0.gguf"]["passed"] is True
+    assert manifest["stages"]["card"]["outputs"][f"{NAME}-GGUF/README.md"]["sha256"] == _sha(folder / "README.md")
+    assert manifest["stages"]["push"]["data"]["repos"][GGUF_REPO]["commit"] == server.head(GGUF_REPO).oid
+    assert_no_token(texts=tuple(released.logs), folders=(out, released.root / "hf-home", server.root))
+
+
+def test_rerun_skips_finished_stages_and_uploads_nothing(released):
+    server, out = released.server, released.out
+    gguf = out / f"{NAME}-GGUF" / f"{NAME}-Q8_0.gguf"
+    mtime = gguf.stat().st_mtime_ns
+    before, logs = len(server.log), []
+    started = time.monotonic()
+    result = release(str(released.model), ORG, log=logs.append,
+                     **_kw(released.adapter, out, bench=True))
+    for stage in ("gguf", "verify", "card"):
+        assert result.stages[stage] == "up to date", stage
+    assert result.stages["push"].startswith("done")
+    assert gguf.stat().st_mtime_ns == mtime
+    assert not [r for r in server.log[before:] if r[2] in ("lfs_put", "lfs_batch", "commit", "create_repo")]
+    assert result.repos[GGUF_REPO]["uploaded"] == []
+    assert time.monotonic() - started < released.seconds
+
+
+def _copy_release(released, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(released.out, out)  # copy2 keeps mtimes: the manifest's hashes stay valid
+    return out
+
+
+def test_missing_optional_stages_are_skipped_cleanly(released, tmp_path, monkeypatch):
+    out = _copy_release(released, tmp_path)
+    monkeypatch.setitem(sys.modules, "komt_edge.gptq", None)  # as if these modules had not landed
+    monkeypatch.setitem(sys.modules, "komt_edge.bench", None)
+    result = release(str(released.model), ORG, log=lambda s: None,
+                     **_kw(released.adapter, out, gptq=True, bench=True, push=False, keep_merged=True))
+    assert result.stages["merge"].startswith("done") and (out / "merged" / "config.json").is_file()
+    assert result.stages["gptq"] == "skipped: komt_edge.gptq not installed"
+    assert result.stages["bench"] == "skipped: komt_edge.bench not installed"
+    assert result.stages["gguf"] == "up to date" and result.stages["push"].startswith("skipped")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["stages"]["gptq"]["status"] == "skipped" and manifest["stages"]["bench"]["status"] == "skipped"
+    card = (out / f"{NAME}-GGUF" / "README.md").read_text()
+    assert "the benchmark stage did not run" in card
+
+
+def _fake_gptq(ppl: float):
+    """komt_edge.gptq.gptq's contract, without GPTQModel: a checkpoint folder and a checked result."""
+    from komt_edge.gptq import CheckReport, GptqResult, output_name
+
+    def gptq(model, out, *, name=None, adapter=None, check=True, allow_pickle=False, progress=True, **kw):
+        folder = Path(out) / output_name(name, 4, 128)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"],
+                                                        "quantization_config": {"bits": 4, "group_size": 128}}))
+        (folder / "model.safetensors").write_bytes(os.urandom(2 * 1024 * 1024))
+        shutil.copy(Path(model) / "tokenizer.model", folder / "tokenizer.model")
+        prompt = "한국의 수도는 어디인가요?"
+        check_report = CheckReport(prompt, f"[INST]{prompt} [/INST]", True, "서울", ppl, 9.5, 1024, 2,
+                                   "korean held-out")
+        calibration = {"source": "korean (test)", "samples": 8, "seq_len": 64, "tokens": 512, "examples": 8,
+                       "instruction_examples": 4, "available_tokens": 4096}
+        return GptqResult(folder, "cpu (test)", 4, 128, False, calibration, 0.1, 0.2, 0, None, check_report)
+
+    return gptq
+
+
+def _gptq_needs_only_its_module(monkeypatch) -> None:
+    stages = tuple(dataclasses.replace(s, requires=("komt_edge.gptq",)) if s.name == "gptq" else s
+                   for s in rel.STAGES)
+    monkeypatch.setattr(rel, "STAGES", stages)
+
+
+def test_gptq_stage_is_wired_in_and_its_repo_published(released, tmp_path, monkeypatch):
+    import komt_edge.gptq
+
+    _gptq_needs_only_its_module(monkeypatch)  # GPTQModel itself is not needed by the fake
+    out = _copy_release(released, tmp_path)
+    server = released.server
+    monkeypatch.setattr(komt_edge.gptq, "gptq", _fake_gptq(ppl=9.9))
+    result = release(str(released.model), ORG, log=lambda s: None, **_kw(released.adapter, out, gptq=True,
+                                                                          bench=True))
+    assert result.stages["gptq"].startswith("done") and result.stages["gguf"] == "up to date"
+    gptq_dir = out / f"{NAME}-GPTQ"
+    remote = server.files(GPTQ_REPO)
+    assert {k: v for k, v in remote.items() if k != ".gitattributes"} == _published(gptq_dir)
+    meta = parse_front_matter(remote["README.md"].decode())[0]
+    assert meta["library_name"] == "transformers" and "gptq" in meta["tags"] and validate_metadata(meta)[0] == []
+    assert "9.900 (9.500)" in remote["README.md"].decode()
+    assert result.repos[GGUF_REPO]["uploaded"] == []  # the GGUF repo was already complete
+
+
+def test_a_failed_gptq_check_stops_the_release_before_any_push(released, tmp_path, monkeypatch):
+    import komt_edge.gptq
+
+    _gptq_needs_only_its_module(monkeypatch)
+    out = _copy_release(released, tmp_path)
+    server = released.server
+    monkeypatch.setattr(komt_edge.gptq, "gptq", _fake_gptq(ppl=95.0))  # ×10 the original's perplexity
+    before = len(server.log)
+    with pytest.raises(KomtError, match="GPTQ check failed.*×10.*stopped before anything was pushed"):
+        release(str(released.model), ORG, log=lambda s: None,
+                **_kw(released.adapter, out, gptq=True, bench=True, gptq_repo=f"{ORG}/{NAME}-GPTQ-bad"))
+    assert not [r for r in server.log[before:] if r[0] in ("POST", "PUT") and r[2] != "validate_yaml"]
+    assert json.loads((out / MANIFEST_NAME).read_text())["stages"]["gptq"]["status"] == "failed"
+
+
+def test_a_failed_verification_stops_the_release_before_anything_is_pushed(hub, tiny_mistral, tiny_adapter,
+                                                                             tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KomtError, match="verification failed for komt-tiny-Q8_0.gguf.*stopped before anything"):
+        release(str(tiny_mistral), ORG, log=lambda s: None, **_kw(tiny_adapter, out, max_kl=0.0))
+    assert GGUF_REPO not in hub.repos
+    assert not [r for r in hub.log if r[2] in ("create_repo", "preupload", "lfs_put", "commit")]
+    stages = json.loads((out / MANIFEST_NAME).read_text())["stages"]
+    assert stages["verify"]["status"] == "failed" and "card" not in stages and "push" not in stages
+    assert not (out / f"{NAME}-GGUF" / "README.md").exists()
+
+
+def test_a_file_over_the_per_file_limit_is_split_and_loads_in_llama_cpp(hub, released, tiny_mistral, tiny_adapter,
+                                                                        tmp_path):
+    out = tmp_path / "out"
+    limit = 10_000_000
+    result = release(str(tiny_mistral), ORG, log=lambda s: None, **_kw(tiny_adapter, out, max_file_size=limit))
+    assert result.stages["verify"].startswith("done")  # llama.cpp verified the split model
+    folder = out / f"{NAME}-GGUF"
+    shards = sorted(p.name for p in folder.glob("*.gguf"))
+    assert shards == [f"{NAME}-Q8_0-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert all((folder / s).stat().st_size <= limit for s in shards)
+    remote = hub.files(GGUF_REPO)
+    assert {k: v for k, v in remote.items() if k != ".gitattributes"} == _published(folder)
+    assert "+ 2 more shard(s) | Q8_0" in remote["README.md"].decode()
+
+    # gguf-split's metadata, and the same logits as the unsplit file.
+    from gguf import GGUFReader
+    from llama_cpp import Llama
+
+    first = GGUFReader(folder / shards[0])
+    assert first.fields["split.count"].contents() == 3 and first.fields["split.no"].contents() == 0
+    assert "tokenizer.ggml.tokens" in first.fields and "tokenizer.ggml.tokens" not in GGUFReader(
+        folder / shards[1]).fields
+    whole = released.out / f"{NAME}-GGUF" / f"{NAME}-Q8_0.gguf"
+    ids = [1, 28705, 29473, 29511, 28723]
+    logits = []
+    for path in (whole, folder / shards[0]):
+        llm = Llama(model_path=str(path), n_ctx=64, n_threads=N_THREADS, logits_all=True, verbose=False)
+        llm.eval(ids)
+        logits.append([list(row) for row in llm.scores[:len(ids)]])
+        llm.close()
+    assert logits[0] == logits[1]
+
+
+def test_split_refuses_a_tensor_larger_than_the_limit(released, tmp_path):
+    src = released.out / f"{NAME}-GGUF" / f"{NAME}-Q8_0.gguf"
+    copy = tmp_path / src.name
+    shutil.copy(src, copy)
+    with pytest.raises(KomtError, match="a tensor cannot span files"):
+        split_gguf(copy, 2_000_000)  # token_embd alone is 8.7 MB
+    assert copy.exists() and not list(tmp_path.glob("*-of-*"))
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "komt_edge.cli", "release", *args]
+
+
+def test_killed_mid_release_resumes_without_redoing_work(hub, tiny_mistral, tiny_adapter, tmp_path):
+    out = tmp_path / "out"
+    args = _cli(str(tiny_mistral), "--org", ORG, "--adapter", str(tiny_adapter), "--quants", "q4_0 q8_0",
+                "--no-gptq", "--no-bench", "-o", str(out), "--threads", str(N_THREADS), "--name", NAME,
+                "--base-model", f"{ORG}/komt-tiny-mistral", "--license", "apache-2.0")
+    env = client_env(hub.url, TOKEN, tmp_path / "hf-home")
+    hub.stall_upload(after=1)  # the second GGUF's upload hangs, after the first one finished
+    log_path = tmp_path / "first-run.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 300
+            while not hub.stalled.wait(1):
+                assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+                assert time.monotonic() < deadline, "the release never reached its second upload"
+            proc.kill()  # SIGKILL mid-upload: no cleanup runs
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
+            hub.unstall()
+    first_output = log_path.read_text(errors="replace")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["stages"]["push"]["status"] == "running"  # it died there
+    assert GGUF_REPO in hub.repos and set(hub.files(GGUF_REPO)) == {".gitattributes"}  # nothing half-committed
+    folder = out / f"{NAME}-GGUF"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    done_oids = set(hub.uploads)
+    assert len(done_oids) == 1
+
+    before = len(hub.log)
+    second = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    for stage in ("gguf", "verify", "card"):
+        assert f"{stage}] up to date" in second.stdout, stage
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes  # nothing rebuilt
+    remote = hub.files(GGUF_REPO)
+    assert {k: v for k, v in remote.items() if k != ".gitattributes"} == _published(folder)
+    assert sorted(remote) == [".gitattributes", "README.md", f"{NAME}-Q4_0.gguf", f"{NAME}-Q8_0.gguf"]
+    assert all(n == 1 for n in hub.uploads.values()) and len(hub.uploads) == 2  # each object stored once
+    resent = [r for r in hub.log[before:] if r[2] == "lfs_put" and any(oid in r[1] for oid in done_oids)]
+    assert resent == [], "the GGUF finished before the kill was uploaded again"
+    assert hub.commit_count(GGUF_REPO) == 2
+    assert json.loads((out / MANIFEST_NAME).read_text())["stages"]["push"]["status"] == "done"
+    assert not (out / ".release.lock").exists()
+    assert_no_token(texts=(first_output, second.stdout, second.stderr),
+                    folders=(out, tmp_path / "hf-home", hub.root))
+
+
+def test_no_token_stops_before_any_work(hub, tiny_mistral, tmp_path, monkeypatch):
+    configure_client(monkeypatch, hub.url, None, tmp_path / "empty-home")
+    with pytest.raises(KomtError, match="no Hugging Face token: set HF_TOKEN"):
+        release(str(tiny_mistral), ORG, log=lambda s: None, **_kw(tmp_path, tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and hub.log == []
+
+
+def test_repo_problems_stop_before_any_work(hub, tiny_mistral, tmp_path):
+    hub.add_repo(GGUF_REPO, {"model.gguf": b"GGUF someone else's"})
+    with pytest.raises(KomtError, match="already exists with files komt-edge did not make.*--force"):
+        release(str(tiny_mistral), ORG, log=lambda s: None, **_kw(tmp_path, tmp_path / "out"))
+    with pytest.raises(KomtError, match="'read' role in readers"):
+        release(str(tiny_mistral), "readers", log=lambda s: None, **_kw(tmp_path, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    assert not [r for r in hub.log if r[0] in ("POST", "PUT")]
+
+
+def test_cli_dry_run_and_make_target(hub, tiny_mistral, tmp_path):
+    from komt_edge.cli import cli
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["release", str(tiny_mistral), "--org", ORG, "--quants", "q4_0,q8_0", "--name",
+                                   NAME, "--no-gptq", "--dry-run", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "dry run" in res.output and "gguf    would run" in res.output
+    assert f"{GGUF_REPO}: would publish {NAME}-Q4_0.gguf, {NAME}-Q8_0.gguf and README.md" in res.output
+    assert not out.exists() and not [r for r in hub.log if r[0] in ("POST", "PUT")]
+
+    make = subprocess.run(["make", "-n", "release", "MODEL=komt-mistral-7b", "ORG=my-org", "QUANTS=q4_0 q8_0"],
+                          cwd=ROOT, capture_output=True, text=True)
+    command = " ".join(make.stdout.replace("\\\n", " ").split())
+    assert 'komt-edge release komt-mistral-7b --org my-org --quants "q4_0 q8_0"' in command, make.stderr
+    missing = subprocess.run(["make", "-n", "release", "MODEL=komt-mistral-7b"], cwd=ROOT, capture_output=True,
+                             text=True)
+    assert missing.returncode != 0 and "ORG is required" in missing.stderr
