@@ -137,7 +137,7 @@ def write_gemma3_tokenizer(folder: str | Path, gguf: str | Path, max_pieces: int
 
 def export_gemma3(out: str | Path, *, gguf: str | Path | None = None) -> Path:
     """Gemma 3 270M as a Hugging Face folder (float32 safetensors, config, tokenizer.model) for `komt-edge gguf`.
-    Takes about a minute and a half on 2 cores (transformers dequantizes the GGUF)."""
+    Takes about 40 s on 2 cores (transformers dequantizes the GGUF)."""
     import torch
     from transformers import AutoModelForCausalLM
 
