@@ -69,6 +69,20 @@ def smollm2(tmp_path_factory) -> Path:
     return out
 
 
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run `komt-edge ARGS` in-process through its real entry point; returns (exit code, stdout, stderr)."""
+    from komt_edge.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["komt-edge", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 # --- llama.cpp's own path ------------------------------------------------------------------------
 
 def llama_cpp_convert(model_dir: Path, outtype: str, out: Path) -> Path:

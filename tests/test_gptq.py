@@ -25,6 +25,8 @@ from komt_edge.gptq import (CHECK_PROMPT, SUPPORTED_GROUP_SIZES, dequantize, gpt
                             token_windows, unpack_rows)
 from komt_edge.templates import LLAMA, MISTRAL
 
+from .conftest import run_cli
+
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 SAMPLES, SEQ_LEN = 16, 128
@@ -101,17 +103,6 @@ def merged_reference(base: Path, adapter: Path | None) -> dict[str, torch.Tensor
         for name, pair in load_adapter(adapter).pairs.items():
             weights[name] = merged_weight(weights[name], pair)
     return weights
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["komt-edge", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_clean_failure(code: int, err: str, out_dir: Path, *needles: str) -> None:

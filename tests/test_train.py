@@ -18,29 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from komt_edge.cli import main
 from komt_edge.errors import KomtError
 from komt_edge.templates import LLAMA, MISTRAL, template_for
 from komt_edge.train_data import (IGNORE_INDEX, Collator, Record, TrainTokenizer, encode_record, load_records,
                                   prepare, prompt_of)
 
-from .conftest import N_THREADS, ROOT
+from .conftest import N_THREADS, ROOT, run_cli
 
 DATA = Path(__file__).parent / "data" / "ko_instruct.jsonl"
 QUIET = dict(progress=False, log=lambda *_: None)
 # Small and fast on 2 CPU cores: 4 records a step, short sequences, a high learning rate.
 FAST = dict(lr=3e-3, batch_size=4, max_length=96, warmup_steps=1)
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["komt-edge", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_line(err: str) -> str:
