@@ -83,6 +83,16 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """Exit 1, no traceback, and the error is one `error: ...` line naming each needle (progress bars aside)."""
+    assert code == 1, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
 # --- llama.cpp's own path ------------------------------------------------------------------------
 
 def llama_cpp_convert(model_dir: Path, outtype: str, out: Path) -> Path:

@@ -10,17 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import run_cli
+from .conftest import assert_one_line_error, run_cli
 
 
 def assert_clean_failure(code: int, err: str, out_dir: Path | None, *needles: str) -> None:
-    assert code == 1, err
-    assert "Traceback" not in err, err
-    # Progress bars may have drawn before the failure; the error itself is one line, and the last one.
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    assert_one_line_error(code, err, *needles)
     if out_dir is not None and out_dir.exists():
         leftovers = [p.name for p in out_dir.iterdir()]
         assert not [n for n in leftovers if n.endswith(".gguf") or ".partial-" in n], leftovers

@@ -25,7 +25,7 @@ from komt_edge.gptq import (CHECK_PROMPT, SUPPORTED_GROUP_SIZES, dequantize, gpt
                             token_windows, unpack_rows)
 from komt_edge.templates import LLAMA, MISTRAL
 
-from .conftest import run_cli
+from .conftest import assert_one_line_error, run_cli
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -106,12 +106,7 @@ def merged_reference(base: Path, adapter: Path | None) -> dict[str, torch.Tensor
 
 
 def assert_clean_failure(code: int, err: str, out_dir: Path, *needles: str) -> None:
-    assert code == 1, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    assert_one_line_error(code, err, *needles)
     assert not out_dir.exists() or not list(out_dir.iterdir()), list(out_dir.iterdir())
 
 
