@@ -209,18 +209,37 @@ def _prompt_template(llm, template: str | None):
 
 
 def judge(model: str | Path, *, judge_url: str | None = None, judge_model: str | None = None,
-          judge_key: str | None = None, template: str | None = None, questions: Sequence[tuple[str, str]] | None = None,
-          max_tokens: int = 256, n_ctx: int = 2048, n_threads: int | None = None, progress: bool = True,
-          timeout: float = 120.0) -> JudgeReport:
-    """komt's protocol: the GGUF ``model`` answers each question greedily in its komt template; the judge scores."""
+          judge_key: str | None = None, judge_gguf: str | Path | None = None, template: str | None = None,
+          questions: Sequence[tuple[str, str]] | None = None, max_tokens: int = 256, n_ctx: int = 2048,
+          n_threads: int | None = None, progress: bool = True, timeout: float = 120.0) -> JudgeReport:
+    """komt's protocol: the GGUF ``model`` answers each question greedily in its komt template; the judge scores.
+
+    The judge is an OpenAI-compatible endpoint (``judge_url``/``judge_model``), or ``judge_gguf``: a GGUF served on
+    127.0.0.1 by :class:`LocalServer` for the duration of the run, for fully offline evaluation."""
+    from .bench import _check_file
+
+    path = Path(model)
+    _check_file(path)
+    opts = dict(template=template, questions=questions, max_tokens=max_tokens, n_ctx=n_ctx, n_threads=n_threads,
+                progress=progress, timeout=timeout)
+    if judge_gguf is None:
+        return _judge(path, *judge_settings(judge_url, judge_model, judge_key), **opts)
+    if judge_url or os.environ.get("KOMT_JUDGE_URL"):
+        raise KomtError("both a judge endpoint and --judge-gguf were given: pass one (unset KOMT_JUDGE_URL to "
+                        "use --judge-gguf)")
+    _check_file(Path(judge_gguf))
+    with LocalServer(judge_gguf, n_threads=n_threads) as url:
+        return _judge(path, url, Path(judge_gguf).name, None, **opts)
+
+
+def _judge(path: Path, url: str, jmodel: str, key: str | None, *, template: str | None,
+           questions: Sequence[tuple[str, str]] | None, max_tokens: int, n_ctx: int, n_threads: int | None,
+           progress: bool, timeout: float) -> JudgeReport:
     from llama_cpp import Llama
     from tqdm.auto import tqdm
 
-    from .bench import _check_file, environment
+    from .bench import environment
 
-    url, jmodel, key = judge_settings(judge_url, judge_model, judge_key)
-    path = Path(model)
-    _check_file(path)
     questions = list(questions or KOREAN_QUESTIONS)
     # Fail before spending minutes on answers: the endpoint must answer a tiny request.
     chat(url, jmodel, [{"role": "user", "content": "점수: 5 라고만 답하세요."}], key=key, timeout=timeout,

@@ -407,6 +407,8 @@ def bench_all_cmd(files: tuple[Path, ...], reference: Path | None, threads: str 
               help="Judge model name, e.g. gpt-4o [env KOMT_JUDGE_MODEL].")
 @click.option("--judge-key", default=None,
               help="API key [env KOMT_JUDGE_API_KEY or OPENAI_API_KEY].")
+@click.option("--judge-gguf", type=click.Path(path_type=Path), default=None,
+              help="Offline judge: serve this GGUF on 127.0.0.1 for the run instead of --judge-url.")
 @click.option("--template", type=click.Choice(["auto", "llama", "mistral"]), default="auto", show_default=True,
               help="komt prompt template for the questions (auto: the one stored in the file).")
 @click.option("--questions", "n_questions", type=click.IntRange(min=1), default=None,
@@ -416,7 +418,7 @@ def bench_all_cmd(files: tuple[Path, ...], reference: Path | None, threads: str 
 @click.option("--show-prompt", is_flag=True, help="Print the judge prompt and the questions, then exit.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON.")
 def bench_judge_cmd(model: Path | None, judge_url: str | None, judge_model: str | None, judge_key: str | None,
-                    template: str, n_questions: int | None, max_tokens: int, n_threads: int | None,
+                    judge_gguf: Path | None, template: str, n_questions: int | None, max_tokens: int, n_threads: int | None,
                     show_prompt: bool, json_out: Path | None) -> None:
     """komt's evaluation: MODEL (a GGUF) answers Korean questions in its komt template, an LLM judge scores each
     answer 0-5; prints score, average and percentage as komt reports them.
@@ -434,8 +436,8 @@ def bench_judge_cmd(model: Path | None, judge_url: str | None, judge_model: str 
     if model is None:
         raise KomtError("pass the GGUF file to evaluate: komt-edge bench judge MODEL.gguf --judge-url ...")
     questions = KOREAN_QUESTIONS[:n_questions] if n_questions else None
-    report = judge(model, judge_url=judge_url, judge_model=judge_model, judge_key=judge_key, template=template,
-                   questions=questions, max_tokens=max_tokens, n_threads=n_threads)
+    report = judge(model, judge_url=judge_url, judge_model=judge_model, judge_key=judge_key, judge_gguf=judge_gguf,
+                   template=template, questions=questions, max_tokens=max_tokens, n_threads=n_threads)
     click.echo(report.markdown())
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import torch
 from komt_edge import bench
 from komt_edge.errors import KomtError
 
-from .conftest import N_THREADS
+from .conftest import N_THREADS, assert_one_line_error, run_cli
 
 N_CTX = 128
 CHUNKS = 3
@@ -200,6 +200,24 @@ def test_judge_against_a_local_openai_compatible_server(tiny_ggufs):
     assert "| mistral-Q4_0.gguf |" in report.markdown()
     data = report.to_dict()
     assert data["questions"] == 2 and "점수: N" in data["judge_prompt"]
+
+
+def test_judge_cli_serves_a_gguf_judge_offline(tiny_ggufs, tmp_path, monkeypatch, capsys):
+    """`--judge-gguf` starts the local judge for the run; the report names it; it cannot be combined with a URL."""
+    monkeypatch.delenv("KOMT_JUDGE_URL", raising=False)
+    out = tmp_path / "judge.json"
+    code, stdout, err = run_cli(monkeypatch, capsys, "bench", "judge", str(tiny_ggufs["q4_0"]), "--judge-gguf",
+                                str(tiny_ggufs["q8_0"]), "--questions", "1", "--max-tokens", "8", "-t", str(N_THREADS),
+                                "--json", str(out))
+    assert code == 0, err
+    assert "| mistral-Q4_0.gguf |" in stdout
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["judge_model"] == "mistral-Q8_0.gguf" and data["judge_url"].startswith("http://127.0.0.1:")
+    assert data["questions"] == 1 and data["answers"][0]["judge_reply"] is not None
+
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "judge", str(tiny_ggufs["q4_0"]), "--judge-gguf",
+                           str(tiny_ggufs["q8_0"]), "--judge-url", "http://127.0.0.1:9/v1")
+    assert_one_line_error(code, err, "--judge-gguf")
 
 
 # --- gemma3 in the converter: byte-identical to llama.cpp, and runs like transformers -------------------------
