@@ -258,8 +258,9 @@ class LlamaRunner:
             n = self._lib.llama_tokenize(self.vocab, raw, len(raw), out, n_max, add_special, False)
         return np.frombuffer(out, dtype=np.int32, count=n).copy()
 
-    def clear(self) -> None:
-        self._lib.llama_memory_clear(self.mem, True)
+    def clear(self, data: bool = True) -> None:
+        """Empty the KV cache; ``data=False`` keeps the buffers' bytes (llama-bench's reset between runs)."""
+        self._lib.llama_memory_clear(self.mem, data)
 
     def decode(self, tokens: Sequence[int], pos0: int = 0, logits_from: int | None = None) -> int:
         """Decode ``tokens`` at positions pos0…; logits for positions ≥ ``logits_from`` (default: the last only).
@@ -835,7 +836,7 @@ def bench_pp(path: str | Path, n_prompt: int = PP_TOKENS, *, repetitions: int = 
         run()  # warm-up
         samples = []
         for _ in range(repetitions):
-            r.clear()
+            r.clear(data=False)
             samples.append(_time_ns(run))
     return Rate(f"pp{n_prompt}", n_prompt, [n_prompt * 1e9 / ns for ns in samples])
 
@@ -857,7 +858,7 @@ def bench_tg(path: str | Path, n_gen: int = TG_TOKENS, *, repetitions: int = REP
         run(1)  # warm-up
         samples = []
         for _ in range(repetitions):
-            r.clear()
+            r.clear(data=False)
             samples.append(_time_ns(lambda: run(n_gen)))
     return Rate(f"tg{n_gen}", n_gen, [n_gen * 1e9 / ns for ns in samples])
 
