@@ -189,6 +189,6 @@ $(LO_HELP)/usr/share/doc/libreoffice-help-ko/copyright:
 	cd .cache/deb && apt-get download libreoffice-help-ko
 	dpkg-deb -x $$(ls -t .cache/deb/libreoffice-help-ko_*.deb | head -1) $(LO_HELP)
 
-# komt-edge bench vs llama-bench / llama-perplexity on Gemma 3 270M (README, "Benchmarks"); ~40 min on 2 cores.
+# komt-edge bench vs llama-bench / llama-perplexity on Gemma 3 270M (README, "Benchmarks"); ~80 min on 2 cores (speed: 7 rounds per file and thread count).
 bench-agreement: install llama-tools korean-corpus
 	$(PY) -m komt_edge.benchmarks.llama_cpp_agreement $(BENCH_ARGS)
