@@ -418,8 +418,8 @@ def bench_all_cmd(files: tuple[Path, ...], reference: Path | None, threads: str 
 @click.option("--show-prompt", is_flag=True, help="Print the judge prompt and the questions, then exit.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON.")
 def bench_judge_cmd(model: Path | None, judge_url: str | None, judge_model: str | None, judge_key: str | None,
-                    judge_gguf: Path | None, template: str, n_questions: int | None, max_tokens: int, n_threads: int | None,
-                    show_prompt: bool, json_out: Path | None) -> None:
+                    judge_gguf: Path | None, template: str, n_questions: int | None, max_tokens: int,
+                    n_threads: int | None, show_prompt: bool, json_out: Path | None) -> None:
     """komt's evaluation: MODEL (a GGUF) answers Korean questions in its komt template, an LLM judge scores each
     answer 0-5; prints score, average and percentage as komt reports them.
 
