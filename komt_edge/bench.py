@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import KomtError
+from .errors import KomtError, read_user_text
 
 DEFAULT_N_CTX = 512
 PP_TOKENS = 512
@@ -397,12 +397,7 @@ def korean_eval_text(text: str | Path | None = None, *, source: str = "konlpy") 
     corpus (``komt_edge.corpora``: never seen by calibration)."""
     if text is not None:
         path = Path(text)
-        if not path.is_file():
-            raise KomtError(f"{path} is not a file: pass a UTF-8 text file with --text")
-        try:
-            body = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise KomtError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+        body = read_user_text(path, missing=f"{path} is not a file: pass a UTF-8 text file with --text")
         if not body.strip():
             raise KomtError(f"{path} is empty")
         return body, f"file {path.name} ({len(body)} characters)"

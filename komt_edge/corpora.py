@@ -42,7 +42,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Literal
 
-from .errors import KomtError
+from .errors import KomtError, read_user_text
 
 if TYPE_CHECKING:
     from .templates import PromptTemplate
@@ -258,14 +258,7 @@ def load_examples(path: str | Path) -> list[Example]:
     """Records from a user file: ``.json`` (a list, or an object with a ``data``/``train`` list), ``.jsonl``
     (one record per line) or anything else as UTF-8 text (the whole file is one document)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise KomtError(f"{path} is not a file")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise KomtError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
-    except OSError as err:
-        raise KomtError(f"cannot read {path}: {err.strerror or err}") from None
+    raw = read_user_text(path, missing=f"{path} is not a file")
     if not raw.strip():
         raise KomtError(f"{path} is empty")
     suffix = path.suffix.lower()

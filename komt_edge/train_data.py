@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .errors import KomtError
+from .errors import KomtError, read_user_text
 from .templates import PromptTemplate
 
 IGNORE_INDEX = -100
@@ -82,12 +82,7 @@ def _record(obj, path: Path, where: str) -> Record:
 def load_records(path: str | Path) -> list[Record]:
     """Read and validate a JSON (list of records) or JSONL file; errors name the line (JSONL) or the record."""
     path = Path(path)
-    if not path.is_file():
-        raise KomtError(f"data file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise KomtError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    text = read_user_text(path, missing=f"data file {path} does not exist", encoding="utf-8-sig")
     records: list[Record] = []
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         lines = text.splitlines()
