@@ -38,11 +38,10 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Literal
 
-from .errors import KomtError, read_user_text
+from .errors import KomtError, package_dir, read_user_text
 
 if TYPE_CHECKING:
     from .templates import PromptTemplate
@@ -117,11 +116,8 @@ class Example:
 
 def konlpy_corpus_dir() -> Path:
     """The corpus folder of the installed konlpy package (data files only)."""
-    spec = find_spec("konlpy")
-    if spec is None or not spec.submodule_search_locations:
-        raise KomtError("the built-in Korean text needs the konlpy package's data files: "
-                        "pip install --no-deps konlpy (make install does this)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "corpus"
+    path = package_dir("konlpy", missing="the built-in Korean text needs the konlpy package's data files: "
+                       "pip install --no-deps konlpy (make install does this)") / "data" / "corpus"
     missing = [f for f in KONLPY_CALIBRATION + KONLPY_HELDOUT if not (path / f).is_file()]
     if missing:
         raise KomtError(f"{path / missing[0]} is missing: reinstall konlpy (pip install --no-deps konlpy)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 
 
@@ -23,3 +24,11 @@ def read_user_text(path: Path, *, missing: str, encoding: str = "utf-8") -> str:
         raise KomtError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     except OSError as err:
         raise KomtError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def package_dir(module: str, *, missing: str) -> Path:
+    """The folder of an installed package whose data files komt-edge reads, or KomtError(``missing``)."""
+    spec = find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise KomtError(missing)
+    return Path(list(spec.submodule_search_locations)[0])

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 
-from .errors import KomtError
+from .errors import KomtError, package_dir
 
 TINY_CONFIGS = {
     # hidden 256 keeps every llama.cpp block size (32 and 256) in play; GQA like Mistral 7B.
@@ -32,11 +31,9 @@ TINY_CONFIGS = {
 
 def mistral_tokenizer_model() -> Path:
     """The Mistral-7B v0.1 SentencePiece model shipped by mistral-common (Apache-2.0)."""
-    spec = find_spec("mistral_common")
-    if spec is None or not spec.submodule_search_locations:
-        raise KomtError("the demo needs the mistral-common package for its real tokenizer: "
-                        "pip install --no-deps mistral-common (make install does this)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
+    package = package_dir("mistral_common", missing="the demo needs the mistral-common package for its real "
+                          "tokenizer: pip install --no-deps mistral-common (make install does this)")
+    path = package / "data" / "tokenizer.model.v1"
     if not path.is_file():
         raise KomtError(f"{path} is missing: reinstall mistral-common")
     return path
