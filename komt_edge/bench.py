@@ -199,11 +199,11 @@ def gpu_offload_supported() -> bool:
     return bool(_llama().llama_supports_gpu_offload())
 
 
-class LlamaRunner:
-    """One llama.cpp model and context: tokenize, decode batches, read logits; nothing sampled."""
+class LlamaModel:
+    """One loaded llama.cpp model (weights repacked for the CPU where llama.cpp does so). Several contexts can use
+    it in turn, as llama-bench runs its pp and tg tests on one load."""
 
-    def __init__(self, path: str | Path, *, n_ctx: int, n_batch: int | None = None, n_ubatch: int = 512,
-                 n_threads: int | None = None, n_gpu_layers: int = 0, flash_attn: str = "auto"):
+    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0):
         llama_cpp = _llama()
         path = Path(path)
         _check_file(path)
@@ -214,6 +214,38 @@ class LlamaRunner:
         if not self.model:
             raise KomtError(f"llama.cpp could not load {path}: the file is damaged, not a model, or of an "
                             "architecture this llama.cpp does not know")
+        self._lib = llama_cpp
+
+    def close(self) -> None:
+        if getattr(self, "model", None):
+            self._lib.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "LlamaModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaRunner:
+    """One llama.cpp context: tokenize, decode batches, read logits; nothing sampled. ``model`` is a file (loaded
+    with ``n_gpu_layers`` and freed with the runner) or a :class:`LlamaModel` the caller keeps."""
+
+    def __init__(self, model: str | Path | LlamaModel, *, n_ctx: int, n_batch: int | None = None,
+                 n_ubatch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 flash_attn: str = "auto"):
+        llama_cpp = _llama()
+        self._owned = None if isinstance(model, LlamaModel) else LlamaModel(model, n_gpu_layers=n_gpu_layers)
+        loaded = self._owned or model
+        self.path = loaded.path
+        self.model = loaded.model
         self.n_threads = n_threads or os.cpu_count() or 1
         self.n_batch = n_batch or max(n_ctx, 2048)
         cparams = llama_cpp.llama_context_default_params()
@@ -230,8 +262,9 @@ class LlamaRunner:
         cparams.swa_full = False  # as llama-bench and llama-perplexity (common_params) set it
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
-            llama_cpp.llama_model_free(self.model)
-            raise KomtError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}: lower --ctx")
+            if self._owned:
+                self._owned.close()
+            raise KomtError(f"llama.cpp could not create a context of {n_ctx} tokens for {self.path}: lower --ctx")
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
@@ -296,8 +329,9 @@ class LlamaRunner:
         if getattr(self, "ctx", None):
             self._lib.llama_batch_free(self._batch)
             self._lib.llama_free(self.ctx)
-            self._lib.llama_model_free(self.model)
             self.ctx = None
+            if self._owned:
+                self._owned.close()
 
     def __enter__(self) -> "LlamaRunner":
         return self
@@ -808,13 +842,13 @@ def _time_ns(fn: Callable[[], None]) -> int:
     return time.perf_counter_ns() - t0
 
 
-def bench_pp(path: str | Path, n_prompt: int = PP_TOKENS, *, repetitions: int = REPETITIONS,
+def bench_pp(model: str | Path | LlamaModel, n_prompt: int = PP_TOKENS, *, repetitions: int = REPETITIONS,
              n_threads: int | None = None, n_gpu_layers: int = 0, n_batch: int = 2048, n_ubatch: int = 512,
              seed: int = 0) -> Rate:
-    """llama-bench's pp test: a context of exactly n_prompt, random tokens (BOS first), decoded in n_batch
+    """llama-bench's pp test on a file or a loaded model (``n_gpu_layers`` applies to a file): a context of exactly
     batches with only the last logits requested; a warm-up run, then timed runs from an empty cache."""
     rng = np.random.default_rng(seed)
-    with LlamaRunner(path, n_ctx=n_prompt, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
+    with LlamaRunner(model, n_ctx=n_prompt, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
                      n_gpu_layers=n_gpu_layers) as r:
         def run() -> None:
             done = 0
@@ -836,12 +870,12 @@ def bench_pp(path: str | Path, n_prompt: int = PP_TOKENS, *, repetitions: int = 
     return Rate(f"pp{n_prompt}", n_prompt, [n_prompt * 1e9 / ns for ns in samples])
 
 
-def bench_tg(path: str | Path, n_gen: int = TG_TOKENS, *, repetitions: int = REPETITIONS,
+def bench_tg(model: str | Path | LlamaModel, n_gen: int = TG_TOKENS, *, repetitions: int = REPETITIONS,
              n_threads: int | None = None, n_gpu_layers: int = 0, seed: int = 0) -> Rate:
-    """llama-bench's tg test: a context of exactly n_gen, one token per decode (BOS, then random ids), logits
+    """llama-bench's tg test on a file or a loaded model (``n_gpu_layers`` applies to a file): a context of exactly
     computed for each; a one-token warm-up, then timed runs from an empty cache."""
     rng = np.random.default_rng(seed)
-    with LlamaRunner(path, n_ctx=n_gen, n_batch=2048, n_threads=n_threads, n_gpu_layers=n_gpu_layers) as r:
+    with LlamaRunner(model, n_ctx=n_gen, n_batch=2048, n_threads=n_threads, n_gpu_layers=n_gpu_layers) as r:
         def run(n: int) -> None:
             tok = r.bos if r.add_bos else int(rng.integers(r.n_vocab))
             for pos in range(n):
@@ -858,9 +892,9 @@ def bench_tg(path: str | Path, n_gen: int = TG_TOKENS, *, repetitions: int = REP
     return Rate(f"tg{n_gen}", n_gen, [n_gen * 1e9 / ns for ns in samples])
 
 
-def korean_chars_per_token(path: str | Path, text: str) -> float:
+def korean_chars_per_token(model: str | Path | LlamaModel, text: str) -> float:
     """Characters per token of ``text`` with the file's tokenizer (no BOS): converts tokens/s to characters/s."""
-    with LlamaRunner(path, n_ctx=64, n_batch=64, n_threads=1) as r:
+    with LlamaRunner(model, n_ctx=64, n_batch=64, n_threads=1) as r:
         n = len(r.tokenize(text, add_special=False))
     return len(text) / n if n else float("nan")
 
@@ -885,17 +919,18 @@ def speed(files: Sequence[str | Path], *, n_prompt: int = PP_TOKENS, n_gen: int 
     results = []
     with tqdm(total=len(infos) * len(threads) * 2, desc="speed", unit="test", disable=not progress) as bar:
         for info in infos:
-            cpt = korean_chars_per_token(info.path, sample)
-            for t in threads:
-                bar.set_postfix_str(f"{info.name} t={t} pp")
-                pp = bench_pp(info.path, n_prompt, repetitions=repetitions, n_threads=t, n_gpu_layers=n_gpu_layers)
-                bar.update(1)
-                bar.set_postfix_str(f"{info.name} t={t} tg")
-                tg = bench_tg(info.path, n_gen, repetitions=repetitions, n_threads=t, n_gpu_layers=n_gpu_layers)
-                bar.update(1)
-                backend = "CPU" if n_gpu_layers == 0 else "GPU"
-                load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-                results.append(SpeedResult(info, backend, t, n_gpu_layers, pp, tg, cpt, bw.get(t), load))
+            with LlamaModel(info.path, n_gpu_layers=n_gpu_layers) as model:  # one load per file, as llama-bench
+                cpt = korean_chars_per_token(model, sample)
+                for t in threads:
+                    bar.set_postfix_str(f"{info.name} t={t} pp")
+                    pp = bench_pp(model, n_prompt, repetitions=repetitions, n_threads=t)
+                    bar.update(1)
+                    bar.set_postfix_str(f"{info.name} t={t} tg")
+                    tg = bench_tg(model, n_gen, repetitions=repetitions, n_threads=t)
+                    bar.update(1)
+                    backend = "CPU" if n_gpu_layers == 0 else "GPU"
+                    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+                    results.append(SpeedResult(info, backend, t, n_gpu_layers, pp, tg, cpt, bw.get(t), load))
     cuda_rows: list[CudaRow] = []
     if cuda:
         from .bench_cuda import cuda_rows as _cuda_rows

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .bench import CudaRow, bench_pp, bench_tg, gpu_offload_supported
+from .bench import CudaRow, LlamaModel, bench_pp, bench_tg, gpu_offload_supported
 
 NO_GPU = "no GPU"
 
@@ -82,8 +82,9 @@ def _llama_cpp_rows(files: Sequence[str], n_prompt: int, n_gen: int, repetitions
         if peak:
             peak.__enter__()
         try:
-            pp = bench_pp(f, n_prompt, repetitions=repetitions, n_gpu_layers=999)
-            tg = bench_tg(f, n_gen, repetitions=repetitions, n_gpu_layers=999)
+            with LlamaModel(f, n_gpu_layers=999) as model:
+                pp = bench_pp(model, n_prompt, repetitions=repetitions)
+                tg = bench_tg(model, n_gen, repetitions=repetitions)
         finally:
             if peak:
                 peak.__exit__(None, None, None)

@@ -105,6 +105,21 @@ def test_speed_reports_llama_bench_quantities(tiny_ggufs):
         assert report.cuda and all(c.status == "no GPU" for c in report.cuda)
 
 
+def test_runners_share_one_loaded_model(tiny_ggufs):
+    """speed loads each file once for all its contexts, as llama-bench does: a runner on a shared model computes
+    the same logits as one that loads the file itself, and closing it leaves the model usable."""
+    toks = [1, 300, 301, 302, 303]
+    with bench.LlamaRunner(tiny_ggufs["q8_0"], n_ctx=32, n_threads=N_THREADS) as own:
+        own.decode(toks)
+        expected = own.logits(1).copy()
+    with bench.LlamaModel(tiny_ggufs["q8_0"]) as model:
+        for _ in range(2):  # the second runner proves the first did not free the model
+            with bench.LlamaRunner(model, n_ctx=32, n_threads=N_THREADS) as r:
+                r.decode(toks)
+                np.testing.assert_array_equal(r.logits(1), expected)
+        assert model.model
+    assert model.model is None
+
 def test_outputs_markdown_json_png(quality_report, tiny_ggufs, tmp_path):
     from komt_edge.bench_report import write_outputs
 
@@ -290,3 +305,15 @@ def test_gemma3_gguf_runs_like_transformers(tiny_gemma3, tmp_path):
         ref = model(torch.from_numpy(ids.astype(np.int64))[None]).logits[0].numpy()
     parity = compare_logits(ref, ours, Bounds(0.05, 1e-5, 0.99))
     assert parity.passed, parity
+
+
+def test_llama_cpp_gpu_row_runs_its_path_on_a_cpu_build(tiny_ggufs, monkeypatch):
+    """The all-layers-offloaded row's code path, with CUDA faked present: a CPU-only build runs the 999 layers on
+    the CPU, so the row is measured and reported (without nvidia-smi, no peak memory)."""
+    from komt_edge import bench_cuda
+
+    monkeypatch.setattr(bench_cuda, "cuda_available", lambda: True)
+    monkeypatch.setattr(bench_cuda, "gpu_offload_supported", lambda: True)
+    monkeypatch.setattr(bench_cuda.shutil, "which", lambda _name: None)
+    (row,) = bench_cuda._llama_cpp_rows([tiny_ggufs["q8_0"]], n_prompt=32, n_gen=8, repetitions=1)
+    assert row.status == "ok" and row.pp_ts > 0 and row.tg_ts > 0 and row.peak_gpu_bytes is None
