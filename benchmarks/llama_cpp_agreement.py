@@ -158,14 +158,14 @@ def komt_speed(path: Path, threads: int, reps: int, text: Path) -> dict:
             for k in ("pp", "tg")}
 
 
-def _paired(rounds: list[dict], tool: str, key: str) -> dict:
-    """komt-edge against ``tool`` over the rounds: each tool's median round mean, and komt-edge's difference to the
-    tool within each round (the two ran minutes apart at most, so a slow spell of a shared machine hits both) as
-    the median with its range."""
-    ours = [r["komt-edge"][key]["mean"] for r in rounds]
+def _paired(rounds: list[dict], tool: str, key: str, ours: str = "komt-edge") -> dict:
+    """``ours`` (komt-edge) against ``tool`` over the rounds: each tool's median round mean, and the difference
+    within each round (the two ran minutes apart at most, so a slow spell of a shared machine hits both) as the
+    median with its range."""
+    mine = [r[ours][key]["mean"] for r in rounds]
     theirs = [r[tool][key]["mean"] for r in rounds]
-    deltas = sorted(a / b - 1 for a, b in zip(ours, theirs))
-    return {"komt-edge": float(np.median(ours)), tool: float(np.median(theirs)), "delta": float(np.median(deltas)),
+    deltas = sorted(a / b - 1 for a, b in zip(mine, theirs))
+    return {ours: float(np.median(mine)), tool: float(np.median(theirs)), "delta": float(np.median(deltas)),
             "delta_min": deltas[0], "delta_max": deltas[-1]}
 
 
@@ -293,10 +293,11 @@ def markdown(r: dict) -> str:
     if "speed" in r:
         lines += ["Speed, tokens/s: the median over the rounds (each round runs every tool once with -r reps, in "
                   "rotating order); Δ is komt-edge against the tool within each round, median [min, max] over the "
-                  "rounds; 1-minute load average before → after:", "",
+                  "rounds; the last Δ is the static llama-bench against the wheel-linked one, the same way (the build "
+                  "difference); 1-minute load average before → after:", "",
                   "| type | threads | test | rounds × reps | komt-edge | llama-bench (static) | Δ "
-                  "| llama-bench (wheel libs) | Δ | load |",
-                  "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+                  "| llama-bench (wheel libs) | Δ | static vs wheel | load |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for row in r["speed"]:
             for key in ("pp512", "tg128"):
                 cells = []
@@ -304,6 +305,9 @@ def markdown(r: dict) -> str:
                     p = row["paired"].get(tool, {}).get(key)
                     cells += [f"{p[tool]:.2f}", f"{100 * p['delta']:+.1f}% [{100 * p['delta_min']:+.1f}, "
                               f"{100 * p['delta_max']:+.1f}]"] if p else ["–", "–"]
+                builds = _paired(row["rounds"], "llama-bench-wheel", key, ours="llama-bench") \
+                    if "llama-bench-wheel" in row["rounds"][0] else None
+                cells.append(f"{100 * builds['delta']:+.1f}%" if builds else "–")
                 ours = row["paired"]["llama-bench"][key]["komt-edge"]
                 lines.append(f"| {row['type']} | {row['threads']} | {key} | {len(row['rounds'])} × "
                              f"{row.get('reps', 5)} | {ours:.2f} | " + " | ".join(cells) +
