@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Self, Sequence
 
 import numpy as np
 
@@ -199,7 +199,26 @@ def gpu_offload_supported() -> bool:
     return bool(_llama().llama_supports_gpu_offload())
 
 
-class LlamaModel:
+class _Closing:
+    """``with`` support and a best-effort close at garbage collection, for wrappers of llama.cpp handles."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaModel(_Closing):
     """One loaded llama.cpp model (weights repacked for the CPU where llama.cpp does so). Several contexts can use
     it in turn, as llama-bench runs its pp and tg tests on one load."""
 
@@ -221,20 +240,8 @@ class LlamaModel:
             self._lib.llama_model_free(self.model)
             self.model = None
 
-    def __enter__(self) -> "LlamaModel":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-class LlamaRunner:
+class LlamaRunner(_Closing):
     """One llama.cpp context: tokenize, decode batches, read logits; nothing sampled. ``model`` is a file (loaded
     with ``n_gpu_layers`` and freed with the runner) or a :class:`LlamaModel` the caller keeps."""
 
@@ -332,18 +339,6 @@ class LlamaRunner:
             self.ctx = None
             if self._owned:
                 self._owned.close()
-
-    def __enter__(self) -> "LlamaRunner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 # ---------------------------------------------------------------------------------------------------
