@@ -840,8 +840,9 @@ def _time_ns(fn: Callable[[], None]) -> int:
 def bench_pp(model: str | Path | LlamaModel, n_prompt: int = PP_TOKENS, *, repetitions: int = REPETITIONS,
              n_threads: int | None = None, n_gpu_layers: int = 0, n_batch: int = 2048, n_ubatch: int = 512,
              seed: int = 0) -> Rate:
-    """llama-bench's pp test on a file or a loaded model (``n_gpu_layers`` applies to a file): a context of exactly
-    batches with only the last logits requested; a warm-up run, then timed runs from an empty cache."""
+    """llama-bench's pp test: a context of exactly n_prompt, random tokens (BOS first), decoded in n_batch
+    batches with only the last logits requested; a warm-up run, then timed runs from an empty cache. ``model`` is a
+    file (loaded with ``n_gpu_layers``) or a :class:`LlamaModel`."""
     rng = np.random.default_rng(seed)
     with LlamaRunner(model, n_ctx=n_prompt, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
                      n_gpu_layers=n_gpu_layers) as r:
@@ -867,8 +868,9 @@ def bench_pp(model: str | Path | LlamaModel, n_prompt: int = PP_TOKENS, *, repet
 
 def bench_tg(model: str | Path | LlamaModel, n_gen: int = TG_TOKENS, *, repetitions: int = REPETITIONS,
              n_threads: int | None = None, n_gpu_layers: int = 0, seed: int = 0) -> Rate:
-    """llama-bench's tg test on a file or a loaded model (``n_gpu_layers`` applies to a file): a context of exactly
-    computed for each; a one-token warm-up, then timed runs from an empty cache."""
+    """llama-bench's tg test: a context of exactly n_gen, one token per decode (BOS, then random ids), logits
+    computed for each; a one-token warm-up, then timed runs from an empty cache. ``model`` is a file (loaded with
+    ``n_gpu_layers``) or a :class:`LlamaModel`."""
     rng = np.random.default_rng(seed)
     with LlamaRunner(model, n_ctx=n_gen, n_batch=2048, n_threads=n_threads, n_gpu_layers=n_gpu_layers) as r:
         def run(n: int) -> None:

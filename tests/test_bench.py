@@ -120,6 +120,7 @@ def test_runners_share_one_loaded_model(tiny_ggufs):
         assert model.model
     assert model.model is None
 
+
 def test_outputs_markdown_json_png(quality_report, tiny_ggufs, tmp_path):
     from komt_edge.bench_report import write_outputs
 
