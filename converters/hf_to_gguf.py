@@ -199,6 +199,12 @@ class Converter:
         self.hp = Hparams.from_config(self.ckpt.config, self.folder)
         self.vocab: Vocab = load_vocab(self.folder, self.hp.vocab_size)
         self.tensors = self._plan_tensors()
+        self._types: dict[str, list[QT]] = {}
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know about the input (tokenizer fix-ups, ignored adapter settings)."""
+        return [*self.vocab.warnings, *(self.adapter.warnings if self.adapter else [])]
 
     # -- planning ----------------------------------------------------------------------------------
     def _plan_tensors(self) -> list[_Planned]:
@@ -224,6 +230,7 @@ class Converter:
             elif hf_name.endswith("k_proj.weight"):
                 heads = hp.n_head_kv
             planned.append(_Planned(gname, hf_name, shape, heads))
+            self._check_shape(gname, hf_name, shape)
         names = {p.gguf_name for p in planned}
         if "token_embd.weight" not in names:
             raise KomtError(f"{self.folder} has no token embedding (model.embed_tokens.weight): incomplete checkpoint")
@@ -237,6 +244,36 @@ class Converter:
         planned.sort(key=lambda p: q.tensor_order_key(p.gguf_name))
         return planned
 
+    def _check_shape(self, gguf_name: str, hf_name: str, shape: tuple[int, ...]) -> None:
+        """A weight whose shape disagrees with config.json makes a file llama.cpp refuses to load: stop here."""
+        hp = self.hp
+        q_rows, kv_rows = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        expected = {  # HF layout: [out_features, in_features]
+            "attn_q.weight": ((q_rows, hp.n_embd), "num_attention_heads × head_dim, hidden_size"),
+            "attn_k.weight": ((kv_rows, hp.n_embd), "num_key_value_heads × head_dim, hidden_size"),
+            "attn_v.weight": ((kv_rows, hp.n_embd), "num_key_value_heads × head_dim, hidden_size"),
+            "attn_output.weight": ((hp.n_embd, q_rows), "hidden_size, num_attention_heads × head_dim"),
+            "ffn_gate.weight": ((hp.n_ff, hp.n_embd), "intermediate_size, hidden_size"),
+            "ffn_up.weight": ((hp.n_ff, hp.n_embd), "intermediate_size, hidden_size"),
+            "ffn_down.weight": ((hp.n_embd, hp.n_ff), "hidden_size, intermediate_size"),
+            "attn_norm.weight": ((hp.n_embd,), "hidden_size"),
+            "ffn_norm.weight": ((hp.n_embd,), "hidden_size"),
+            "post_attention_norm.weight": ((hp.n_embd,), "hidden_size"),
+            "post_ffw_norm.weight": ((hp.n_embd,), "hidden_size"),
+            "attn_q_norm.weight": ((hp.head_dim,), "head_dim"),
+            "attn_k_norm.weight": ((hp.head_dim,), "head_dim"),
+            "output_norm.weight": ((hp.n_embd,), "hidden_size"),
+            "output.weight": ((hp.vocab_size, hp.n_embd), "vocab_size, hidden_size"),
+        }
+        kind = gguf_name.split(".", 2)[2] if gguf_name.startswith("blk.") else gguf_name
+        want = expected.get(kind)
+        if gguf_name == "token_embd.weight":
+            want = ((shape[0], hp.n_embd), "vocab_size, hidden_size")  # rows are checked against the vocabulary
+        if want is not None and tuple(shape) != want[0]:
+            raise KomtError(f"tensor {hf_name} is {tuple(shape)} but {self.folder}/config.json implies {want[0]} "
+                            f"({want[1]}): the weights and config.json do not belong together; fix config.json or "
+                            "re-download the model")
+
     def _source_type(self, p: _Planned) -> QT:
         if len(p.shape) <= 1 or p.gguf_name.endswith("_norm.weight"):
             return QT.F32
@@ -245,6 +282,11 @@ class Converter:
     def types_for(self, qtype: str) -> list[QT]:
         """The ggml type of every planned tensor in the output ``qtype``."""
         qtype = q.normalize(qtype)
+        if qtype not in self._types:
+            self._types[qtype] = self._compute_types(qtype)
+        return self._types[qtype]
+
+    def _compute_types(self, qtype: str) -> list[QT]:
         if qtype in q.FLOAT_FTYPES:
             target = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16}[qtype]
             return [QT.F32 if len(p.shape) <= 1 or p.gguf_name.endswith("_norm.weight") else target
@@ -256,6 +298,10 @@ class Converter:
             raise KomtError(f"{qtype} needs an importance matrix for {', '.join(needs)}, which komt-edge does not "
                             "compute yet: choose a type such as q4_K_M or q4_0")
         return types
+
+    def output_bytes(self, qtype: str) -> int:
+        """The tensor data of the ``qtype`` file (the metadata adds well under a megabyte)."""
+        return sum(_nbytes(p.shape, t) for p, t in zip(self.tensors, self.types_for(qtype)))
 
     def parameter_count(self) -> int:
         return sum(int(np.prod(p.shape)) for p in self.tensors)

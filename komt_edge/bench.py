@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Self, Sequence
 import numpy as np
 
 from .errors import KomtError, read_user_text
+from .llama_log import load_errors, reason
 
 DEFAULT_N_CTX = 512
 PP_TOKENS = 512
@@ -229,10 +230,11 @@ class LlamaModel(_Closing):
         self.path = path
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        with load_errors() as errors:
+            self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
-            raise KomtError(f"llama.cpp could not load {path}: the file is damaged, not a model, or of an "
-                            "architecture this llama.cpp does not know")
+            raise KomtError(f"llama.cpp could not load {path}: " + (reason(errors) or "the file is damaged, not a "
+                            "model, or of an architecture this llama.cpp does not know"))
         self._lib = llama_cpp
 
     def close(self) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import KomtError
+from .errors import KomtError, handle_termination_signals
 
 THREADS = click.option("--threads", "-t", "n_threads", type=click.IntRange(min=1), default=None,
                        help="CPU threads for llama.cpp (default: all cores).")
@@ -51,24 +52,20 @@ def models(as_json: bool) -> None:
 @click.argument("adapter")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output safetensors shard.")
+@click.option("--force", is_flag=True,
+              help="Write into an existing folder holding other files: only the merge's own files are replaced.")
 @ALLOW_PICKLE
-def merge_cmd(base: str, adapter: str, out: Path, max_shard_size: str, allow_pickle: bool) -> None:
+def merge_cmd(base: str, adapter: str, out: Path, max_shard_size: str, force: bool, allow_pickle: bool) -> None:
     """Merge a LoRA ADAPTER into the full-precision BASE, tensor by tensor.
 
-    BASE and ADAPTER are local folders or Hub ids.
+    BASE and ADAPTER are local folders or Hub ids. OUT must be new, empty or an earlier merge's output (which is
+    replaced); a folder holding anything else is refused unless --force.
 
     Example: komt-edge merge mistralai/Mistral-7B-Instruct-v0.1 davidkim205/komt-mistral-7b-v1-lora -o merged/
     """
-    from tqdm.auto import tqdm
-
     from .merge import merge
-    from .zoo import resolve, resolve_adapter
 
-    base_path = resolve(base, allow_pickle=allow_pickle, prefer_adapter=False).path
-    adapter_path = resolve_adapter(adapter)
-    with tqdm(unit="B", unit_scale=True, desc="merge") as bar:
-        merge(base_path, adapter_path, out, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
-              progress=bar.update)
+    merge(base, adapter, out, allow_pickle=allow_pickle, max_shard_size=max_shard_size, force=force, progress=True)
     click.echo(f"merged model written to {out}")
 
 
@@ -82,11 +79,17 @@ def merge_cmd(base: str, adapter: str, out: Path, max_shard_size: str, allow_pic
 @click.option("--template", type=click.Choice(["llama", "mistral", "none"]), default=None,
               help="Chat template to embed (default: the model's komt template).")
 @click.option("--name", default=None, help="Model name for general.name and file names.")
+@click.option("--force", is_flag=True,
+              help="Replace files at the output names even when komt-edge did not write them for this model.")
 @THREADS
 @ALLOW_PICKLE
 def gguf_cmd(model: str, quants: tuple[str, ...], out: Path, adapter: str | None, template: str | None,
-             name: str | None, n_threads: int | None, allow_pickle: bool) -> None:
+             name: str | None, force: bool, n_threads: int | None, allow_pickle: bool) -> None:
     """Convert MODEL to GGUF, one file per -q type, from one read of the checkpoint.
+
+    Files are named <name>-<TYPE>.gguf in OUT. A re-run replaces komt-edge's own files of the same model, each
+    atomically (the old file stays until the new one is complete); any other file at those names is refused
+    unless --force.
 
     Example: komt-edge gguf komt-mistral-7b -q q4_0 -q q8_0 -o dist/
     """
@@ -94,7 +97,7 @@ def gguf_cmd(model: str, quants: tuple[str, ...], out: Path, adapter: str | None
 
     quants = tuple(t for spec in quants for t in spec.replace(",", " ").split())
     for path in convert(model, quants, out, adapter=adapter, allow_pickle=allow_pickle, template=template,
-                        name=name, n_threads=n_threads):
+                        name=name, n_threads=n_threads, force=force):
         click.echo(str(path))
 
 
@@ -120,25 +123,25 @@ def verify_cmd(files: tuple[Path, ...], hf: str, adapter: str | None, template: 
 
     Exits non-zero when any bound fails. Example: komt-edge verify dist/*.gguf --hf komt-mistral-7b
     """
-    from .verify import Bounds, _file_type, bounds_for, load_reference, verify
+    from .atomic import atomic_file, check_output_file
+    from .verify import BoundOverrides, load_reference, verify
 
+    overrides = BoundOverrides(max_abs=max_abs, mean_kl=max_kl, min_top1=min_top1)  # checked before any work
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise KomtError(f"{missing[0]} does not exist: run `komt-edge gguf` first")
+    if json_out:
+        check_output_file(json_out, option="--json")
     reference = load_reference(hf, adapter=adapter, allow_pickle=allow_pickle, template=template, hf_dtype=hf_dtype)
     reports = []
     for f in files:
-        bounds = None
-        if max_kl is not None or min_top1 is not None or max_abs is not None:
-            d = bounds_for(_file_type(f)[0])
-            bounds = Bounds(max_abs if max_abs is not None else d.max_abs,
-                            max_kl if max_kl is not None else d.mean_kl,
-                            min_top1 if min_top1 is not None else d.min_top1)
-        report = verify(f, hf, n_threads=n_threads, bounds=bounds, reference=reference)
+        report = verify(f, hf, n_threads=n_threads, overrides=overrides, reference=reference)
         click.echo(report.summary())
         reports.append(report)
     if json_out:
-        json_out.write_text("[" + ",\n".join(r.to_json() for r in reports) + "]\n", encoding="utf-8")
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(json_out) as tmp:
+            tmp.write_text("[" + ",\n".join(r.to_json() for r in reports) + "]\n", encoding="utf-8")
     failed = [r.file for r in reports if not r.passed]
     if failed:
         raise KomtError(f"verification failed for {', '.join(Path(f).name for f in failed)}: see the report above")
@@ -255,10 +258,12 @@ def train_cmd(model: str, data: Path, out: Path, bits: str | None, lora_r: int, 
 @click.option("--eval-tokens", type=click.IntRange(min=16), default=8192, show_default=True,
               help="Held-out Korean tokens the check scores (the split holds ~7.7k).")
 @click.option("--verbose", is_flag=True, help="Show GPTQModel's own logs and progress bars.")
+@click.option("--force", is_flag=True,
+              help="Write into an existing checkpoint folder komt-edge did not make (only its own files replaced).")
 @ALLOW_PICKLE
 def gptq_cmd(model: str, out: Path, bits: int, group_size: int, desc_act: bool, calibration: str, samples: int,
              seq_len: int, device: str, adapter: str | None, name: str | None, check: bool, eval_tokens: int,
-             verbose: bool, allow_pickle: bool) -> None:
+             verbose: bool, force: bool, allow_pickle: bool) -> None:
     """Quantize MODEL to a GPTQ checkpoint (transformers, vLLM), calibrated on Korean text.
 
     Example: komt-edge gptq komt-mistral-7b -o dist/
@@ -267,7 +272,7 @@ def gptq_cmd(model: str, out: Path, bits: int, group_size: int, desc_act: bool, 
 
     result = gptq(model, out, bits=bits, group_size=group_size, desc_act=desc_act, calibration=calibration,
                   samples=samples, seq_len=seq_len, device=device, adapter=adapter, name=name, check=check,
-                  eval_tokens=eval_tokens, allow_pickle=allow_pickle, verbose=verbose)
+                  eval_tokens=eval_tokens, allow_pickle=allow_pickle, verbose=verbose, force=force)
     click.echo(result.summary())
 
 
@@ -489,7 +494,8 @@ def push_cmd(folder: Path, repo_id: str, private: bool, revision: str | None, dr
 @click.option("--gguf-repo", default=None, help="GGUF repo id  [default: ORG/NAME-GGUF].")
 @click.option("--gptq-repo", default=None, help="GPTQ repo id  [default: ORG/NAME-GPTQ].")
 @click.option("--private", is_flag=True, help="Create the repos private.")
-@click.option("--force", is_flag=True, help="Release into repos holding files komt-edge did not make.")
+@click.option("--force", is_flag=True,
+              help="Release into repos, or an -o folder, holding files komt-edge did not make (they are kept).")
 @click.option("--push/--no-push", default=True, show_default=True, help="Publish (--no-push: build and card only).")
 @click.option("--keep-merged", is_flag=True, help="Also write the merged full-precision checkpoint to OUT/merged.")
 @THREADS
@@ -515,20 +521,20 @@ def release_cmd(model: str, org: str, quants: str | None, gptq: bool, bench: boo
 
 
 def main() -> None:
+    handle_termination_signals()
     try:
         cli.main(standalone_mode=False)
     except KomtError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt) as err:
+        # click turns KeyboardInterrupt (Ctrl-C, or SIGTERM/SIGHUP through handle_termination_signals) into Abort.
+        signum = getattr(err.__cause__, "signum", getattr(err, "signum", signal.SIGINT))
+        click.echo(f"error: interrupted ({signal.Signals(signum).name}): no partial output was left", err=True)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

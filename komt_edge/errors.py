@@ -32,3 +32,23 @@ def package_dir(module: str, *, missing: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise KomtError(missing)
     return Path(list(spec.submodule_search_locations)[0])
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP: raised in the main thread so that every ``with`` block cleans up as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def handle_termination_signals() -> None:
+    """Treat SIGTERM (timeout, systemd, Docker, CI) and SIGHUP (a closed terminal) like Ctrl-C: partial outputs are
+    removed by the same cleanup, and the process exits with 128 + the signal number."""
+    import signal
+
+    def raise_interrupted(signum, _frame):
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_interrupted)

@@ -39,14 +39,13 @@ import re
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
-from .atomic import atomic_dir, ensure_writable_dir
+from .atomic import atomic_dir, check_dir_target, check_output_dir, ensure_writable_dir
 from .checkpoint import read_config
 from .corpora import Example, korean_examples, load_examples
 from .errors import KomtError
@@ -541,18 +540,19 @@ def gptq(model: str, out: str | Path = "dist", *, bits: int = 4, group_size: int
          calibration: str = "korean", samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
          device: str = "auto", adapter: str | None = None, name: str | None = None, check: bool = True,
          eval_tokens: int = DEFAULT_EVAL_TOKENS, allow_pickle: bool = False, verbose: bool = False,
-         progress: bool = True) -> GptqResult:
+         force: bool = False, progress: bool = True) -> GptqResult:
     """Quantize MODEL to a GPTQ checkpoint in ``out/<model>-GPTQ-<bits>bit-g<group_size>``; returns the result.
 
     Every input is checked before the model is loaded; the output folder appears only when everything,
-    the check included, succeeded.
+    the check included, succeeded. An earlier GPTQ checkpoint of komt-edge's at that path is replaced; a folder
+    holding anything else is refused unless ``force`` (then only the checkpoint's own files are replaced).
     """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
     _validate(bits, group_size, samples, seq_len)
     dev = select_device(device)
-    out = ensure_writable_dir(Path(out))
+    out = check_output_dir(Path(out))
     resolved = resolve(model, adapter=adapter, allow_pickle=allow_pickle)
     config = read_config(resolved.path)
     arch = _check_model(resolved, config, group_size, seq_len)
@@ -565,6 +565,7 @@ def gptq(model: str, out: str | Path = "dist", *, bits: int = 4, group_size: int
     final = out / output_name(display, bits, group_size, desc_act)
     if final.resolve() in {resolved.path.resolve(), *([resolved.adapter.resolve()] if resolved.adapter else [])}:
         raise KomtError(f"-o {out} would overwrite the input model: choose another output folder")
+    check_dir_target(final, force=force, owned_if=(REPORT_FILE,))
 
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
     GPTQModel, QuantizeConfig = _import_gptqmodel(verbose)
@@ -572,7 +573,11 @@ def gptq(model: str, out: str | Path = "dist", *, bits: int = 4, group_size: int
 
     say(f"GPTQ {bits}-bit g{group_size} of {display} on {describe_device(dev)}, calibrated on "
         f"{len(calib.windows)} × {seq_len} tokens ({source})")
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.work-", dir=out))
+    ensure_writable_dir(out)
+    # Merged copy, offload and logs: a hidden partial, so a run killed with SIGKILL leaves nothing the next run keeps.
+    work = out / f".{final.name}.work.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
     warnings: list[str] = []
     try:
         source_dir = resolved.path
@@ -580,9 +585,8 @@ def gptq(model: str, out: str | Path = "dist", *, bits: int = 4, group_size: int
             from .merge import merge
 
             say(f"merging the LoRA adapter {resolved.adapter} into {resolved.path}")
-            with tqdm(unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
-                source_dir = merge(resolved.path, resolved.adapter, work / "merged", allow_pickle=allow_pickle,
-                                   progress=bar.update)
+            source_dir = merge(resolved.path, resolved.adapter, work / "merged", allow_pickle=allow_pickle,
+                               progress=progress)
         dtype = compute_dtype(dev)
         qcfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=True,
                               act_group_aware=not desc_act, device=str(dev),
@@ -591,7 +595,7 @@ def gptq(model: str, out: str | Path = "dist", *, bits: int = 4, group_size: int
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         quiet = contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext()
-        with atomic_dir(final) as tmp:
+        with atomic_dir(final, force=force, owned_if=(REPORT_FILE,), log=say) as tmp:
             with quiet:
                 qmodel = GPTQModel.load(str(source_dir), qcfg, dtype=dtype)
             layers = int(config.get("num_hidden_layers") or 0) or None

@@ -14,17 +14,20 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, check_dir_target, check_free_space
 from .checkpoint import Checkpoint, read_config
 from .errors import KomtError
 
+PROVENANCE_FILE = "komt_edge_merge.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
@@ -46,6 +49,7 @@ class Adapter:
     config: dict
     pairs: dict[str, LoraPair]  # base weight name → pair
     replacements: dict[str, torch.Tensor]  # base weight name → full tensor (peft modules_to_save)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def base_model(self) -> str | None:
@@ -126,10 +130,14 @@ def load_adapter(folder: Path, *, allow_pickle: bool = False) -> Adapter:
         if a.shape[0] != r or b.shape[1] != r:
             raise KomtError(f"{folder}: {module} has rank {a.shape[0]} but adapter_config.json says r={r}")
         scale = alpha / (r ** 0.5) if rslora else alpha / r
-        if fan_in_fan_out:
-            a, b = b.T, a.T
         pairs[f"{module}.weight"] = LoraPair(a, b, scale)
-    return Adapter(folder, config, pairs, replacements)
+    warnings = []
+    if fan_in_fan_out:
+        # Llama, Mistral and Gemma project with nn.Linear, where peft ignores fan_in_fan_out (it is for GPT-2's
+        # Conv1D) and warns; the adapter's A and B are then used as stored, and so they are here.
+        warnings.append(f"{folder.name}: adapter_config.json sets fan_in_fan_out, which applies to Conv1D layers "
+                        "only; ignored for these nn.Linear layers, as peft does")
+    return Adapter(folder, config, pairs, replacements, warnings)
 
 
 def merged_weight(base: torch.Tensor, pair: LoraPair) -> torch.Tensor:
@@ -158,7 +166,8 @@ def check_compatible(ckpt: Checkpoint, adapter: Adapter, base: Path) -> None:
 class _ShardWriter:
     """Writes safetensors shards tensor by tensor: header from the planned shapes, then the data in order."""
 
-    def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
+    def __init__(self, folder: Path | None, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int):
         self.folder = folder
         self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         size = 0
@@ -175,6 +184,10 @@ class _ShardWriter:
         self._shard_of = {t[0]: i for i, shard in enumerate(self.shards) for t in shard}
         self._open: tuple[int, object] | None = None
         self._expected: list[str] = []
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t[3] for shard in self.shards for t in shard)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         idx = self._shard_of[name]
@@ -213,30 +226,46 @@ class _ShardWriter:
     def close(self) -> None:
         self._close_current()
         if len(self.names) > 1:
-            total = sum(t[3] for shard in self.shards for t in shard)
-            index = {"metadata": {"total_size": total},
+            index = {"metadata": {"total_size": self.total_bytes},
                      "weight_map": {t[0]: self.names[i] for i, shard in enumerate(self.shards) for t in shard}}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def merge(base: Path, adapter: Path, out: Path, *, allow_pickle: bool = False, max_shard_size: str = "2GB",
-          progress: Callable[[int], None] | None = None) -> Path:
-    """Merge ``adapter`` into ``base`` and write a full checkpoint (safetensors, config, tokenizer) at ``out``."""
-    base, adapter_dir, out = Path(base), Path(adapter), Path(out)
+def merge(base: str | Path, adapter: str | Path, out: str | Path, *, allow_pickle: bool = False,
+          max_shard_size: str = "2GB", force: bool = False, progress: bool = False,
+          log: Callable[[str], None] | None = None) -> Path:
+    """Merge ``adapter`` into ``base`` and write a full checkpoint (safetensors, config, tokenizer) at ``out``.
+
+    ``base`` and ``adapter`` are local folders or Hub ids (a zoo name as ``base`` means its merged model).
+    ``out`` must be new, empty or an earlier merge's output; ``force`` writes into any other folder, replacing only
+    the merge's own files (named through ``log``) and never an input."""
+    from .zoo import resolve, resolve_adapter
+
+    out = Path(out)
+    check_dir_target(out, force=force, owned_if=(PROVENANCE_FILE,))  # before any download
+    shard_bytes = _parse_size(max_shard_size)
+    base = resolve(str(base), allow_pickle=allow_pickle, prefer_adapter=False).path
+    adapter_dir = resolve_adapter(str(adapter))
     config = read_config(base)
     qcfg = config.get("quantization_config") or {}
     if qcfg:
         raise KomtError(f"{base} is a quantized checkpoint ({qcfg.get('quant_method', 'unknown')}): merge the adapter "
                         "into the full-precision base model")
     lora = load_adapter(adapter_dir, allow_pickle=allow_pickle)
+    log = log or (lambda message: tqdm.write(message, file=sys.stderr))
+    for warning in lora.warnings:
+        log(f"warning: {warning}")
     ckpt = Checkpoint(base, allow_pickle=allow_pickle)
     check_compatible(ckpt, lora, base)
     if out.resolve() in (base.resolve(), adapter_dir.resolve()):
         raise KomtError(f"-o {out} would overwrite an input: choose a new output folder")
-
     plan = [(n, ckpt.info(n).shape, ckpt.info(n).dtype) for n in ckpt.names]
-    with atomic_dir(out) as tmp:
-        writer = _ShardWriter(tmp, plan, _parse_size(max_shard_size))
+    writer_plan = _ShardWriter(None, plan, shard_bytes)
+    check_free_space(out, writer_plan.total_bytes, f"the merged model ({len(writer_plan.names)} shard(s))")
+
+    with atomic_dir(out, force=force, owned_if=(PROVENANCE_FILE,), log=log) as tmp, \
+            tqdm(total=writer_plan.total_bytes, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
+        writer = _ShardWriter(tmp, plan, shard_bytes)
         for shard in writer.shards:
             for name, _shape, _dtype, nbytes in shard:
                 tensor = ckpt.get(name)
@@ -246,8 +275,7 @@ def merge(base: Path, adapter: Path, out: Path, *, allow_pickle: bool = False, m
                     tensor = lora.replacements[name].to(tensor.dtype)
                 writer.write(name, tensor)
                 del tensor
-                if progress:
-                    progress(nbytes)
+                bar.update(nbytes)
         writer.close()
         config.pop("_name_or_path", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -260,7 +288,7 @@ def merge(base: Path, adapter: Path, out: Path, *, allow_pickle: bool = False, m
         provenance = {"base": str(base), "adapter": str(adapter_dir),
                       "adapter_base_model": lora.base_model, "merged_modules": len(lora.pairs),
                       "replaced_tensors": sorted(lora.replacements)}
-        (tmp / "komt_edge_merge.json").write_text(json.dumps(provenance, indent=2))
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
     return out
 
 

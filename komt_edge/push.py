@@ -22,10 +22,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from .errors import KomtError
 
@@ -37,6 +38,7 @@ REGULAR_FILE_MAX = 10 * 1024 * 1024
 DEFAULT_RETRIES = 6
 DEFAULT_BACKOFF = 2.0  # seconds before the first retry; doubles each time
 MAX_BACKOFF = 60.0
+PROBE_TIMEOUT = 5.0  # seconds for the one connection attempt that tells a reachable Hub from an unreachable one
 # A README whose metadata has this tag was written by komt-edge: the repo's files are then ours to update.
 KOMT_TAG = "komt-edge"
 NO_TOKEN = ("no Hugging Face token: set HF_TOKEN to a token with write access, or run `hf auth login` "
@@ -210,31 +212,80 @@ def _status(err: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def _transient_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TimeoutException", "NetworkError", "RemoteProtocolError")),
-                          ("httpx", ("TimeoutException", "NetworkError", "RemoteProtocolError")),
-                          ("requests", ("ConnectionError", "Timeout"))):
+def _http_types(*names: str) -> list[type[BaseException]]:
+    """Exception classes of the HTTP clients huggingface_hub may use, by name (whichever are installed)."""
+    types = []
+    for module in ("httpx2", "httpx", "requests"):
         try:
             mod = __import__(module)
         except ImportError:
             continue
         types += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
-    return tuple(types)
+    return types
+
+
+def _unreachable_types() -> tuple[type[BaseException], ...]:
+    # No connection at all (refused, unresolvable host, no route): retrying will not help, so fail at once.
+    return tuple([ConnectionRefusedError, socket.gaierror, *_http_types("ConnectError")])
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    # Timeouts and connections dropped mid-request: worth retrying with backoff.
+    return tuple([ConnectionError, TimeoutError,
+                  *_http_types("TimeoutException", "NetworkError", "RemoteProtocolError", "Timeout",
+                               "ConnectionError")])
+
+
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    seen = 0
+    while err is not None and seen < 6:
+        yield err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """The Hub could not be connected to at all (refused, unresolvable, unroutable)."""
+    return any(isinstance(e, _unreachable_types()) for e in _chain(err))
 
 
 def is_transient(err: BaseException) -> bool:
-    """5xx/408/429 answers, timeouts and dropped connections, also when huggingface_hub wrapped them."""
-    seen = 0
-    while err is not None and seen < 5:
-        status = _status(err)
+    """5xx/408/429 answers, timeouts and dropped connections, also when huggingface_hub wrapped them; never a
+    connection that could not be made (see ``is_unreachable``)."""
+    if is_unreachable(err):
+        return False
+    for e in _chain(err):
+        status = _status(e)
         if status is not None:
             return status in _TRANSIENT_STATUS
-        if isinstance(err, _transient_types()):
+        if isinstance(e, _transient_types()):
             return True
-        err = err.__cause__ or err.__context__
-        seen += 1
     return False
+
+
+def unreachable_message(endpoint: str, reason: str) -> str:
+    where = " (HF_ENDPOINT)" if os.environ.get("HF_ENDPOINT") else ""
+    return (f"cannot reach the Hub at {endpoint}{where}: {reason}; check the network"
+            + (" or HF_ENDPOINT" if where else ""))
+
+
+def probe(endpoint: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """One short TCP connection to the Hub's host: None when it answers, else why not (refused, unknown host,
+    timed out). Seconds at most, where a refused or unresolvable Hub would otherwise cost retries."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return None
+    except socket.gaierror:
+        return f"the host {url.hostname!r} cannot be resolved"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except (socket.timeout, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    except OSError as err:
+        return err.strerror or str(err)
 
 
 def _root_http_error(err: BaseException) -> BaseException:
@@ -263,7 +314,7 @@ class _CardRejected(Exception):
     """The Hub's metadata validation refused README.md."""
 
 
-class _Hub:
+class Hub:
     """huggingface_hub's HfApi plus retries with backoff, and errors turned into one-line KomtErrors."""
 
     def __init__(self, token: str | None, *, retries: int, backoff: float, log: Callable[[str], None]):
@@ -296,6 +347,9 @@ class _Hub:
         namespace = repo_id.split("/")[0]
         if isinstance(err, _CardRejected):
             return KomtError(f"the Hub rejected README.md's metadata ({err}): fix the card and push again")
+        if is_unreachable(err):
+            cause = next(e for e in _chain(err) if isinstance(e, _unreachable_types()))
+            return KomtError(unreachable_message(self.endpoint, _short(cause)))
         err = _root_http_error(err)
         status = _status(err)
         if status == 401 and not isinstance(err, RepositoryNotFoundError):
@@ -440,12 +494,18 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     revision = revision or "main"
     token = hub_token(required=not dry_run)
     local = scan_folder(Path(folder), sha256s=sha256s, max_file_size=max_file_size)
-    if token is None:  # dry run without a token: nothing to compare with
+    unreachable = probe(_endpoint()) if token is not None else None
+    if unreachable and not dry_run:
+        raise KomtError(unreachable_message(_endpoint(), unreachable))
+    if token is None or unreachable:  # a dry run with nothing to compare with
         plan = make_plan(repo_id, revision, private, local, RemoteState(exists=False, branch_exists=False))
-        log("no Hub token (HF_TOKEN or `hf auth login`): not compared with the Hub; every file is listed")
+        log(unreachable_message(_endpoint(), unreachable) + "; not compared with the Hub: every file is listed"
+            if unreachable else "no Hub token (HF_TOKEN or `hf auth login`): not compared with the Hub; every file "
+            "is listed")
         return PushResult(plan, dry_run=True)
 
-    hub = _Hub(token, retries=retries, backoff=backoff, log=log)
+    # A dry run asks the Hub once per question and never waits to retry.
+    hub = Hub(token, retries=0 if dry_run else retries, backoff=backoff, log=log)
     try:
         hub.check_write_access(repo_id.split("/")[0])
         remote = hub.remote_state(repo_id, revision)
@@ -469,7 +529,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         raise hub.explain(err, repo_id) from None
 
 
-def _upload(hub: _Hub, plan: PushPlan, message: str, log: Callable[[str], None]) -> PushResult:
+def _upload(hub: Hub, plan: PushPlan, message: str, log: Callable[[str], None]) -> PushResult:
     from huggingface_hub import CommitOperationAdd
 
     api, repo_id, revision = hub.api, plan.repo_id, plan.revision

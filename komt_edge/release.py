@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from . import __version__
+from .atomic import pid_alive, remove_stale_partials
 from .errors import KomtError
 from .push import HUB_MAX_FILE_SIZE, DEFAULT_BACKOFF, DEFAULT_RETRIES, fmt_size
 
@@ -382,12 +383,8 @@ def _llama_cpp_commit() -> str | None:
 
 
 def _clean_partials(folder: Path) -> None:
-    """Leftovers of an interrupted write (atomic writes use hidden ``.NAME.partial-PID`` files)."""
-    for p in folder.glob(".*.partial-*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+    """Leftovers of an interrupted write: hidden ``.NAME.partial-PID`` files and split folders."""
+    remove_stale_partials(folder)
     for p in folder.glob(".*.split-*"):
         shutil.rmtree(p, ignore_errors=True)
 
@@ -536,18 +533,15 @@ def _verify_inputs(ctx: StageContext) -> dict:
 
 
 def _verify_run(ctx: StageContext) -> StageOutput:
-    from .verify import Bounds, _file_type, bounds_for, load_reference, verify
+    from .verify import BoundOverrides, load_reference, verify
 
     o = ctx.options
     reports, data = [], {}
     # one HF forward pass for all files: a 7B float32 reference is the slow part
     reference = load_reference(o.model, adapter=o.adapter, allow_pickle=o.allow_pickle, template=o.template)
+    overrides = BoundOverrides(mean_kl=o.max_kl)
     for path in ctx.gguf_models:
-        bounds = None
-        if o.max_kl is not None:
-            d = bounds_for(_file_type(path)[0])
-            bounds = Bounds(d.max_abs, o.max_kl, d.min_top1)
-        report = verify(path, o.model, n_threads=o.n_threads, bounds=bounds, reference=reference)
+        report = verify(path, o.model, n_threads=o.n_threads, overrides=overrides, reference=reference)
         ctx.log("\n".join("  " + line for line in report.summary().splitlines()))
         reports.append(report)
         t, lg = report.tokenizer, report.logits
@@ -869,7 +863,7 @@ def _lock(out: Path) -> Iterator[None]:
                 pid = int(lock.read_text().strip() or 0)
             except (OSError, ValueError):
                 pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
+            if pid and pid != os.getpid() and pid_alive(pid):
                 raise KomtError(f"another release (pid {pid}) is running in {out}: wait for it, or use another -o")
             lock.unlink(missing_ok=True)
             continue
@@ -884,22 +878,15 @@ def _lock(out: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _preflight_hub(options: ReleaseOptions, log: Callable[[str], None]) -> None:
     """Token, write access and foreign files, before any work (and before any download)."""
-    from .push import _Hub, hub_token
+    from .push import Hub, hub_token, probe, unreachable_message
 
     token = hub_token(required=True)
-    hub = _Hub(token, retries=options.retries, backoff=options.backoff, log=log)
+    hub = Hub(token, retries=options.retries, backoff=options.backoff, log=log)
+    unreachable = probe(hub.endpoint)
+    if unreachable:
+        raise KomtError(unreachable_message(hub.endpoint, unreachable))
     gptq_stage = next(s for s in STAGES if s.name == "gptq")
     repos = [options.gguf_repo] + ([options.gptq_repo] if options.gptq and gptq_stage.missing() is None else [])
     checked = set()
@@ -932,8 +919,11 @@ def release(model: str, org: str, *, quants: Sequence[str] = DEFAULT_RELEASE_QUA
             backoff: float = DEFAULT_BACKOFF, progress: bool = True,
             log: Callable[[str], None] = print) -> ReleaseResult:
     """Build, verify, measure and publish MODEL's GGUF (and GPTQ) repos under ORG; see the module docstring."""
+    from .verify import BoundOverrides
+
     if template not in (None, "llama", "mistral"):
         raise KomtError(f"--template {template!r}: choose llama or mistral")
+    BoundOverrides(mean_kl=max_kl)  # a bound no file could meet fails now, not after the conversion
     options = make_options(model, org, quants=quants, gptq=gptq, out=out, name=name, gguf_repo=gguf_repo,
                            gptq_repo=gptq_repo, adapter=adapter, template=template, base_model=base_model,
                            license=license, private=private, force=force, push=push, allow_pickle=allow_pickle,
@@ -942,10 +932,13 @@ def release(model: str, org: str, *, quants: Sequence[str] = DEFAULT_RELEASE_QUA
                            backoff=backoff, progress=progress)
     if dry_run:
         return _dry_run(options, log)
+    from .atomic import check_dir_target, ensure_writable_dir
+    from .zoo import resolve
+
+    # OUT is this release's, reused by re-runs (its manifest says so); a folder holding other files needs --force.
+    check_dir_target(options.out, force=force, owned_if=(MANIFEST_NAME,))
     if push:
         _preflight_hub(options, log)
-    from .atomic import ensure_writable_dir
-    from .zoo import resolve
 
     ensure_writable_dir(options.out)
     with _lock(options.out):

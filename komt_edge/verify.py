@@ -12,12 +12,14 @@ Three checks, each with a bound; the run fails (non-zero exit) when one is misse
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import KomtError
+from .llama_log import load_errors, reason
 from .zoo import resolve
 
 # Korean probes: prose, numbers and dates, mixed scripts, emoji, whitespace runs, the komt template markers.
@@ -72,6 +74,30 @@ LOW_BIT_BOUNDS = Bounds(max_abs=None, mean_kl=0.5, min_top1=0.50)  # 1-3 bit mix
 
 # Logits within this of the reference's best count as a tie for the top-1 agreement.
 TIE_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class BoundOverrides:
+    """Bounds a user sets instead of the file type's defaults (``--max-abs``, ``--max-kl``, ``--min-top1``).
+
+    Checked when made, so that a bound that no check could meet fails before a model is loaded."""
+    max_abs: float | None = None
+    mean_kl: float | None = None
+    min_top1: float | None = None
+
+    def __post_init__(self) -> None:
+        for option, value, high in (("--max-abs", self.max_abs, math.inf), ("--max-kl", self.mean_kl, math.inf),
+                                    ("--min-top1", self.min_top1, 1.0)):
+            if value is None:
+                continue
+            if not math.isfinite(value) or not 0 <= value <= high:
+                allowed = "between 0 and 1 (a rate)" if high == 1.0 else "a finite number ≥ 0"
+                raise KomtError(f"{option} {value:g}: the bound must be {allowed}")
+
+    def apply(self, defaults: Bounds) -> Bounds:
+        return Bounds(defaults.max_abs if self.max_abs is None else self.max_abs,
+                      defaults.mean_kl if self.mean_kl is None else self.mean_kl,
+                      defaults.min_top1 if self.min_top1 is None else self.min_top1)
 
 
 def bounds_for(file_type: str) -> Bounds:
@@ -286,10 +312,11 @@ def load_reference(hf: str, *, adapter: str | None = None, allow_pickle: bool = 
 def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_pickle: bool = False,
            template: str | None = None, n_threads: int | None = None, n_ctx: int = 512,
            hf_dtype: str = "float32", max_new_tokens: int = 40, bounds: Bounds | None = None,
-           reference: Reference | None = None) -> VerifyReport:
+           overrides: BoundOverrides | None = None, reference: Reference | None = None) -> VerifyReport:
     """Check FILE against the HF model ``hf`` (zoo name, Hub id or folder); see the module docstring.
 
-    Pass ``reference`` (from ``load_reference``) to check several files against one HF forward pass.
+    The bounds are ``bounds``, else the file type's defaults with ``overrides`` applied. Pass ``reference`` (from
+    ``load_reference``) to check several files against one HF forward pass.
     """
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     from llama_cpp import Llama
@@ -301,12 +328,14 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
         file_type, chat_template = _file_type(path)
     except Exception as err:  # gguf-py raises ValueError/struct errors on damaged files
         raise KomtError(f"{path} is not a readable GGUF file ({err}): convert it again") from None
-    bounds = bounds or bounds_for(file_type)
+    bounds = bounds or (overrides or BoundOverrides()).apply(bounds_for(file_type))
     try:
-        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                    logits_all=True, verbose=False, seed=0)
+        with load_errors() as errors:
+            llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                        logits_all=True, verbose=False, seed=0)
     except ValueError as err:
-        raise KomtError(f"llama.cpp could not load {path} ({err}): the file is damaged or not a model") from None
+        raise KomtError(f"llama.cpp could not load {path}: {reason(errors) or err}; convert it again with "
+                        "`komt-edge gguf`") from None
     try:
         ref = reference or load_reference(hf, adapter=adapter, allow_pickle=allow_pickle, template=template,
                                           hf_dtype=hf_dtype, n_ctx=n_ctx)

@@ -113,6 +113,7 @@ def resolve(model: str, *, adapter: str | None = None, allow_pickle: bool = Fals
     if local.is_dir():
         adapter_path = resolve_adapter(adapter) if adapter else None
         return ResolvedModel(local, local.resolve().name, lookup(local.name), str(local), adapter_path)
+    check_not_a_file(model)
     entry = lookup(model)
     if entry is not None:
         if adapter is None and prefer_adapter and entry.adapter:
@@ -129,12 +130,34 @@ def resolve(model: str, *, adapter: str | None = None, allow_pickle: bool = Fals
                     f"zoo names: {known}")
 
 
+def check_not_a_file(model: str, what: str = "MODEL") -> None:
+    """A file (or a path that looks like one) where a model folder or a Hub id is expected: say what to pass."""
+    local = Path(model).expanduser()
+    if local.suffix.lower() == ".gguf" or (local.is_file() and _is_gguf(local)):
+        raise KomtError(f"{model} is a GGUF file, where {what} is a Hugging Face model (folder, Hub id or zoo name): "
+                        "pass the Hugging Face folder it came from" if local.exists() else
+                        f"{model} does not exist, and {what} is a Hugging Face model, not a GGUF file: pass the "
+                        "Hugging Face folder, Hub id or zoo name")
+    if local.is_file():
+        raise KomtError(f"{model} is a file, where {what} is a Hugging Face model: pass its folder, a Hub id or a "
+                        "zoo name")
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def resolve_adapter(adapter: str) -> Path:
     local = Path(adapter).expanduser()
     if local.is_dir():
         if not (local / "adapter_config.json").is_file():
             raise KomtError(f"{local} is not a LoRA adapter folder: adapter_config.json is missing")
         return local
+    check_not_a_file(adapter, "ADAPTER")
     if "/" in adapter and adapter.count("/") == 1:
         return download(adapter)
     raise KomtError(f"adapter {adapter!r} is neither a local folder nor a Hub id (ORG/NAME)")

@@ -34,6 +34,14 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def deep_tiny(tmp_path_factory) -> Path:
+    """komt-mistral shape with 24 layers: a conversion that lasts long enough to be interrupted mid-write."""
+    from komt_edge.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "deep", "mistral", num_hidden_layers=24)
+
+
+@pytest.fixture(scope="session")
 def mistral_adapter(tiny_mistral, tmp_path_factory) -> Path:
     from komt_edge.tiny import build_tiny_adapter
 
@@ -83,9 +91,10 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    """Exit 1, no traceback, and the error is one `error: ...` line naming each needle (progress bars aside)."""
-    assert code == 1, err
+def assert_one_line_error(code: int, err: str, *needles: str, exit_code: int = 1) -> None:
+    """Exit ``exit_code``, no traceback, and the error is one `error: ...` line naming each needle (progress bars
+    aside)."""
+    assert code == exit_code, err
     assert "Traceback" not in err, err
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: "), err

@@ -25,7 +25,6 @@ from komt_edge.gptq import (CHECK_PROMPT, SUPPORTED_GROUP_SIZES, dequantize, gpt
                             token_windows, unpack_rows)
 from komt_edge.templates import LLAMA, MISTRAL
 
-from .conftest import assert_one_line_error, run_cli
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -103,11 +102,6 @@ def merged_reference(base: Path, adapter: Path | None) -> dict[str, torch.Tensor
         for name, pair in load_adapter(adapter).pairs.items():
             weights[name] = merged_weight(weights[name], pair)
     return weights
-
-
-def assert_clean_failure(code: int, err: str, out_dir: Path, *needles: str) -> None:
-    assert_one_line_error(code, err, *needles)
-    assert not out_dir.exists() or not list(out_dir.iterdir()), list(out_dir.iterdir())
 
 
 # --- the checkpoint -----------------------------------------------------------------------------------
@@ -310,56 +304,6 @@ def test_output_name():
     assert output_name("komt-mistral-7b-v1") == "komt-mistral-7b-v1-GPTQ-4bit-g128"
     assert output_name("x", 8, -1) == "x-GPTQ-8bit-gchannel"
     assert output_name("org/x y", 4, 32, True) == "org-x-y-GPTQ-4bit-g32-actorder"
-
-
-@pytest.mark.parametrize("args,needles", [
-    (["--bits", "5"], ["--bits 5 is not supported", "2, 3, 4, 8"]),
-    (["--group-size", "100"], ["--group-size 100 is not supported"]),
-    (["--samples", "0"], ["--samples 0"]),
-    (["--seq-len", "4096"], ["--seq-len 4096 exceeds the model's context (2048"]),
-    (["--calibration", "nope.txt"], ["neither 'korean' nor an existing file"]),
-])
-def test_bad_options(monkeypatch, capsys, tiny_mistral, tmp_path, args, needles):
-    out = tmp_path / "o"
-    code, _, err = run_cli(monkeypatch, capsys, "gptq", str(tiny_mistral), "-o", str(out), "--device", "cpu", *args)
-    assert_clean_failure(code, err, out, *needles)
-
-
-def test_empty_calibration_file(monkeypatch, capsys, tiny_mistral, tmp_path):
-    cal = tmp_path / "empty.txt"
-    cal.write_text("\n", encoding="utf-8")
-    out = tmp_path / "o"
-    code, _, err = run_cli(monkeypatch, capsys, "gptq", str(tiny_mistral), "-o", str(out), "--device", "cpu",
-                           "--calibration", str(cal))
-    assert_clean_failure(code, err, out, "empty.txt is empty")
-
-
-def test_calibration_file_too_short(monkeypatch, capsys, tiny_mistral, tmp_path):
-    cal = tmp_path / "short.txt"
-    cal.write_text("대한민국은 민주공화국이다. " * 30, encoding="utf-8")
-    out = tmp_path / "o"
-    code, _, err = run_cli(monkeypatch, capsys, "gptq", str(tiny_mistral), "-o", str(out), "--device", "cpu",
-                           "--calibration", str(cal), "--samples", "128", "--seq-len", "256")
-    assert_clean_failure(code, err, out, "too short for --samples 128 × --seq-len 256", "short.txt")
-
-
-def test_model_without_tokenizer(monkeypatch, capsys, tiny_mistral, tmp_path):
-    import shutil
-
-    model = tmp_path / "model"
-    shutil.copytree(tiny_mistral, model)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        (model / name).unlink()
-    out = tmp_path / "o"
-    code, _, err = run_cli(monkeypatch, capsys, "gptq", str(model), "-o", str(out), "--device", "cpu")
-    assert_clean_failure(code, err, out, "no tokenizer", "tokenizer.model")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
-def test_cuda_asked_without_gpu(monkeypatch, capsys, tiny_mistral, tmp_path):
-    out = tmp_path / "o"
-    code, _, err = run_cli(monkeypatch, capsys, "gptq", str(tiny_mistral), "-o", str(out), "--device", "cuda")
-    assert_clean_failure(code, err, out, "--device cuda", "no CUDA GPU")
 
 
 def test_supported_group_sizes_are_vllm_marlin_sizes():

@@ -65,3 +65,26 @@ def test_quantized_base_is_refused(tiny_mistral, mistral_adapter, tmp_path):
     (base / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(KomtError, match="full-precision base"):
         merge(base, mistral_adapter, tmp_path / "out")
+
+
+def test_fan_in_fan_out_on_linear_layers_merges_as_peft_does(tiny_mistral, mistral_adapter, tmp_path, capsys):
+    """peft ignores fan_in_fan_out on nn.Linear (it is for GPT-2's Conv1D) and warns; komt-edge does the same."""
+    import shutil
+    import warnings
+
+    adapter = tmp_path / "fifo-lora"
+    shutil.copytree(mistral_adapter, adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["fan_in_fan_out"] = True
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    out = merge(tiny_mistral, adapter, tmp_path / "merged")
+    assert "fan_in_fan_out" in capsys.readouterr().err
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = _peft_merged(tiny_mistral, adapter, torch.bfloat16).state_dict()
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_mistral, dtype=torch.bfloat16).state_dict()
+    changed = sum(not torch.equal(base[n], ours[n]) for n in base)
+    assert changed >= 14  # q/k/v/o/gate/up/down of both layers were merged, not skipped
