@@ -260,12 +260,12 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, allow_pickl
     if out.resolve() in (base.resolve(), adapter_dir.resolve()):
         raise KomtError(f"-o {out} would overwrite an input: choose a new output folder")
     plan = [(n, ckpt.info(n).shape, ckpt.info(n).dtype) for n in ckpt.names]
-    writer_plan = _ShardWriter(None, plan, shard_bytes)
-    check_free_space(out, writer_plan.total_bytes, f"the merged model ({len(writer_plan.names)} shard(s))")
+    writer = _ShardWriter(None, plan, shard_bytes)  # shards planned once: the space check, then the writing
+    check_free_space(out, writer.total_bytes, f"the merged model ({len(writer.names)} shard(s))")
 
     with atomic_dir(out, force=force, owned_if=(PROVENANCE_FILE,), log=log) as tmp, \
-            tqdm(total=writer_plan.total_bytes, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
-        writer = _ShardWriter(tmp, plan, shard_bytes)
+            tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
+        writer.folder = tmp
         for shard in writer.shards:
             for name, _shape, _dtype, nbytes in shard:
                 tensor = ckpt.get(name)
