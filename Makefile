@@ -19,18 +19,27 @@ LLAMA_VERSION := $(lastword $(subst ==, ,$(LLAMA_PIN)))
 SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 LLAMA_SRC := .cache/llama.cpp-src
 
-.PHONY: install demo test gguf verify bench-convert clean help
-.PHONY: release
-.PHONY: gptq
-.PHONY: train
-.PHONY: bench llama-tools llama-bench-wheel korean-corpus bench-agreement
+.PHONY: help install demo test gguf bench bench-convert bench-agreement llama-tools llama-bench-wheel \
+	korean-corpus train gptq release clean
 
 help:
-	@echo "make install                      create $(VENV) with komt-edge and its pinned llama.cpp"
-	@echo "make demo                         merge → gguf → verify on the embedded tiny model, offline"
-	@echo "make test                         run the test suite (offline, CPU)"
-	@echo "make gguf MODEL=komt-mistral-7b   convert to GGUF ($(QUANTS)) in $(OUT)/ and verify"
-	@echo "make bench-convert                conversion time and memory, komt-edge vs llama.cpp"
+	@echo "set-up (fresh machine)"
+	@echo "  make install                     create $(VENV) with komt-edge and its pinned llama.cpp"
+	@echo "  make demo                        merge → gguf → verify on the embedded tiny model, offline"
+	@echo "  make test                        run the test suite (offline, CPU)"
+	@echo "the job (MODEL=$(MODEL) QUANTS=\"$(QUANTS)\" OUT=$(OUT) THREADS= PICKLE=)"
+	@echo "  make gguf MODEL=komt-mistral-7b  convert to GGUF in OUT/ and verify against the HF model"
+	@echo "  make bench                       Korean quality and speed of what make gguf wrote (BENCH_ARGS=...)"
+	@echo "  make train MODEL=... DATA=f.jsonl  train a komt LoRA adapter, then gguf + verify (TRAIN_ARGS=...)"
+	@echo "  make gptq MODEL=...              4-bit GPTQ checkpoint, Korean-calibrated (GPTQ_ARGS=...)"
+	@echo "  make release MODEL=... ORG=org   build, verify, benchmark and publish the Hub repos (RELEASE_ARGS=...)"
+	@echo "benchmarks against llama.cpp's own tools"
+	@echo "  make bench-convert               conversion time and memory, komt-edge vs llama.cpp"
+	@echo "  make bench-agreement             bench speed/quality vs llama-bench/llama-perplexity (~80 min)"
+	@echo "  make llama-tools                 build llama-bench and llama-perplexity from the pinned sdist"
+	@echo "  make llama-bench-wheel           llama-bench linked to the wheel's llama.cpp libraries"
+	@echo "  make korean-corpus               unpack Debian's Korean LibreOffice help (--source libreoffice)"
+	@echo "  make clean                       remove OUT/ and pytest's cache"
 
 install: $(VENV)/.installed
 

@@ -10,7 +10,8 @@ setup(
     version="0.1.0",
     description="Quantize, convert, verify and release komt Korean LLMs for llama.cpp and the edge",
     python_requires=">=3.10",
-    packages=["komt_edge", "komt_edge.converters", "komt_edge.benchmarks", "komt_edge.configs"],
+    packages=["komt_edge", "komt_edge.bench", "komt_edge.cli", "komt_edge.converters", "komt_edge.benchmarks",
+              "komt_edge.configs"],
     package_data={"komt_edge.configs": ["*.json", "*.yaml"]},  # komt-edge train: DeepSpeed/accelerate
     package_dir={
         "komt_edge": "komt_edge",

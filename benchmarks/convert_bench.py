@@ -44,7 +44,7 @@ SHAPES = {
 
 def write_checkpoint(folder: Path, shape: dict, seed: int = 0) -> int:
     """A random bf16 Mistral-layout checkpoint, written one tensor at a time; returns the parameter count."""
-    from komt_edge.merge import _ShardWriter
+    from komt_edge.merge import ShardWriter
     from komt_edge.tiny import write_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def write_checkpoint(folder: Path, shape: dict, seed: int = 0) -> int:
                  (p + "mlp.gate_proj.weight", (ff, h)), (p + "mlp.up_proj.weight", (ff, h)),
                  (p + "mlp.down_proj.weight", (h, ff))]
     plan += [("model.norm.weight", (h,)), ("lm_head.weight", (32000, h))]
-    writer = _ShardWriter(folder, [(n, s, torch.bfloat16) for n, s in plan], 4 * 1024 ** 3)
+    writer = ShardWriter(folder, [(n, s, torch.bfloat16) for n, s in plan], 4 * 1024 ** 3)
     gen = torch.Generator().manual_seed(seed)
     for shard in writer.shards:
         for name, shp, _dtype, _n in shard:

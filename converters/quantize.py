@@ -16,9 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
+
+from komt_edge.errors import KomtError
 
 # ---------------------------------------------------------------------------------------------------
 # Output types: the names users type (-q q4_K_M) and what they mean.
@@ -62,6 +65,19 @@ def normalize(qtype: str) -> str:
         known = ", ".join([*FLOAT_FTYPES, *QUANT_FTYPES])
         raise ValueError(f"unknown quantization type {qtype!r}; known: {known}")
     return key
+
+
+def parse_types(specs: str | Sequence[str]) -> list[str]:
+    """Output types from the command line (``-q`` values, each one type or a space/comma-separated list):
+    normalized, in order, without repeats; a one-line error names an unknown type and lists the known ones."""
+    specs = [specs] if isinstance(specs, str) else specs
+    try:
+        types = list(dict.fromkeys(normalize(t) for spec in specs for t in str(spec).replace(",", " ").split()))
+    except ValueError as err:
+        raise KomtError(str(err)) from None
+    if not types:
+        raise KomtError('no output type given: pass -q q4_0 -q q8_0 (or --quants "q4_0 q8_0"; f16, q4_K_M, ...)')
+    return types
 
 
 def ftype_of(qtype: str) -> LlamaFileType:

@@ -25,18 +25,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .errors import KomtError
+from .util import fmt_bytes
 
 OWNED_RECORD = ".komt-edge-files.json"
 _PARTIAL = re.compile(r"^\..+\.partial-(\d+)$")
-
-
-def fmt_bytes(n: float) -> str:
-    """Binary units, as df -h: 3.2 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _existing_ancestor(path: Path) -> Path:

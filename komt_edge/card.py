@@ -8,16 +8,24 @@ revisions and the sha256 of every file.
 
 ``hub_metadata_errors`` checks metadata against the Hub's rules for the fields cards use (the Hub runs the same
 checks in ``POST /api/validate-yaml`` and on every commit of a README.md); ``render_card`` refuses to produce a
-card that fails them.
+card that fails them. ``release_cards`` turns what a release's stages recorded into the :class:`CardSpec` of each
+repo.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import KomtError
 from .templates import PromptTemplate, template_for
+from .util import fmt_size
+
+if TYPE_CHECKING:
+    from .zoo import ZooModel
 
 KOMT_URL = "https://github.com/davidkim205/komt"
 HUB_URL = "https://huggingface.co"
@@ -179,12 +187,6 @@ def _num(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
-def _size(n: int) -> str:
-    from .push import fmt_size
-
-    return fmt_size(n)
-
-
 def _hub_link(repo: str) -> str:
     return f"[{repo}]({HUB_URL}/{repo})"
 
@@ -212,7 +214,7 @@ def _files_table(spec: CardSpec) -> list[str]:
             name = f"{len(row.files)} files"
         ppl = _num(row.ppl, ".3f") + (f" ({row.ppl_reference:.3f})" if row.ppl is not None and row.ppl_reference
                                         else "")
-        cells = [name, row.quant, _size(row.size), _num(row.bits_per_weight, ".2f"), ppl]
+        cells = [name, row.quant, fmt_size(row.size), _num(row.bits_per_weight, ".2f"), ppl]
         if spec.kind == "gguf":
             cells.append(_num(row.kld_f16, ".4f"))
         cells += [_num(row.kl_ref, ".2e"), "–" if row.top1 is None else f"{row.top1:.1%}",
@@ -343,7 +345,7 @@ def render_card(spec: CardSpec) -> str:
         lines.append(f"| {name} | {version} |")
     lines += ["", "sha256 of every file:", "", "| File | Size | sha256 |", "| --- | ---: | --- |"]
     for name, (size, sha) in sorted(spec.files.items()):
-        lines.append(f"| {name} | {_size(size)} | `{sha}` |")
+        lines.append(f"| {name} | {fmt_size(size)} | `{sha}` |")
     lines += ["", f"Licence: {meta['license']}"
               + (f" ({meta.get('license_name')}{', ' + spec.license_link if spec.license_link else ''})"
                  if meta["license"] == "other" else "")
@@ -351,3 +353,122 @@ def render_card(spec: CardSpec) -> str:
     content = "\n".join(lines)
     check_card(content)
     return content
+
+
+# --- a release's cards -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelOrigin:
+    """Where a released model comes from, as its cards credit it."""
+
+    model: str  # MODEL as given: zoo name, Hub id or local folder
+    path: Path  # its local folder: a Hub snapshot, or the folder itself
+    source: str  # the Hub id or folder it resolved to
+    revision: str | None = None  # the commit of the Hub snapshot; None for a local folder
+    zoo: ZooModel | None = None
+    adapter: str | None = None  # the LoRA adapter as given (a zoo model's own by default)
+    adapter_path: Path | None = None
+    adapter_revision: str | None = None
+    base_model: str | None = None  # what the cards name as base_model (--base-model), else derived
+    license: str | None = None  # the licence id (--license), else derived
+
+
+@dataclass
+class ReleaseData:
+    """What a release's stages recorded, as its cards use it."""
+
+    name: str
+    family: str  # template family: "llama" or "mistral"
+    gguf_repo: str
+    gguf_models: list[dict]  # the gguf stage's models: quant, files, size, bits_per_weight, size_label
+    gguf_files: dict[str, tuple[int, str]]  # GGUF file → (size, sha256)
+    verify: dict[str, dict] = field(default_factory=dict)  # first file of a model → mean_kl, top1, passed, tokens
+    bench: dict = field(default_factory=dict)  # machine, files → ppl, kld_f16, tokens_per_s
+    tools: dict[str, str | None] = field(default_factory=dict)  # tool → version (None: not installed)
+    gptq_repo: str | None = None
+    gptq: dict | None = None  # the gptq stage's data, when it ran
+    gptq_files: dict[str, tuple[int, str]] = field(default_factory=dict)  # path in the repo → (size, sha256)
+    gptq_tools: dict[str, str] = field(default_factory=dict)  # versions the gptq stage recorded
+
+
+def _sources(origin: ModelOrigin) -> list[Source]:
+    """The provenance rows: the model (the base, when an adapter is merged into it) and the adapter."""
+    model_on_hub = origin.revision is not None
+    sources = [Source("base" if origin.adapter_path is not None else "model",
+                      origin.source if model_on_hub else Path(origin.path).name, origin.revision, model_on_hub)]
+    if origin.adapter_path is not None:
+        on_hub = origin.adapter_revision is not None
+        sources.append(Source("adapter", origin.adapter if on_hub else Path(origin.adapter_path).name,
+                              origin.adapter_revision, on_hub))
+    return sources
+
+
+def _license(origin: ModelOrigin) -> tuple[str, str | None, str | None]:
+    """(licence id, license_name, license_link): the one given, the zoo's, the model's own card's, or unknown."""
+    if origin.license:
+        return origin.license, None, None
+    zoo = origin.zoo
+    if zoo is not None:
+        if zoo.license == "other":
+            slug = re.sub(r"[^a-z0-9.-]+", "-", zoo.base.split("/")[-1].lower()) + "-license"
+            return "other", slug, f"{HUB_URL}/{zoo.base}"
+        return zoo.license, None, None
+    readme = Path(origin.path) / "README.md"
+    if readme.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            lic = ModelCard(readme.read_text(encoding="utf-8"), ignore_metadata_errors=True).data.license
+        except Exception:
+            lic = None
+        if isinstance(lic, str):
+            return lic, None, None
+    return "unknown", None, None
+
+
+def _base_model(origin: ModelOrigin) -> str | None:
+    """The Hub repo the cards name as base_model: the one given, the zoo's merged model, or MODEL when it is a Hub
+    id; None for a local folder."""
+    if origin.base_model:
+        return origin.base_model
+    if origin.zoo is not None:
+        return origin.zoo.merged
+    if not Path(origin.model).expanduser().exists():
+        return origin.model  # a Hub id
+    return None
+
+
+def _architecture(folder: Path) -> str:
+    cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return (cfg.get("architectures") or ["LlamaForCausalLM"])[0].replace("ForCausalLM", "")
+
+
+def release_cards(origin: ModelOrigin, data: ReleaseData) -> list[CardSpec]:
+    """The cards of a release: the GGUF repo's, then the GPTQ repo's when the gptq stage ran."""
+    lic, lic_name, lic_link = _license(origin)
+    bench_files = data.bench.get("files", {}) if isinstance(data.bench.get("files"), dict) else {}
+    rows = []
+    for m in data.gguf_models:
+        first = m["files"][0]
+        v, b = data.verify.get(first, {}), bench_files.get(first, {})
+        rows.append(CardRow(m["quant"], m["files"], m["size"], m.get("bits_per_weight"), ppl=b.get("ppl"),
+                            kld_f16=b.get("kld_f16"), tokens_per_s=b.get("tokens_per_s"), kl_ref=v.get("mean_kl"),
+                            top1=v.get("top1"), verified=v.get("passed")))
+    common = dict(model_name=data.name, family=data.family, base_model=_base_model(origin), license=lic,
+                  license_name=lic_name, license_link=lic_link, sources=_sources(origin),
+                  architecture=_architecture(origin.path),
+                  size_label=(data.gguf_models or [{}])[0].get("size_label"))
+    cards = [CardSpec(kind="gguf", repo_id=data.gguf_repo, rows=rows, files=dict(data.gguf_files),
+                      tools={k: v for k, v in data.tools.items() if v}, bench_machine=data.bench.get("machine"),
+                      verify_tokens=next((v.get("tokens") for v in data.verify.values()), None), **common)]
+    if data.gptq is not None:
+        g, files = data.gptq, data.gptq_files
+        row = CardRow(g.get("quant") or f"GPTQ-{g.get('bits', 4)}bit", sorted(files),
+                      sum(size for size, _ in files.values()), g.get("bits_per_weight"), ppl=g.get("ppl"),
+                      ppl_reference=g.get("ppl_reference"), tokens_per_s=g.get("tokens_per_s"),
+                      kl_ref=g.get("kl_ref"), top1=g.get("top1"), verified=True)
+        tools = {"komt-edge": data.tools.get("komt-edge"), **data.gptq_tools}
+        cards.append(CardSpec(kind="gptq", repo_id=data.gptq_repo, rows=[row], files=dict(files),
+                              tools={k: v for k, v in tools.items() if v}, gptq=g, bench_machine=g.get("machine"),
+                              **common))
+    return cards

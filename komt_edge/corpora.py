@@ -25,30 +25,38 @@ heldout         kobill 1809896.txt (행정절차법), 1809899.txt (결혼중개�
 also occur verbatim in a calibration document (boilerplate such as "이 법은 공포한 날부터 시행한다.") are
 removed from the held-out text, so calibration never sees evaluation text.
 
+Two more sources, for ``komt-edge bench``: ``"libreoffice"`` (the Korean help pages of LibreOffice, ~600k
+characters of natural prose) and ``"hf:ORG/NAME[:SPLIT[:COLUMN]]"`` (a Hub dataset); their splits are
+described where they are read, below.
+
 User data goes through :func:`load_examples`: a UTF-8 ``.txt`` file (one document), or ``.json`` /
-``.jsonl`` records — plain strings, ``{"text": ...}``, instruction records (``instruction``/``prompt``/
-``question`` [+ ``input``] with ``output``/``response``/``answer``/``completion``) or chats (``messages`` /
-``conversations`` with user and assistant turns). Instruction records become :class:`Example` objects with a
-``prompt``, which :meth:`Example.render` wraps in the model's komt prompt template.
+``.jsonl`` records: plain strings, ``{"text": ...}``, or instruction records and chats as
+:mod:`komt_edge.records` reads them for training too. Instruction records become :class:`Example` objects with
+a ``prompt``, which :meth:`Example.render` wraps in the model's komt prompt template exactly as training does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Literal
 
-from .errors import KomtError, package_dir, read_user_text
+from .errors import KomtError
+from .records import Record, prompt_of, render, text_records
+from .util import package_dir, read_user_text
 
 if TYPE_CHECKING:
     from .templates import PromptTemplate
 
 Split = Literal["calibration", "heldout"]
 SPLITS: tuple[str, ...] = ("calibration", "heldout")
-SOURCES: tuple[str, ...] = ("konlpy",)
+SOURCES: tuple[str, ...] = ("konlpy", "libreoffice")  # and "hf:ORG/NAME[:SPLIT[:COLUMN]]"
 
 KONLPY_CALIBRATION: tuple[str, ...] = (
     "kolaw/constitution.txt",
@@ -56,6 +64,8 @@ KONLPY_CALIBRATION: tuple[str, ...] = (
     "kobill/1809894.txt", "kobill/1809895.txt", "kobill/1809897.txt", "kobill/1809898.txt",
 )
 KONLPY_HELDOUT: tuple[str, ...] = ("kobill/1809896.txt", "kobill/1809899.txt")
+LIBREOFFICE_HELP_ENV = "KOMT_EDGE_LIBREOFFICE_HELP"
+LIBREOFFICE_LICENSE = "MPL-2.0 (Debian libreoffice-help-ko, LibreOffice 7.4 help)"
 
 # Korean instruction data written for komt-edge (same licence as komt-edge). Calibration split only; rendered
 # in the model's komt prompt template so that the template markers are calibrated the way komt is prompted.
@@ -103,16 +113,21 @@ class Example:
     text: str  # prose, or the answer to ``prompt``
     prompt: str | None = None  # instruction data: the user's turn
 
+    @classmethod
+    def of(cls, item: Record | str) -> "Example":
+        """An instruction record (its prompt as training builds it) or prose."""
+        return cls(item.output, prompt_of(item)) if isinstance(item, Record) else cls(item)
+
     def render(self, template: "PromptTemplate | None" = None) -> str:
         """The text a model sees: instruction data in the komt template (``prefix + prompt + suffix + answer``)."""
         if self.prompt is None:
             return self.text
         if template is None:
             return f"{self.prompt}\n\n{self.text}"
-        return template.format(self.prompt) + self.text
+        return render(template, self.prompt, self.text)
 
 
-# --- the built-in source ----------------------------------------------------------------------------
+# --- konlpy, the default source -----------------------------------------------------------------------------
 
 def konlpy_corpus_dir() -> Path:
     """The corpus folder of the installed konlpy package (data files only)."""
@@ -172,129 +187,7 @@ def _konlpy_documents(split: str) -> tuple[str, ...]:
     return tuple(heldout)
 
 
-def _check(split: str, source: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    if source not in SOURCES:
-        raise KomtError(f"unknown Korean text source {source!r}; built-in sources: {', '.join(SOURCES)}")
-
-
-def korean_texts(split: Split, source: str = "konlpy") -> list[str]:
-    """The prose documents of ``split`` (``"calibration"`` or ``"heldout"``), cleaned, one string per document.
-
-    The two splits never share a document or a line (see the module docstring for the fixed assignment).
-    """
-    _check(split, source)
-    return list(_konlpy_documents(split))
-
-
-def korean_examples(split: Split, source: str = "konlpy", *, instructions: bool = True) -> list[Example]:
-    """:func:`korean_texts` as :class:`Example` records; the calibration split also holds
-    :data:`KOREAN_INSTRUCTIONS` (unless ``instructions=False``) as instruction data."""
-    examples = [Example(t) for t in korean_texts(split, source)]
-    if split == "calibration" and instructions:
-        examples += [Example(answer, prompt) for prompt, answer in KOREAN_INSTRUCTIONS]
-    return examples
-
-
-def describe(source: str = "konlpy") -> str:
-    """One line naming the source and its licence, for reports and metadata."""
-    _check("calibration", source)
-    return ("konlpy kolaw + kobill: Korean Constitution and 2010 National Assembly bills, official works "
-            "free of copyright under Korean Copyright Act art. 7")
-
-
-# --- user files ---------------------------------------------------------------------------------------
-
-_PROMPT_KEYS = ("instruction", "prompt", "question", "query")
-_ANSWER_KEYS = ("output", "response", "answer", "completion", "chosen")
-_USER_ROLES = {"user", "human", "prompter"}
-_ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model"}
-
-
-def _record_examples(record: object, where: str) -> list[Example]:
-    if isinstance(record, str):
-        return [Example(record)] if record.strip() else []
-    if not isinstance(record, dict):
-        raise KomtError(f"{where}: expected a string or an object, got {type(record).__name__}")
-    turns = record.get("messages", record.get("conversations"))
-    if isinstance(turns, list):
-        out: list[Example] = []
-        pending: str | None = None
-        for turn in turns:
-            if not isinstance(turn, dict):
-                raise KomtError(f"{where}: every message must be an object with role and content")
-            role = str(turn.get("role", turn.get("from", ""))).lower()
-            content = turn.get("content", turn.get("value"))
-            if not isinstance(content, str):
-                continue
-            if role in _USER_ROLES:
-                pending = content
-            elif role in _ASSISTANT_ROLES and pending is not None:
-                out.append(Example(content, pending))
-                pending = None
-        if not out:
-            raise KomtError(f"{where}: no user turn followed by an assistant turn in {list(record)[0]!r}")
-        return out
-    prompt_key = next((k for k in _PROMPT_KEYS if isinstance(record.get(k), str)), None)
-    answer_key = next((k for k in _ANSWER_KEYS if isinstance(record.get(k), str)), None)
-    if prompt_key and answer_key:
-        prompt = record[prompt_key]
-        extra = record.get("input")
-        if isinstance(extra, str) and extra.strip():
-            prompt = f"{prompt}\n{extra}"
-        return [Example(record[answer_key], prompt)]
-    if isinstance(record.get("text"), str):
-        return [Example(record["text"])] if record["text"].strip() else []
-    raise KomtError(f"{where}: a record needs \"text\", an instruction (\"instruction\"/\"prompt\" with "
-                    f"\"output\"/\"response\") or \"messages\"; found keys {sorted(record)[:6]}")
-
-
-def load_examples(path: str | Path) -> list[Example]:
-    """Records from a user file: ``.json`` (a list, or an object with a ``data``/``train`` list), ``.jsonl``
-    (one record per line) or anything else as UTF-8 text (the whole file is one document)."""
-    path = Path(path).expanduser()
-    raw = read_user_text(path, missing=f"{path} is not a file")
-    if not raw.strip():
-        raise KomtError(f"{path} is empty")
-    suffix = path.suffix.lower()
-    records: Iterable[tuple[object, str]]
-    if suffix == ".jsonl":
-        parsed = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                parsed.append((json.loads(line), f"{path}:{n}"))
-            except json.JSONDecodeError as err:
-                raise KomtError(f"{path}:{n} is not valid JSON ({err.msg})") from None
-        records = parsed
-    elif suffix == ".json":
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise KomtError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-        if isinstance(data, dict):
-            data = next((data[k] for k in ("data", "train", "examples", "records") if isinstance(data.get(k), list)),
-                        [data])
-        if not isinstance(data, list):
-            data = [data]
-        records = ((r, f"{path} record {i}") for i, r in enumerate(data))
-    else:
-        return [Example(raw)]
-    examples = [ex for record, where in records for ex in _record_examples(record, where)]
-    if not examples:
-        raise KomtError(f"{path} holds no text records")
-    return examples
-
-
-def hangul_fraction(text: str) -> float:
-    """Share of Hangul syllables among the non-space characters of ``text``."""
-    chars = [c for c in text if not c.isspace()]
-    return sum("\uac00" <= c <= "\ud7a3" for c in chars) / max(1, len(chars))
-
-
-# --- more sources (komt-edge bench): LibreOffice's Korean help, and Hub datasets --------------------------
+# --- LibreOffice's Korean help ------------------------------------------------------------------------------
 #
 # ``source="libreoffice"``: natural Korean prose, the Korean help pages of LibreOffice 7.4 from Debian's
 # ``libreoffice-help-ko`` package (MPL-2.0, some files Apache-2.0; ~10k paragraphs, ~600k characters). The package
@@ -303,21 +196,9 @@ def hangul_fraction(text: str) -> float:
 # the ``<p>`` texts that are mostly Hangul (≥ 50%, ≥ 20 characters), in file order, deduplicated. The split is by
 # page, fixed: a page is held out when crc32 of its path (relative to ``help/ko/text``) is 0 modulo 10 (~10%);
 # a held-out paragraph that also occurs on a calibration page is dropped.
-#
-# ``source="hf:ORG/NAME"`` (optionally ``hf:ORG/NAME:SPLIT:COLUMN``): a Hub dataset through huggingface_hub (its
-# cache, HF_TOKEN, HF_ENDPOINT; .jsonl/.json/.txt/.csv/.parquet files). Its own test/validation files are the
-# held-out split and its train files the calibration split; a dataset with one file set is split by record
-# (crc32 of the text, 1 in 10 held out).
-
-SOURCES = SOURCES + ("libreoffice",)
-LIBREOFFICE_HELP_ENV = "KOMT_EDGE_LIBREOFFICE_HELP"
-LIBREOFFICE_LICENSE = "MPL-2.0 (Debian libreoffice-help-ko, LibreOffice 7.4 help)"
-
 
 def libreoffice_help_dir() -> Path:
     """``help/ko/text`` of an extracted libreoffice-help-ko package."""
-    import os
-
     roots = [os.environ.get(LIBREOFFICE_HELP_ENV), str(Path.home() / ".cache" / "komt-edge" / "libreoffice-help-ko"),
              "/"]
     for root in filter(None, roots):
@@ -331,8 +212,6 @@ def libreoffice_help_dir() -> Path:
 
 
 def _html_paragraphs(html: str) -> list[str]:
-    from html.parser import HTMLParser
-
     class P(HTMLParser):
         def __init__(self) -> None:
             super().__init__(convert_charrefs=True)
@@ -364,8 +243,6 @@ def _html_paragraphs(html: str) -> list[str]:
 
 @lru_cache(maxsize=None)
 def _libreoffice_documents(split: str) -> tuple[str, ...]:
-    import zlib
-
     root = libreoffice_help_dir()
     pages: dict[str, list[str]] = {"calibration": [], "heldout": []}
     for html in sorted(root.rglob("*.html")):
@@ -391,10 +268,15 @@ def _libreoffice_documents(split: str) -> tuple[str, ...]:
     return tuple(heldout)
 
 
+# --- Hub datasets -------------------------------------------------------------------------------------------
+#
+# ``source="hf:ORG/NAME"`` (optionally ``hf:ORG/NAME:SPLIT:COLUMN``): a Hub dataset through huggingface_hub (its
+# cache, HF_TOKEN, HF_ENDPOINT; .jsonl/.json/.txt/.csv/.parquet files). Its own test/validation files are the
+# held-out split and its train files the calibration split; a dataset with one file set is split by record
+# (crc32 of the text, 1 in 10 held out).
+
 def _hub_records(spec: str, split: str) -> tuple[str, ...]:
     """Texts of a Hub dataset ``hf:ORG/NAME[:SPLIT[:COLUMN]]`` for our split (see the comment above)."""
-    import zlib
-
     parts = spec[3:].split(":")
     repo, want_split, column = parts[0], (parts[1] if len(parts) > 1 else ""), (parts[2] if len(parts) > 2 else "")
     try:
@@ -439,25 +321,92 @@ def _hub_records(spec: str, split: str) -> tuple[str, ...]:
     return tuple(t for i, t in enumerate(records) if (i in held) == (split == "heldout"))
 
 
-_korean_texts_builtin = korean_texts
-_describe_builtin = describe
+# --- the texts of a source ----------------------------------------------------------------------------------
+
+def _check(split: str, source: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if source not in SOURCES:
+        raise KomtError(f"unknown Korean text source {source!r}; built-in sources: {', '.join(SOURCES)}")
 
 
-def korean_texts(split: Split, source: str = "konlpy") -> list[str]:  # noqa: F811 - extends the built-in
-    """:func:`_korean_texts_builtin` plus ``source="libreoffice"`` and ``source="hf:ORG/NAME[:SPLIT[:COLUMN]]"``."""
-    if source == "libreoffice":
-        _check(split, source)
-        return list(_libreoffice_documents(split))
+def korean_texts(split: Split, source: str = "konlpy") -> list[str]:
+    """The prose documents of ``split`` (``"calibration"`` or ``"heldout"``), cleaned, one string per document,
+    from ``source``: ``"konlpy"``, ``"libreoffice"`` or ``"hf:ORG/NAME[:SPLIT[:COLUMN]]"``.
+
+    The two splits never share a document or a line (see the module docstring for the fixed assignment).
+    """
     if source.startswith("hf:"):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         return list(_hub_records(source, split))
-    return _korean_texts_builtin(split, source)
+    _check(split, source)
+    if source == "libreoffice":
+        return list(_libreoffice_documents(split))
+    return list(_konlpy_documents(split))
 
 
-def describe(source: str = "konlpy") -> str:  # noqa: F811 - extends the built-in
+def korean_examples(split: Split, source: str = "konlpy", *, instructions: bool = True) -> list[Example]:
+    """:func:`korean_texts` as :class:`Example` records; the calibration split also holds
+    :data:`KOREAN_INSTRUCTIONS` (unless ``instructions=False``) as instruction data."""
+    examples = [Example(t) for t in korean_texts(split, source)]
+    if split == "calibration" and instructions:
+        examples += [Example(answer, prompt) for prompt, answer in KOREAN_INSTRUCTIONS]
+    return examples
+
+
+def describe(source: str = "konlpy") -> str:
+    """One line naming the source and its licence, for reports and metadata."""
     if source == "libreoffice":
         return f"LibreOffice 7.4 Korean help pages, {LIBREOFFICE_LICENSE}"
     if source.startswith("hf:"):
         return f"Hub dataset {source[3:]} (see its card for the licence)"
-    return _describe_builtin(source)
+    _check("calibration", source)
+    return ("konlpy kolaw + kobill: Korean Constitution and 2010 National Assembly bills, official works "
+            "free of copyright under Korean Copyright Act art. 7")
+
+
+# --- user files ---------------------------------------------------------------------------------------------
+
+def load_examples(path: str | Path) -> list[Example]:
+    """Records from a user file: ``.json`` (a list, or an object with a ``data``/``train`` list), ``.jsonl``
+    (one record per line) or anything else as UTF-8 text (the whole file is one document)."""
+    path = Path(path).expanduser()
+    raw = read_user_text(path, missing=f"{path} is not a file")
+    if not raw.strip():
+        raise KomtError(f"{path} is empty")
+    suffix = path.suffix.lower()
+    records: Iterable[tuple[object, str]]
+    if suffix == ".jsonl":
+        parsed = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                parsed.append((json.loads(line), f"line {n}"))
+            except json.JSONDecodeError as err:
+                raise KomtError(f"{path}:{n} is not valid JSON ({err.msg})") from None
+        records = parsed
+    elif suffix == ".json":
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise KomtError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+        if isinstance(data, dict):
+            data = next((data[k] for k in ("data", "train", "examples", "records") if isinstance(data.get(k), list)),
+                        [data])
+        if not isinstance(data, list):
+            data = [data]
+        records = ((r, f"record {i}") for i, r in enumerate(data, start=1))  # numbered as lines are
+    else:
+        return [Example(raw)]
+    examples = [Example.of(item) for record, where in records for item in text_records(record, path, where)]
+    if not examples:
+        raise KomtError(f"{path} holds no text records")
+    return examples
+
+
+def hangul_fraction(text: str) -> float:
+    """Share of Hangul syllables among the non-space characters of ``text``."""
+    chars = [c for c in text if not c.isspace()]
+    return sum("\uac00" <= c <= "\ud7a3" for c in chars) / max(1, len(chars))

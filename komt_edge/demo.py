@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import KomtError
 from .gguf import convert
 from .merge import merge
 from .tiny import DEMO_QA, build_tiny_adapter, build_tiny_model
-from .verify import VerifyReport, load_reference, verify
+from .verify import VerifyReport, VerifyRun, verify_files
 
 DEMO_NAME = "komt-tiny-mistral"
 
@@ -23,13 +24,30 @@ DEMO_NAME = "komt-tiny-mistral"
 class DemoResult:
     merged: Path
     files: list[Path]
-    reports: list[VerifyReport]
+    verification: VerifyRun
     prompt: str
     answers: dict[str, str]  # file name → llama.cpp's chat answer
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.reports)
+        return self.verification.passed
+
+    @property
+    def reports(self) -> list[VerifyReport]:
+        return self.verification.reports
+
+    def summary(self) -> str:
+        lines = ["llama-cpp-python chat, formatted by the komt template stored in each file:", f"  user: {self.prompt}"]
+        lines += [f"  {name}: {answer}" for name, answer in self.answers.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"merged": str(self.merged), "files": [str(f) for f in self.files], "passed": self.passed,
+                "verification": self.verification.to_dict(), "prompt": self.prompt, "answers": self.answers}
+
+    def check(self) -> None:
+        if not self.passed:
+            raise KomtError("the demo's verification failed: see the reports above")
 
 
 def chat(gguf_file: Path, prompt: str, *, n_threads: int | None = None, max_tokens: int = 48) -> str:
@@ -46,7 +64,7 @@ def chat(gguf_file: Path, prompt: str, *, n_threads: int | None = None, max_toke
         llm.close()
 
 
-def run_demo(out: str | Path = "dist/demo", *, quants: tuple[str, ...] = ("q4_0", "q8_0"),
+def demo(out: str | Path = "dist/demo", *, quants: tuple[str, ...] = ("q4_0", "q8_0"),
              n_threads: int | None = None, progress: bool = True, log=print) -> DemoResult:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,12 +78,7 @@ def run_demo(out: str | Path = "dist/demo", *, quants: tuple[str, ...] = ("q4_0"
     log(f"[4/5] gguf {' '.join(quants)} → {out}")
     files = convert(merged, quants, out, template="mistral", name=DEMO_NAME, n_threads=n_threads, progress=progress)
     log("[5/5] verify against the merged HF model")
-    reference = load_reference(str(merged), template="mistral")
-    reports = []
-    for f in files:
-        report = verify(f, str(merged), n_threads=n_threads, reference=reference)
-        log(report.summary())
-        reports.append(report)
+    verification = verify_files(files, str(merged), template="mistral", n_threads=n_threads, log=log)
     prompt = DEMO_QA[0][0]
     answers = {f.name: chat(f, prompt, n_threads=n_threads) for f in files}
-    return DemoResult(merged, files, reports, prompt, answers)
+    return DemoResult(merged, files, verification, prompt, answers)

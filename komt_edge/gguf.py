@@ -21,7 +21,7 @@ from .converters import quantize as q
 from .converters.hf_to_gguf import Converter, Metadata
 from .errors import KomtError
 from .templates import template_for
-from .zoo import ResolvedModel, family_for_architecture, resolve
+from .zoo import ResolvedModel, model_template, resolve, snapshot_revision
 
 DEFAULT_QUANTS = ("q4_0", "q8_0")
 
@@ -59,15 +59,7 @@ def check_target(path: Path, name: str, *, force: bool = False) -> None:
                         "pass --name to tell them apart, choose another -o folder, or pass --force to replace it")
 
 
-def _revision(path: Path) -> str | None:
-    """The commit of a huggingface_hub snapshot folder (…/snapshots/<sha>)."""
-    parts = Path(path).resolve().parts
-    if len(parts) >= 2 and parts[-2] == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", parts[-1]):
-        return parts[-1]
-    return None
-
-
-def chat_template_for(resolved: ResolvedModel, architecture: str, template: str | None) -> str | None:
+def chat_template_for(resolved: ResolvedModel, template: str | None) -> str | None:
     """komt's template for zoo models; otherwise the checkpoint's own, else komt's for the architecture."""
     if template == "none":
         return None
@@ -83,7 +75,7 @@ def chat_template_for(resolved: ResolvedModel, architecture: str, template: str 
         own = json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template")
         if isinstance(own, str):
             return own
-    return template_for(family_for_architecture(architecture)).chat_template
+    return model_template(resolved).chat_template
 
 
 def metadata_for(resolved: ResolvedModel, conv: Converter, template: str | None, name: str) -> Metadata:
@@ -105,8 +97,8 @@ def metadata_for(resolved: ResolvedModel, conv: Converter, template: str | None,
         license=zoo.license if zoo else None,
         base_models=base_models,
         source_repo=source,
-        source_revision=_revision(resolved.path),
-        chat_template=chat_template_for(resolved, conv.hp.architecture, template),
+        source_revision=snapshot_revision(resolved.path),
+        chat_template=chat_template_for(resolved, template),
         quantized_by=f"komt-edge {__version__}",
         tool_version=__version__,
     )
@@ -122,12 +114,7 @@ def convert(model: str, quants: Sequence[str] = DEFAULT_QUANTS, out: str | Path 
     tokenizer, adapter), the output folder, that no output would replace a file komt-edge did not write for this
     model (see ``check_target``; ``force`` allows it) and the free space. A re-run replaces its own files, each
     atomically."""
-    try:
-        types = list(dict.fromkeys(q.normalize(t) for t in quants))
-    except ValueError as err:
-        raise KomtError(str(err)) from None
-    if not types:
-        raise KomtError("no output type given: pass -q q4_0 (or q8_0, f16, q4_K_M, ...)")
+    types = q.parse_types(quants)
     if template not in (None, "none", "llama", "mistral"):
         raise KomtError(f"--template {template!r}: choose llama, mistral or none")
     out = check_output_dir(Path(out))

@@ -22,7 +22,8 @@ What komt-edge adds around it:
   the same way, for small models (the tests).
 - A check after quantizing: the checkpoint is reloaded with transformers, answers a Korean prompt formatted
   by its stored chat template, and its Korean perplexity on the held-out split is reported next to the
-  unquantized model's.
+  unquantized model's. :func:`acceptance_failure` is the rule a checkpoint must pass to be published: checked,
+  its template right, its perplexity finite and at most ``GPTQ_MAX_PPL_RATIO`` times the original's.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import contextlib
 import gc
 import io
 import json
-import logging
 import math
 import os
 import random
@@ -50,8 +50,9 @@ from .checkpoint import read_config
 from .corpora import Example, korean_examples, load_examples
 from .errors import KomtError
 from .merge import TOKENIZER_FILES
-from .templates import PromptTemplate, template_for
-from .zoo import ResolvedModel, family_for_architecture, resolve
+from .output import configure_output
+from .templates import PromptTemplate
+from .zoo import ResolvedModel, model_template, resolve
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +69,8 @@ MIN_SEQ_LEN = 16
 EVAL_SEQ_LEN = 512  # perplexity windows on the held-out split
 DEFAULT_EVAL_TOKENS = 8192  # the whole held-out split (~7.7k tokens)
 CHECK_PROMPT = "한국의 수도는 어디인가요?"
+# 4-bit GPTQ of a 7B model costs a few percent of perplexity; a broken quantization costs multiples.
+GPTQ_MAX_PPL_RATIO = 1.5
 CALIBRATION_SEED = 0
 REPORT_FILE = "komt_edge_gptq.json"
 
@@ -234,13 +237,8 @@ def _import_gptqmodel(verbose: bool):
     """Import GPTQModel quietly (unless ``verbose``): its banner, INFO logs and live progress bars off."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(12, ((os.cpu_count() or 1) + 1) // 2))))
     if not verbose:
-        for name in ("torchao", "torch.utils._pytree", "tokenicer", "tokenicer.tokenicer", "DeepSpeed"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        configure_output(verbose=False)  # what the CLI does before any command; here for library callers too
     try:
-        from logbar import LogBar
-
-        if not verbose:
-            LogBar.shared().setLevel(logging.ERROR)
         with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
             from gptqmodel import GPTQModel, QuantizeConfig
     except ImportError as err:
@@ -310,6 +308,29 @@ class CheckReport:
     @property
     def ppl_ratio(self) -> float:
         return self.ppl_gptq / self.ppl_reference if self.ppl_reference else math.inf
+
+    @property
+    def problems(self) -> list[str]:
+        """What is wrong with the checkpoint whatever the bound: its stored chat template does not render the komt
+        prompt, or its perplexity is not finite."""
+        problems = []
+        if not self.template_ok:
+            problems.append("the stored chat template does not render the komt prompt")
+        if not math.isfinite(self.ppl_gptq):
+            problems.append("the GPTQ model's perplexity is not finite")
+        return problems
+
+
+def acceptance_failure(check: CheckReport | None, max_ppl_ratio: float = GPTQ_MAX_PPL_RATIO) -> str | None:
+    """Why a GPTQ checkpoint is not fit to publish, or None: it was not reloaded and checked, its chat template is
+    wrong, its perplexity is not finite, or over ``max_ppl_ratio`` times the original model's."""
+    if check is None:
+        return "the GPTQ checkpoint was not checked"
+    problems = check.problems
+    if check.ppl_ratio > max_ppl_ratio:
+        problems.append(f"Korean perplexity {check.ppl_gptq:.3f} is ×{check.ppl_ratio:.2f} the original's "
+                        f"{check.ppl_reference:.3f} (bound ×{max_ppl_ratio})")
+    return "; ".join(problems) or None
 
 
 def perplexity(model, windows: Sequence[Sequence[int]], device: "torch.device | str") -> float:
@@ -555,8 +576,8 @@ def gptq(model: str, out: str | Path = "dist", *, bits: int = 4, group_size: int
     out = check_output_dir(Path(out))
     resolved = resolve(model, adapter=adapter, allow_pickle=allow_pickle)
     config = read_config(resolved.path)
-    arch = _check_model(resolved, config, group_size, seq_len)
-    template = resolved.zoo.template if resolved.zoo is not None else template_for(family_for_architecture(arch))
+    _check_model(resolved, config, group_size, seq_len)
+    template = model_template(resolved)
     tokenizer_dir = _tokenizer_source(resolved)
     tokenizer = load_tokenizer(tokenizer_dir)
     examples, source = calibration_examples(calibration)
@@ -622,10 +643,7 @@ def gptq(model: str, out: str | Path = "dist", *, bits: int = 4, group_size: int
             if check:
                 say("checking: reload with transformers, Korean generation, held-out Korean perplexity")
                 report = check_checkpoint(tmp, source_dir, template, dev, eval_tokens=eval_tokens)
-                if not report.template_ok:
-                    warnings.append("the stored chat template does not render the komt prompt")
-                if not math.isfinite(report.ppl_gptq):
-                    warnings.append("the GPTQ model's perplexity is not finite")
+                warnings += report.problems
             result = GptqResult(path=final, device=describe_device(dev), bits=bits, group_size=group_size,
                                 desc_act=desc_act, calibration=calib.summary(), quantize_seconds=quantize_seconds,
                                 total_seconds=0.0, peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu,

@@ -1,42 +1,62 @@
-"""llama.cpp's own words when it refuses a file.
+"""llama.cpp's log, routed once for the whole process: its errors, and everything with ``--verbose``.
 
-llama-cpp-python sends llama.cpp's log to stderr only when verbose, so a failed load says just "Failed to load
-model". ``load_errors`` collects the error lines llama.cpp logs meanwhile, so komt-edge's one-line message can
-name the real cause (``check_tensor_dims: tensor 'blk.0.ffn_up.weight' has wrong shape; ...``).
+llama.cpp logs hundreds of lines per model load (tensor lists, buffer sizes, the SWA-cache notice) through one
+process-wide callback. :func:`route_llama_log` installs komt-edge's callback: error lines go to stderr; the rest
+only when :func:`komt_edge.output.configure_output` was told ``verbose``. While a model loads, :func:`load_errors`
+collects the error lines instead, so komt-edge's one-line message can name llama.cpp's real reason for refusing a
+file (``check_tensor_dims: tensor 'blk.0.ffn_up.weight' has wrong shape; ...``); the routing stays in place after.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import sys
 from typing import Iterator
 
-_GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+from .output import is_verbose
+
+# ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (llama-cpp-python's own map predates CONT)
+_GGML_LOG_LEVEL_ERROR = 4
 _GGML_LOG_LEVEL_CONT = 5
+
+_last_level = [0]
+_collectors: list[list[str]] = []
+_installed = []  # the ctypes thunk, kept alive while llama.cpp may call it
+
+
+def _handle(level: int, text: bytes, _user_data) -> None:
+    if level != _GGML_LOG_LEVEL_CONT:
+        _last_level[0] = level
+    line = text.decode("utf-8", errors="replace")
+    error = _last_level[0] == _GGML_LOG_LEVEL_ERROR
+    if error and _collectors:
+        _collectors[-1].append(line)
+    elif error or is_verbose():
+        print(line, end="", file=sys.stderr, flush=True)
+
+
+def route_llama_log() -> None:
+    """Install komt-edge's llama.cpp log callback (once; llama-cpp-python installs its own on import)."""
+    if _installed:
+        return
+    import llama_cpp
+
+    callback = llama_cpp.llama_log_callback(_handle)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _installed.append(callback)
 
 
 @contextlib.contextmanager
 def load_errors() -> Iterator[list[str]]:
-    """Collect llama.cpp's error lines while the block runs; llama-cpp-python's own logger is restored after."""
-    import llama_cpp
-    from llama_cpp import _logger
-
+    """Collect llama.cpp's error lines while the block runs (they are not printed: the caller reports them)."""
+    route_llama_log()
     lines: list[str] = []
-    last = [0]
-
-    @llama_cpp.llama_log_callback
-    def collect(level: int, text: bytes, _user_data) -> None:
-        level = last[0] if level == _GGML_LOG_LEVEL_CONT else level
-        last[0] = level
-        if level == _GGML_LOG_LEVEL_ERROR:
-            lines.append(text.decode("utf-8", errors="replace"))
-        _logger.llama_log_callback(level, text, _user_data)  # llama-cpp-python's own handling (verbose or not)
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    _collectors.append(lines)
     try:
         yield lines
     finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        _collectors.remove(lines)
 
 
 def reason(lines: list[str]) -> str | None:

@@ -163,7 +163,7 @@ def check_compatible(ckpt: Checkpoint, adapter: Adapter, base: Path) -> None:
                             f"which does not match {base}: the adapter belongs to another base model")
 
 
-class _ShardWriter:
+class ShardWriter:
     """Writes safetensors shards tensor by tensor: header from the planned shapes, then the data in order."""
 
     def __init__(self, folder: Path | None, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
@@ -260,7 +260,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, allow_pickl
     if out.resolve() in (base.resolve(), adapter_dir.resolve()):
         raise KomtError(f"-o {out} would overwrite an input: choose a new output folder")
     plan = [(n, ckpt.info(n).shape, ckpt.info(n).dtype) for n in ckpt.names]
-    writer = _ShardWriter(None, plan, shard_bytes)  # shards planned once: the space check, then the writing
+    writer = ShardWriter(None, plan, shard_bytes)  # shards planned once: the space check, then the writing
     check_free_space(out, writer.total_bytes, f"the merged model ({len(writer.names)} shard(s))")
 
     with atomic_dir(out, force=force, owned_if=(PROVENANCE_FILE,), log=log) as tmp, \

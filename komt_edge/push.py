@@ -15,6 +15,10 @@ How it copes with multi-GB files and flaky networks:
 
 The token comes only from huggingface_hub's own lookup (the ``HF_TOKEN`` environment variable, then the login
 cache written by ``hf auth login``). It is never printed, logged, written to a file or put in an error message.
+
+Before anything is sent, :func:`preflight` checks the token, that the Hub answers, write access to the repos'
+namespaces and that the repos hold only komt-edge's files (unless ``force``): ``push`` and ``komt-edge release``
+both start with it.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from .errors import KomtError
+from .util import fmt_size, sha256_file
 
 # The Hub refuses files over 50 GB ("Per file: 50GB max, 20GB recommended": huggingface.co/docs/hub/storage-limits,
 # the "Repository limitations" table). Decimal gigabytes, the stricter reading.
@@ -58,14 +63,6 @@ class LocalFile:
     git_oid: str | None = None  # git blob id, for files small enough to be plain git blobs
 
 
-def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -83,8 +80,8 @@ def scan_folder(folder: Path, *, sha256s: dict[str, str] | None = None,
             continue
         size = path.stat().st_size
         if size > max_file_size:
-            raise KomtError(f"{rel.as_posix()} is {_fmt_size(size)}, over the Hub's per-file limit of "
-                            f"{_fmt_size(max_file_size)}: split it first (`komt-edge release` splits GGUF files "
+            raise KomtError(f"{rel.as_posix()} is {fmt_size(size)}, over the Hub's per-file limit of "
+                            f"{fmt_size(max_file_size)}: split it first (`komt-edge release` splits GGUF files "
                             "into gguf-split shards that llama.cpp loads)")
         known = (sha256s or {}).get(rel.as_posix())
         sha = known or sha256_file(path)
@@ -152,12 +149,12 @@ class PushPlan:
         else:
             head = f"{where}: exists" + (" (private)" if self.remote.private else "")
         lines = [head]
-        lines += [f"  upload    {f.path}  ({_fmt_size(f.size)})" for f in self.upload]
+        lines += [f"  upload    {f.path}  ({fmt_size(f.size)})" for f in self.upload]
         lines += [f"  unchanged {f.path}" for f in self.unchanged]
         lines += [f"  foreign   {p}  (not made by komt-edge)" for p in self.foreign]
         lines += [f"  kept      {p}  (earlier release; not in this folder)" for p in self.stale]
         total = sum(f.size for f in self.upload)
-        lines.append(f"  {len(self.upload)} file(s) to upload ({_fmt_size(total)}), {len(self.unchanged)} unchanged")
+        lines.append(f"  {len(self.upload)} file(s) to upload ({fmt_size(total)}), {len(self.unchanged)} unchanged")
         return "\n".join(lines)
 
 
@@ -179,7 +176,7 @@ class PushResult:
         size = sum(f.size for f in self.plan.upload if f.path in self.uploaded)
         if not self.uploaded:
             return f"{self.repo_id}: up to date ({len(self.plan.unchanged)} files unchanged), nothing uploaded"
-        return (f"{self.repo_id}: uploaded {len(self.uploaded)} file(s) ({_fmt_size(size)}), "
+        return (f"{self.repo_id}: uploaded {len(self.uploaded)} file(s) ({fmt_size(size)}), "
                 f"{len(self.plan.unchanged)} unchanged; commit {self.commit[:10] if self.commit else '?'}"
                 + (f" → {self.url}" if self.url else ""))
 
@@ -459,17 +456,59 @@ class Hub:
 
 # --- push --------------------------------------------------------------------------------------------------
 
+def foreign_files(remote: RemoteState, local: Iterable[LocalFile] = ()) -> list[str]:
+    """The repo's files komt-edge did not make: none when its README is a komt-edge card, else every file but
+    .gitattributes and those identical to one of ``local``."""
+    if remote.made_by_komt:
+        return []
+    identical = {f.path for f in local if remote.same(f)}
+    return [p for p in sorted(remote.files) if p != ".gitattributes" and p not in identical]
+
+
 def make_plan(repo_id: str, revision: str, private: bool, local: list[LocalFile], remote: RemoteState) -> PushPlan:
     upload = [f for f in local if not remote.same(f)]
     unchanged = [f for f in local if remote.same(f)]
     ours = {f.path for f in local}
-    identical = {f.path for f in unchanged}
-    others = [p for p in sorted(remote.files) if p != ".gitattributes" and p not in identical]
-    if remote.made_by_komt:
-        foreign, stale = [], [p for p in others if p not in ours]
-    else:
-        foreign, stale = others, []
-    return PushPlan(repo_id, revision, private, remote, upload, unchanged, foreign, stale)
+    stale = ([p for p in sorted(remote.files) if p != ".gitattributes" and p not in ours]
+             if remote.made_by_komt else [])
+    return PushPlan(repo_id, revision, private, remote, upload, unchanged, foreign_files(remote, local), stale)
+
+
+def preflight(repo_ids: Sequence[str], *, revision: str = "main", force: bool = False,
+              local: Mapping[str, Sequence[LocalFile]] | None = None, action: str = "publish",
+              retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF, log: Callable[[str], None] = print,
+              announce: bool = False) -> tuple[Hub, dict[str, RemoteState]]:
+    """Before anything is sent: a Hub token (HF_TOKEN or the login cache), a Hub that answers, write access to
+    each repo's namespace and, unless ``force``, repos that hold only komt-edge's files (files identical to the
+    repo's ``local`` files count as komt-edge's). Returns the Hub client and each repo's state at ``revision``;
+    raises a one-line KomtError. ``action`` names what ``--force`` would let happen; ``announce`` logs whose token
+    writes where."""
+    hub = Hub(hub_token(required=True), retries=retries, backoff=backoff, log=log)
+    unreachable = probe(hub.endpoint)
+    if unreachable:
+        raise KomtError(unreachable_message(hub.endpoint, unreachable))
+    users: dict[str, str] = {}  # namespace → the token's user, checked once per namespace
+    remotes: dict[str, RemoteState] = {}
+    for repo_id in repo_ids:
+        namespace = repo_id.split("/")[0]
+        try:
+            if namespace not in users:
+                users[namespace] = hub.check_write_access(namespace)
+                if announce:
+                    log(f"Hub: {hub.endpoint}, token of {users[namespace]}, write access to {namespace}")
+            remote = hub.remote_state(repo_id, revision)
+        except KomtError:
+            raise
+        except Exception as err:
+            raise hub.explain(err, repo_id) from None
+        foreign = foreign_files(remote, (local or {}).get(repo_id, ()))
+        if foreign and not force:
+            more = len(foreign) - 5
+            shown = ", ".join(foreign[:5]) + (f" and {more} more" if more > 0 else "")
+            raise KomtError(f"{repo_id} already exists with files komt-edge did not make ({shown}): pass --force to "
+                            f"{action} into it anyway (they are kept), or choose another repo")
+        remotes[repo_id] = remote
+    return hub, remotes
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -494,29 +533,23 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     revision = revision or "main"
     token = hub_token(required=not dry_run)
     local = scan_folder(Path(folder), sha256s=sha256s, max_file_size=max_file_size)
-    unreachable = probe(_endpoint()) if token is not None else None
-    if unreachable and not dry_run:
-        raise KomtError(unreachable_message(_endpoint(), unreachable))
-    if token is None or unreachable:  # a dry run with nothing to compare with
-        plan = make_plan(repo_id, revision, private, local, RemoteState(exists=False, branch_exists=False))
-        log(unreachable_message(_endpoint(), unreachable) + "; not compared with the Hub: every file is listed"
-            if unreachable else "no Hub token (HF_TOKEN or `hf auth login`): not compared with the Hub; every file "
-            "is listed")
-        return PushResult(plan, dry_run=True)
-
-    # A dry run asks the Hub once per question and never waits to retry.
-    hub = Hub(token, retries=0 if dry_run else retries, backoff=backoff, log=log)
-    try:
-        hub.check_write_access(repo_id.split("/")[0])
-        remote = hub.remote_state(repo_id, revision)
-        plan = make_plan(repo_id, revision, private, local, remote)
-        if dry_run:
+    if dry_run:
+        unreachable = probe(_endpoint()) if token is not None else None
+        if token is None or unreachable:  # nothing to compare with
+            plan = make_plan(repo_id, revision, private, local, RemoteState(exists=False, branch_exists=False))
+            log(unreachable_message(_endpoint(), unreachable) + "; not compared with the Hub: every file is listed"
+                if unreachable else "no Hub token (HF_TOKEN or `hf auth login`): not compared with the Hub; every "
+                "file is listed")
             return PushResult(plan, dry_run=True)
-        if plan.foreign and not force:
-            more = len(plan.foreign) - 5
-            shown = ", ".join(plan.foreign[:5]) + (f" and {more} more" if more > 0 else "")
-            raise KomtError(f"{repo_id} already holds files komt-edge did not make ({shown}): pass --force to "
-                            "publish into it anyway (they are kept), or choose another repo")
+
+    # A dry run asks the Hub once per question, never waits to retry and refuses nothing.
+    hub, remotes = preflight([repo_id], revision=revision, force=force or dry_run, local={repo_id: local},
+                             retries=0 if dry_run else retries, backoff=backoff, log=log)
+    remote = remotes[repo_id]
+    plan = make_plan(repo_id, revision, private, local, remote)
+    if dry_run:
+        return PushResult(plan, dry_run=True)
+    try:
         readme = next((f for f in plan.upload if f.path == "README.md"), None)
         if readme is not None:
             hub.validate_card(readme.local.read_text(encoding="utf-8"))
@@ -558,7 +591,7 @@ def _upload(hub: Hub, plan: PushPlan, message: str, log: Callable[[str], None]) 
         # Large files one at a time: each finished object stays on the Hub even if the commit never happens.
         for f, op in zip(pending, ops):
             if f.size > REGULAR_FILE_MAX or f.path.endswith((".gguf", ".safetensors", ".bin")):
-                log(f"  uploading {f.path} ({_fmt_size(f.size)})")
+                log(f"  uploading {f.path} ({fmt_size(f.size)})")
             hub.call(f"upload {f.path}", api.preupload_lfs_files, repo_id, additions=[op], revision=revision,
                      free_memory=False)
         try:
@@ -583,19 +616,6 @@ def _upload(hub: Hub, plan: PushPlan, message: str, log: Callable[[str], None]) 
         log(f"{repo_id}: committed {len(pending)} file(s): {result.commit[:10]}")
         return result
     raise AssertionError("unreachable")
-
-
-def _fmt_size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
-def fmt_size(n: int) -> str:
-    """Human size in decimal units (the Hub's): 19.4 MB."""
-    return _fmt_size(n)
 
 
 def published_files(folder: Path) -> Iterable[Path]:

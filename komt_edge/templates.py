@@ -56,3 +56,24 @@ def template_for(family: str) -> PromptTemplate:
         return TEMPLATES[family]
     except KeyError:
         raise ValueError(f"unknown template family {family!r}; known: {', '.join(TEMPLATES)}") from None
+
+
+def family_for_architecture(architecture: str | None) -> str:
+    """The komt family of a Hugging Face architecture name: Mistral's format for Mistral*, komt-llama's otherwise."""
+    return "mistral" if (architecture or "").startswith("Mistral") else "llama"
+
+
+def family_from_chat_template(stored: str | None) -> str | None:
+    """The komt family whose prompt format a chat template (as stored in a GGUF file) uses, else None.
+
+    komt-edge's own files store :attr:`PromptTemplate.chat_template` exactly; files made by other tools are
+    recognised by komt's markers."""
+    if not stored:
+        return None
+    for family, t in TEMPLATES.items():
+        if t.chat_template == stored:
+            return family
+    for family, t in TEMPLATES.items():
+        if t.prefix.strip() in stored:
+            return family
+    return None

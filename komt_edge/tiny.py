@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import KomtError, package_dir
+from .errors import KomtError
+from .util import package_dir
 
 TINY_CONFIGS = {
     # hidden 256 keeps every llama.cpp block size (32 and 256) in play; GQA like Mistral 7B.

@@ -3,7 +3,8 @@
 komt's recipe is the default (``davidkim205/komt`` finetune_with_lora.py/.sh): the base loaded in 4-bit nf4 with
 double quantization and bfloat16 compute, LoRA r=8, alpha=32, dropout 0.05 on q/k/v/o/gate/up/down, prompt
 tokens masked, 1 epoch, learning rate 1e-5 with a cosine schedule and 2 warmup steps, batch 1, 2048 tokens,
-gradient checkpointing. Every value is an option.
+gradient checkpointing. Every value is an option; their defaults are :data:`RECIPE`, which ``train()`` and the
+CLI both read.
 
 Where it runs:
 
@@ -30,7 +31,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,17 +39,44 @@ from typing import Callable, Sequence
 from . import __version__
 from .atomic import ensure_writable_dir
 from .errors import KomtError
+from .records import INPUT_SEPARATOR
 from .train_data import DataStats, load_records, prepare
+from .util import dist_versions
 
-KOMT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RUN_FILE = "komt_edge_run.json"  # written when a run starts; --resume checks it
 RESULT_FILE = "komt_edge_train.json"  # written with the adapter
 CPU_LARGE_MODEL = 3_000_000_000  # parameters: past this the CPU fallback warns that it is meant for small models
+RECORDED_VERSIONS = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed")  # in RESULT_FILE
 
-# komt's recipe (finetune_with_lora.py / finetune_with_lora.sh), the defaults of `train` and of the CLI.
-DEFAULTS = dict(bits=None, lora_r=8, lora_alpha=32, lora_dropout=0.05, target_modules=KOMT_TARGET_MODULES,
-                epochs=1.0, max_steps=None, lr=1e-5, batch_size=1, grad_accum=1, max_length=2048, eval_split=0.05,
-                warmup_steps=2, save_steps=1000, save_total_limit=3, logging_steps=1, seed=42)
+
+@dataclass(frozen=True)
+class Recipe:
+    """komt's recipe (finetune_with_lora.py / finetune_with_lora.sh): the defaults of :func:`train` and of
+    ``komt-edge train``, one field per keyword of :func:`train`. A None is decided by the run (see its comment)."""
+
+    bits: int | None = None  # 4 (nf4 QLoRA) on CUDA, 32 on CPU
+    lora_r: int = 8
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    epochs: float = 1.0
+    max_steps: int | None = None  # None: run the epochs
+    lr: float = 1e-5  # peak, cosine schedule
+    batch_size: int = 1  # per device
+    grad_accum: int = 1
+    max_length: int = 2048  # tokens per record
+    eval_split: float = 0.05
+    warmup_steps: int = 2
+    save_steps: int = 1000
+    save_total_limit: int | None = 3
+    eval_steps: int | None = None  # None: every save_steps
+    logging_steps: int = 1
+    seed: int = 42
+    optim: str | None = None  # paged_adamw_32bit on CUDA, adamw_torch on CPU and under DeepSpeed
+    gradient_checkpointing: bool | None = None  # on for CUDA, off on CPU
+
+
+RECIPE = Recipe()
 
 
 # -- where and how the base is loaded -----------------------------------------------------------------------
@@ -392,20 +419,23 @@ def _last(history: list[dict], key: str) -> float | None:
     return None
 
 
-def train(model: str, data: str | Path, out: str | Path, *, bits: int | None = None, lora_r: int = 8,
-          lora_alpha: float = 32, lora_dropout: float = 0.05, target_modules: Sequence[str] = KOMT_TARGET_MODULES,
-          epochs: float = 1.0, max_steps: int | None = None, lr: float = 1e-5, batch_size: int = 1,
-          grad_accum: int = 1, max_length: int = 2048, eval_split: float = 0.05, resume: bool = False,
-          template: str | None = None, device: str = "auto", warmup_steps: int = 2, save_steps: int = 1000,
-          save_total_limit: int | None = 3, eval_steps: int | None = None, logging_steps: int = 1, seed: int = 42,
-          optim: str | None = None, gradient_checkpointing: bool | None = None, deepspeed: str | None = None,
+def train(model: str, data: str | Path, out: str | Path, *, bits: int | None = RECIPE.bits,
+          lora_r: int = RECIPE.lora_r, lora_alpha: float = RECIPE.lora_alpha, lora_dropout: float = RECIPE.lora_dropout,
+          target_modules: Sequence[str] = RECIPE.target_modules, epochs: float = RECIPE.epochs,
+          max_steps: int | None = RECIPE.max_steps, lr: float = RECIPE.lr, batch_size: int = RECIPE.batch_size,
+          grad_accum: int = RECIPE.grad_accum, max_length: int = RECIPE.max_length,
+          eval_split: float = RECIPE.eval_split, resume: bool = False, template: str | None = None,
+          device: str = "auto", warmup_steps: int = RECIPE.warmup_steps, save_steps: int = RECIPE.save_steps,
+          save_total_limit: int | None = RECIPE.save_total_limit, eval_steps: int | None = RECIPE.eval_steps,
+          logging_steps: int = RECIPE.logging_steps, seed: int = RECIPE.seed, optim: str | None = RECIPE.optim,
+          gradient_checkpointing: bool | None = RECIPE.gradient_checkpointing, deepspeed: str | None = None,
           tensorboard: bool = False, allow_pickle: bool = False, progress: bool = True,
           log: Callable[[str], None] = print) -> TrainResult:
     """Train a LoRA adapter for MODEL on the instruction records in DATA and write it to OUT."""
     from .checkpoint import read_config
     from .templates import template_for
     from .train_data import Collator, ExampleDataset, TrainTokenizer
-    from .zoo import family_for_architecture, resolve
+    from .zoo import model_family, resolve
 
     # -- arguments ------------------------------------------------------------------------------------------
     target_modules = [m for spec in target_modules for m in str(spec).replace(",", " ").split()]
@@ -452,8 +482,7 @@ def train(model: str, data: str | Path, out: str | Path, *, bits: int | None = N
                         "full-precision model (komt-edge quantizes it while loading with --bits 4/8)")
     from_hub = not Path(resolved.source).expanduser().exists()
     base_model = resolved.source if from_hub else str(base_path.resolve())
-    family = template or (resolved.zoo.family if resolved.zoo else
-                          family_for_architecture((config.get("architectures") or ["LlamaForCausalLM"])[0]))
+    family = model_family(resolved, template)
     tmpl = template_for(family)
     tok = TrainTokenizer(base_path)
     train_ex, eval_ex, stats = prepare(data, tok, tmpl, max_length=max_length, eval_split=eval_split, seed=seed,
@@ -599,26 +628,14 @@ def train(model: str, data: str | Path, out: str | Path, *, bits: int | None = N
         (tmp / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
         record = {"komt_edge_version": __version__, "base_model": base_model, "template": family,
                   "prompt_format": {"template": tmpl.format("{prompt}"),
-                                    "prompt": "instruction, or instruction + '\\n\\n' + input",
+                                    "prompt": f"instruction, or instruction + {INPUT_SEPARATOR!r} + input",
                                     "answer": "output + eos; prompt tokens masked with -100"},
                   "mode": precision.description, "arguments": arguments, "data": asdict(stats),
                   "results": {k: v for k, v in asdict(result).items()
                               if k not in ("out", "base_model", "template", "data", "log_history")},
-                  "versions": _versions()}
+                  "versions": dist_versions(*RECORDED_VERSIONS)}
         (tmp / RESULT_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
         for item in tmp.iterdir():
             os.replace(item, out / item.name)
         tmp.rmdir()
     return result
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    found = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed"):
-        try:
-            found[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return found

@@ -1,12 +1,15 @@
 """Training data for `komt-edge train`: Korean instruction records → token ids with the prompt masked.
 
-Records are JSON objects ``{"instruction": str, "output": str}`` with an optional ``"input": str``, in a JSON
-file (a list of records) or a JSON Lines file (one record per line). Other keys are ignored.
+Records are read by :mod:`komt_edge.records`, the reader calibration uses too: JSON objects
+``{"instruction": str, "output": str}`` with an optional ``"input": str`` (or their synonyms, or chats), in a
+JSON file (a list of records) or a JSON Lines file (one record per line). Other keys are ignored. A record needs
+a non-empty instruction and output.
 
 **Prompt.** ``instruction`` alone, or, when ``input`` is present and not empty,
-``instruction + "\\n\\n" + input`` (:func:`prompt_of`). The prompt is wrapped in the model family's komt template
-(``komt_edge.templates``, the same one the zoo and the GGUF chat template use), and the answer follows it
-directly: ``template.format(prompt) + output``, then the eos token.
+``instruction + "\\n\\n" + input`` (:func:`komt_edge.records.prompt_of`). The prompt is wrapped in the model
+family's komt template (``komt_edge.templates``, the same one the zoo and the GGUF chat template use), and the
+answer follows it directly: ``template.format(prompt) + output`` (:func:`komt_edge.records.render`), then the eos
+token.
 
 **Tokens.** The prompt is tokenized exactly as llama.cpp and ``komt-edge verify`` tokenize a prompt at inference
 time (bos + the tokenizer's ids for ``template.format(prompt)``). The mask covers exactly those tokens: labels
@@ -24,59 +27,31 @@ token left, and are skipped and counted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .errors import KomtError, read_user_text
+from .errors import KomtError
+from .records import Record, instruction_records, prompt_of, render
 from .templates import PromptTemplate
+from .util import read_user_text, sha256_file
 
 IGNORE_INDEX = -100
-INPUT_SEPARATOR = "\n\n"  # between instruction and input, inside the template
-
-
-@dataclass(frozen=True)
-class Record:
-    instruction: str
-    output: str
-    input: str = ""
-    where: str = ""  # "line 3" or "record 2", for messages
-
-
-def prompt_of(record: Record) -> str:
-    """The user prompt that goes inside the komt template: instruction, then a blank line and input if any."""
-    return record.instruction + INPUT_SEPARATOR + record.input if record.input else record.instruction
 
 
 # -- reading ----------------------------------------------------------------------------------------------
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _record(obj, path: Path, where: str) -> Record:
-    if not isinstance(obj, dict):
-        raise KomtError(f"{path} {where}: expected a JSON object with \"instruction\" and \"output\", "
-                        f"got {type(obj).__name__}")
-    for key in ("instruction", "output"):
-        if key not in obj:
-            raise KomtError(f"{path} {where}: \"{key}\" is missing (each record needs \"instruction\" and \"output\", "
-                            "optionally \"input\")")
-    for key in ("instruction", "output", "input"):
-        if key in obj and obj[key] is not None and not isinstance(obj[key], str):
-            raise KomtError(f"{path} {where}: \"{key}\" must be a string, got {type(obj[key]).__name__}")
-    if not obj["instruction"].strip():
-        raise KomtError(f"{path} {where}: \"instruction\" is empty")
-    if not obj["output"].strip():
-        raise KomtError(f"{path} {where}: \"output\" is empty: there is nothing to learn from this record")
-    return Record(obj["instruction"], obj["output"], obj.get("input") or "", where)
+def _trainable(records: list[Record], path: Path) -> list[Record]:
+    """``records``, refused when one has nothing to learn from."""
+    for record in records:
+        if not record.instruction.strip():
+            raise KomtError(f"{path} {record.where}: \"instruction\" is empty")
+        if not record.output.strip():
+            raise KomtError(f"{path} {record.where}: \"output\" is empty: there is nothing to learn from this "
+                            "record")
+    return records
 
 
 def load_records(path: str | Path) -> list[Record]:
@@ -100,7 +75,8 @@ def load_records(path: str | Path) -> list[Record]:
                 data = data["data"]
             if not isinstance(data, list):
                 raise KomtError(f"{path}: expected a JSON list of records (or JSON Lines, one record per line)")
-            records = [_record(obj, path, f"record {i}") for i, obj in enumerate(data)]
+            records = [r for i, obj in enumerate(data, start=1)
+                       for r in _trainable(instruction_records(obj, path, f"record {i}"), path)]
             lines = []
     for no, line in enumerate(lines, start=1):
         if not line.strip():
@@ -109,7 +85,7 @@ def load_records(path: str | Path) -> list[Record]:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise KomtError(f"{path} line {no}: not valid JSON ({err.msg} at column {err.colno})") from None
-        records.append(_record(obj, path, f"line {no}"))
+        records += _trainable(instruction_records(obj, path, f"line {no}"), path)
     if not records:
         raise KomtError(f"{path} holds no records: expected {{\"instruction\": ..., \"output\": ...}} objects")
     return records
@@ -192,9 +168,9 @@ class Example:
 
 def encode_record(tok: TrainTokenizer, template: PromptTemplate, record: Record, max_length: int) -> Example:
     """input_ids = prompt ids + answer ids + eos; labels = -100 over the prompt ids, the ids after."""
-    prompt_text = template.format(prompt_of(record))
-    prompt_ids = tok.encode(prompt_text)
-    full = tok.encode(prompt_text + record.output)
+    prompt = prompt_of(record)
+    prompt_ids = tok.encode(render(template, prompt))
+    full = tok.encode(render(template, prompt, record.output))
     merged = full[: len(prompt_ids)] != prompt_ids
     if merged:
         full = prompt_ids + tok.encode_continuation(record.output)
@@ -267,7 +243,7 @@ def prepare(path: str | Path, tok: TrainTokenizer, template: PromptTemplate, *, 
         raise KomtError(f"{path}: no training record has an answer token within --max-length {max_length}: "
                         "raise --max-length")
     stats = DataStats(
-        path=str(path.resolve()), sha256=file_sha256(path), records=len(records), train=len(train), eval=len(evals),
+        path=str(path.resolve()), sha256=sha256_file(path), records=len(records), train=len(train), eval=len(evals),
         truncated=sum(e.truncated for e in encoded), skipped=len(skipped_where),
         boundary_merges=sum(e.boundary_merge for e in encoded),
         train_tokens=sum(len(e.input_ids) for e in train),

@@ -15,12 +15,15 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
+from .atomic import atomic_file, check_output_file
+from .converters.gguf_file import file_info
 from .errors import KomtError
 from .llama_log import load_errors, reason
-from .zoo import resolve
+from .zoo import model_template, resolve
 
 # Korean probes: prose, numbers and dates, mixed scripts, emoji, whitespace runs, the komt template markers.
 KOREAN_PROBES: tuple[str, ...] = (
@@ -158,10 +161,11 @@ class VerifyReport:
     def passed(self) -> bool:
         return self.tokenizer.passed and self.logits.passed and self.generation.passed
 
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
     def to_json(self) -> str:
-        data = asdict(self)
-        data["passed"] = self.passed
-        return json.dumps(data, ensure_ascii=False, indent=2)
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
 
     def summary(self) -> str:
         t, lg, g = self.tokenizer, self.logits, self.generation
@@ -231,16 +235,6 @@ def compare_logits(ref: np.ndarray, test: np.ndarray, bounds: Bounds) -> LogitPa
                        mean_kl=float(kl.mean()), max_kl=float(kl.max()), top1=top1, bounds=bounds)
 
 
-def _file_type(path: Path) -> tuple[str, str | None]:
-    from gguf import GGUFReader, LlamaFileType
-
-    reader = GGUFReader(path)
-    ft = reader.fields.get("general.file_type")
-    ct = reader.fields.get("tokenizer.chat_template")
-    name = LlamaFileType(int(ft.contents())).name if ft is not None else "UNKNOWN"
-    return name, (ct.contents() if ct is not None else None)
-
-
 def _hf_model(hf_path: Path, adapter: Path | None, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
@@ -289,15 +283,10 @@ def load_reference(hf: str, *, adapter: str | None = None, allow_pickle: bool = 
     """Tokenize the Korean prompts and run the HF model on them (base + adapter merged in its own dtype)."""
     import torch
 
-    from .templates import template_for
-    from .zoo import family_for_architecture
-
     resolved = resolve(hf, adapter=adapter, allow_pickle=allow_pickle)
     tokenizer = ReferenceTokenizer(resolved.path)
     cfg = json.loads((resolved.path / "config.json").read_text(encoding="utf-8"))
-    family = template or (resolved.zoo.family if resolved.zoo else
-                          family_for_architecture((cfg.get("architectures") or ["Llama"])[0]))
-    tmpl = template_for(family)
+    tmpl = model_template(resolved, template)
     model = _hf_model(resolved.path, resolved.adapter, hf_dtype)
     prompt_ids, logits = [], []
     for prompt in KOREAN_PROMPTS:
@@ -324,10 +313,8 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
     path = Path(gguf_file)
     if not path.is_file():
         raise KomtError(f"{path} does not exist: run `komt-edge gguf` first")
-    try:
-        file_type, chat_template = _file_type(path)
-    except Exception as err:  # gguf-py raises ValueError/struct errors on damaged files
-        raise KomtError(f"{path} is not a readable GGUF file ({err}): convert it again") from None
+    info = file_info(path)
+    file_type, chat_template = info.file_type, info.chat_template
     bounds = bounds or (overrides or BoundOverrides()).apply(bounds_for(file_type))
     try:
         with load_errors() as errors:
@@ -374,3 +361,60 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
     finally:
         llm.close()
     return VerifyReport(str(path), file_type, parity, logits, generation)
+
+
+@dataclass
+class VerifyRun:
+    """The reports of several files checked against one reference forward pass."""
+    hf: str
+    reports: list[VerifyReport]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.reports)
+
+    @property
+    def failed(self) -> list[str]:
+        return [Path(r.file).name for r in self.reports if not r.passed]
+
+    def summary(self) -> str:
+        return "\n".join(r.summary() for r in self.reports)
+
+    def to_dict(self) -> dict:
+        return {"hf": self.hf, "passed": self.passed, "reports": [r.to_dict() for r in self.reports]}
+
+    def check(self) -> None:
+        """Raise the one-line error that names every file that missed a bound."""
+        if not self.passed:
+            raise KomtError(f"verification failed for {', '.join(self.failed)}: see the report above")
+
+
+def verify_files(files: Sequence[str | Path], hf: str, *, adapter: str | None = None, allow_pickle: bool = False,
+                 template: str | None = None, hf_dtype: str = "float32", n_threads: int | None = None,
+                 overrides: BoundOverrides | None = None, json_out: str | Path | None = None,
+                 log: Callable[[str], None] | None = None) -> VerifyRun:
+    """Verify each GGUF file of a model against one HF forward pass (see :func:`verify`).
+
+    Inputs and the ``json_out`` path are checked before the reference is loaded; each report goes to ``log`` as it
+    is done; ``json_out`` gets the list of reports (written atomically). Bound failures are in the result:
+    :meth:`VerifyRun.check` turns them into an error."""
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise KomtError("no GGUF file to verify: pass the files `komt-edge gguf` wrote")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise KomtError(f"{missing[0]} does not exist: run `komt-edge gguf` first")
+    if json_out is not None:
+        json_out = check_output_file(Path(json_out), option="--json")
+    reference = load_reference(hf, adapter=adapter, allow_pickle=allow_pickle, template=template, hf_dtype=hf_dtype)
+    run = VerifyRun(hf, [])
+    for path in paths:
+        report = verify(path, hf, n_threads=n_threads, overrides=overrides, reference=reference)
+        if log is not None:
+            log(report.summary())
+        run.reports.append(report)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(json_out) as tmp:
+            tmp.write_text("[" + ",\n".join(r.to_json() for r in run.reports) + "]\n", encoding="utf-8")
+    return run

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import KomtError
-from .templates import PromptTemplate, template_for
+from .templates import PromptTemplate, family_for_architecture, template_for
 
 ORG = "davidkim205"
 
@@ -26,6 +28,18 @@ class ZooModel:
     @property
     def template(self) -> PromptTemplate:
         return template_for(self.family)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "template": self.template.format("{prompt}")}
+
+    def summary(self) -> str:
+        return "\n".join([
+            f"{self.name}  ({self.size_label}, {self.architecture}, licence {self.license})",
+            f"  aliases:  {', '.join(self.aliases) or '-'}",
+            f"  merged:   {self.merged}",
+            f"  adapter:  {self.adapter}  (applies to {self.base})",
+            f"  template: {self.template.format('{prompt}')!r}",
+        ])
 
 
 ZOO: tuple[ZooModel, ...] = (
@@ -50,6 +64,11 @@ ZOO: tuple[ZooModel, ...] = (
 )
 
 
+def models() -> tuple[ZooModel, ...]:
+    """The published komt models (`komt-edge models`)."""
+    return ZOO
+
+
 def lookup(name: str) -> ZooModel | None:
     """A zoo entry by name, alias or Hub id (case-insensitive), else None."""
     key = name.strip().lower()
@@ -57,10 +76,6 @@ def lookup(name: str) -> ZooModel | None:
         if key in {m.name.lower(), m.merged.lower(), *(a.lower() for a in m.aliases)}:
             return m
     return None
-
-
-def family_for_architecture(architecture: str) -> str:
-    return "mistral" if architecture.startswith("Mistral") else "llama"
 
 
 # What a conversion needs from a Hub repo; pickles only when asked for.
@@ -93,6 +108,16 @@ def download(repo_id: str, *, weights: bool = True, allow_pickle: bool = False, 
         raise KomtError(f"could not download {repo_id}: {err}") from None
 
 
+def snapshot_revision(path: Path | None) -> str | None:
+    """The commit of a huggingface_hub snapshot folder (…/snapshots/<sha>); None for a local folder."""
+    if path is None:
+        return None
+    parts = Path(path).resolve().parts
+    if len(parts) >= 2 and parts[-2] == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", parts[-1]):
+        return parts[-1]
+    return None
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     path: Path  # local folder with config.json, weights and tokenizer
@@ -100,6 +125,27 @@ class ResolvedModel:
     zoo: ZooModel | None
     source: str  # Hub id or local folder as given
     adapter: Path | None = None  # LoRA adapter folder to merge before converting
+
+
+def model_family(resolved: ResolvedModel, template: str | None = None) -> str:
+    """The komt template family of a model: ``template`` when given, else its zoo entry's, else the one of the
+    architecture in its config.json. The one rule every stage uses."""
+    if template:
+        template_for(template)  # an unknown family is an error here, not a silent fallback
+        return template
+    if resolved.zoo is not None:
+        return resolved.zoo.family
+    config = resolved.path / "config.json"
+    try:
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        architectures = []
+    return family_for_architecture(architectures[0] if architectures else None)
+
+
+def model_template(resolved: ResolvedModel, template: str | None = None) -> PromptTemplate:
+    """The komt prompt template of a model (see :func:`model_family`)."""
+    return template_for(model_family(resolved, template))
 
 
 def resolve(model: str, *, adapter: str | None = None, allow_pickle: bool = False,

@@ -80,8 +80,10 @@ def test_perplexity_equals_an_independent_computation_from_hf_logits(tiny_mistra
 
 
 def test_files_that_do_not_fit_together_are_compared_in_groups(tiny_ggufs, quality_report):
-    assert bench._plan_groups([5, 5, 5], 5, 20) == [[0, 1, 2]]
-    assert bench._plan_groups([5, 5, 5], 5, 12) == [[0], [1], [2]]
+    from komt_edge.bench.quality import _plan_groups
+
+    assert _plan_groups([5, 5, 5], 5, 20) == [[0, 1, 2]]
+    assert _plan_groups([5, 5, 5], 5, 12) == [[0], [1], [2]]
     files = [tiny_ggufs["q8_0"], tiny_ggufs["q4_0"]]
     grouped = bench.quality(files, tiny_ggufs["f32"], n_ctx=N_CTX, n_chunks=CHUNKS, n_threads=N_THREADS,
                             progress=False, memory_budget=1)  # the reference is re-run for each file
@@ -122,11 +124,9 @@ def test_runners_share_one_loaded_model(tiny_ggufs):
 
 
 def test_outputs_markdown_json_png(quality_report, tiny_ggufs, tmp_path):
-    from komt_edge.bench_report import write_outputs
-
     speed = bench.speed([tiny_ggufs["q4_0"]], n_prompt=32, n_gen=8, repetitions=1, n_threads=N_THREADS,
                         bandwidth=False, cuda=False, progress=False)
-    md, js, png = write_outputs([quality_report, speed], tmp_path / "bench", title="tiny")
+    md, js, png = bench.write_outputs([quality_report, speed], tmp_path / "bench", title="tiny")
     text = md.read_text(encoding="utf-8")
     assert "| mistral-Q4_0.gguf | Q4_0 |" in text and "mean KLD" in text and "pp32 t/s" in text
     data = json.loads(js.read_text(encoding="utf-8"))
@@ -177,7 +177,7 @@ def test_cli_error_is_one_line(tmp_path):
 # --- judge ---------------------------------------------------------------------------------------------------
 
 def test_parse_score():
-    from komt_edge.bench_judge import parse_score
+    from komt_edge.bench.judge import parse_score
 
     assert parse_score("정확하고 자연스럽습니다.\n점수: 5") == 5
     assert parse_score("점수 : 3/5") == 3
@@ -194,7 +194,7 @@ def _closed_port() -> int:
 
 
 def test_unreachable_judge_endpoint(tiny_ggufs):
-    from komt_edge.bench_judge import judge
+    from komt_edge.bench import judge
 
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     with pytest.raises(KomtError, match="unreachable"):
@@ -205,7 +205,8 @@ def test_unreachable_judge_endpoint(tiny_ggufs):
 
 def test_judge_against_a_local_openai_compatible_server(tiny_ggufs):
     """komt's protocol offline: the tiny model answers in its komt template, a local llama.cpp judge scores."""
-    from komt_edge.bench_judge import KOREAN_QUESTIONS, LocalServer, judge
+    from komt_edge.bench import judge
+    from komt_edge.bench.judge import KOREAN_QUESTIONS, LocalServer
 
     with LocalServer(tiny_ggufs["q8_0"], n_ctx=1024, n_threads=N_THREADS) as url:
         report = judge(tiny_ggufs["q4_0"], judge_url=url, judge_model="local", questions=KOREAN_QUESTIONS[:2],
@@ -242,7 +243,7 @@ def test_judge_cli_serves_a_gguf_judge_offline(tiny_ggufs, tmp_path, monkeypatch
 def tiny_gemma3(tmp_path_factory) -> Path:
     """Random Gemma 3 weights in llama.cpp's gemma3 layout, bf16 like the release, with Gemma's real
     tokenizer (its first 8192 pieces: specials, bytes, frequent pieces) rebuilt from the gemma3-270m package's GGUF."""
-    from komt_edge.bench_gemma import build_tiny_gemma3
+    from komt_edge.bench.gemma import build_tiny_gemma3
 
     return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3")
 
@@ -311,10 +312,10 @@ def test_gemma3_gguf_runs_like_transformers(tiny_gemma3, tmp_path):
 def test_llama_cpp_gpu_row_runs_its_path_on_a_cpu_build(tiny_ggufs, monkeypatch):
     """The all-layers-offloaded row's code path, with CUDA faked present: a CPU-only build runs the 999 layers on
     the CPU, so the row is measured and reported (without nvidia-smi, no peak memory)."""
-    from komt_edge import bench_cuda
+    from komt_edge.bench import gpu
 
-    monkeypatch.setattr(bench_cuda, "cuda_available", lambda: True)
-    monkeypatch.setattr(bench_cuda, "gpu_offload_supported", lambda: True)
-    monkeypatch.setattr(bench_cuda.shutil, "which", lambda _name: None)
-    (row,) = bench_cuda._llama_cpp_rows([tiny_ggufs["q8_0"]], n_prompt=32, n_gen=8, repetitions=1)
+    monkeypatch.setattr(gpu, "cuda_available", lambda: True)
+    monkeypatch.setattr(gpu, "gpu_offload_supported", lambda: True)
+    monkeypatch.setattr(gpu.shutil, "which", lambda _name: None)
+    (row,) = gpu._llama_cpp_rows([tiny_ggufs["q8_0"]], n_prompt=32, n_gen=8, repetitions=1)
     assert row.status == "ok" and row.pp_ts > 0 and row.tg_ts > 0 and row.peak_gpu_bytes is None

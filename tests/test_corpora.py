@@ -71,7 +71,7 @@ def test_load_text_json_jsonl(tmp_path):
     js = tmp_path / "b.json"
     js.write_text(json.dumps({"data": ["문장", {"text": "글"}, {"instruction": "번역", "input": "사과",
                                                                "output": "apple"}]}, ensure_ascii=False))
-    assert load_examples(js) == [Example("문장"), Example("글"), Example("apple", "번역\n사과")]
+    assert load_examples(js) == [Example("문장"), Example("글"), Example("apple", "번역\n\n사과")]
 
     jl = tmp_path / "c.jsonl"
     jl.write_text("\n".join([

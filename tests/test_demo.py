@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from komt_edge.demo import run_demo
+from komt_edge.demo import demo
 from komt_edge.tiny import DEMO_QA
 
 
 def test_demo_end_to_end(tmp_path):
-    result = run_demo(tmp_path / "demo", n_threads=1, progress=False, log=lambda *_: None)
+    result = demo(tmp_path / "demo", n_threads=1, progress=False, log=lambda *_: None)
     assert result.passed, "\n".join(r.summary() for r in result.reports)
     assert [f.name for f in result.files] == ["komt-tiny-mistral-Q4_0.gguf", "komt-tiny-mistral-Q8_0.gguf"]
     # q8_0 reproduces the Korean answer the adapter taught, through llama-cpp-python's chat API

@@ -17,8 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from komt_edge import release as rel
+from komt_edge.converters.gguf_file import split_gguf
 from komt_edge.errors import KomtError
-from komt_edge.release import MANIFEST_NAME, release, split_gguf
+from komt_edge.pipeline import module_available
+from komt_edge.release import MANIFEST_NAME, release
 
 from .conftest import N_THREADS
 from .hub_server import (ORG, TOKEN, assert_no_token, client_env, configure_client, hub,  # noqa: F401 (fixture)
@@ -69,7 +71,7 @@ def released(tiny_mistral, tiny_adapter, tmp_path_factory):
 
 def test_full_release_lands_identical_files_and_a_valid_card(released):
     r, server, out = released.result, released.server, released.out
-    bench_ran = rel.module_available("komt_edge.bench")
+    bench_ran = module_available("komt_edge.bench")
     assert r.stages["gguf"].startswith("done") and r.stages["verify"].startswith("done")
     assert r.stages["card"].startswith("done") and r.stages["push"].startswith("done")
     assert r.stages["merge"].startswith("skipped") and r.stages["gptq"] == "skipped: disabled (--no-gptq)"

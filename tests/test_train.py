@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from komt_edge.errors import KomtError
+from komt_edge.records import Record, prompt_of
 from komt_edge.templates import LLAMA, MISTRAL, template_for
-from komt_edge.train_data import (IGNORE_INDEX, Collator, Record, TrainTokenizer, encode_record, load_records,
-                                  prepare, prompt_of)
+from komt_edge.train_data import IGNORE_INDEX, Collator, TrainTokenizer, encode_record, load_records, prepare
 
 from .conftest import N_THREADS, ROOT, run_cli
 
@@ -67,6 +67,30 @@ def test_input_joins_the_instruction_inside_the_template():
     assert template_for("llama") is LLAMA and template_for("mistral") is MISTRAL
 
 
+def test_training_and_calibration_read_a_record_alike(tiny_llama, tmp_path):
+    """One data file, one text: what `train` learns from a record is what `gptq --calibration` calibrates on."""
+    from komt_edge.corpora import load_examples
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"instruction": "다음 단어를 영어로 번역하세요.", "input": "사과", "output": "apple"},
+        {"instruction": "한국의 수도는 어디인가요?", "output": "서울입니다."},
+        {"prompt": "인사해 주세요.", "response": "안녕하세요."},
+        {"messages": [{"role": "user", "content": "김치는?"}, {"role": "assistant", "content": "발효 음식입니다."}]},
+    ]), encoding="utf-8")
+    records, examples = load_records(path), load_examples(path)
+    assert [ex.prompt for ex in examples] == [prompt_of(r) for r in records] == [
+        "다음 단어를 영어로 번역하세요.\n\n사과", "한국의 수도는 어디인가요?", "인사해 주세요.", "김치는?"]
+    assert [ex.text for ex in examples] == [r.output for r in records] == [
+        "apple", "서울입니다.", "안녕하세요.", "발효 음식입니다."]
+    tok = TrainTokenizer(tiny_llama)
+    for tmpl in (LLAMA, MISTRAL):
+        for record, example in zip(records, examples):
+            assert example.render(tmpl) == tmpl.format(prompt_of(record)) + record.output
+            trained = encode_record(tok, tmpl, record, max_length=2048)  # the tokens between bos and eos
+            assert tok.decode(trained.input_ids[1:-1]) == example.render(tmpl)
+
+
 @pytest.mark.parametrize("output", [" 앞에 공백이 있는 답", "]]> 괄호로 시작하는 답"])
 def test_sentencepiece_merge_across_the_boundary_keeps_the_prompt_tokens(output, tiny_llama):
     """The llama template ends in a space that SentencePiece joins to the answer's first piece: the prompt's
@@ -106,7 +130,7 @@ BAD_DATA = [
     ("bad.jsonl", '{"instruction": 3, "output": "b"}\n', 'line 1: "instruction" must be a string, got int'),
     ("bad.jsonl", '["instruction", "output"]\n', "line 1: expected a JSON object"),
     ("bad.jsonl", '{"instruction": "a", "output": "  "}\n', 'line 1: "output" is empty'),
-    ("bad.json", '[{"instruction": "a", "output": "b"}, {"output": "c"}]', 'record 1: "instruction" is missing'),
+    ("bad.json", '[{"instruction": "a", "output": "b"}, {"output": "c"}]', 'record 2: "instruction" is missing'),
     ("bad.json", '[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]',
      "line 2: not valid JSON"),
     ("bad.json", '{"instruction": "a", "output": "b"}', "expected a JSON list"),
@@ -130,7 +154,7 @@ def test_json_list_and_input_field_are_read(tmp_path):
                                ensure_ascii=False))
     records = load_records(path)
     assert [prompt_of(r) for r in records] == ["번역하세요.\n\n사과", "인사"]
-    assert records[1].where == "record 1"
+    assert records[1].where == "record 2"
 
 
 def test_cli_bad_data_is_one_line_with_the_line_number(monkeypatch, capsys, tiny_mistral, tmp_path):
@@ -142,6 +166,24 @@ def test_cli_bad_data_is_one_line_with_the_line_number(monkeypatch, capsys, tiny
     line = error_line(err)
     assert "bad.jsonl line 2" in line and '"output" must be a string' in line
     assert not (tmp_path / "out").exists()  # nothing written for a run that never started
+
+
+# -- the recipe ------------------------------------------------------------------------------------------
+
+def test_recipe_is_the_one_table_of_defaults():
+    """train() and `komt-edge train` take their defaults from RECIPE, field by field."""
+    import dataclasses
+    import inspect
+
+    from komt_edge.cli import cli
+    from komt_edge.train import RECIPE, train
+
+    keywords = inspect.signature(train).parameters
+    options = {param.name: param.default for param in cli.commands["train"].params}
+    for field in dataclasses.fields(RECIPE):
+        value = getattr(RECIPE, field.name)
+        assert keywords[field.name].default == value, field.name
+        assert options[field.name] == (",".join(value) if field.name == "target_modules" else value), field.name
 
 
 # -- the CUDA plan, checked without a GPU ----------------------------------------------------------------

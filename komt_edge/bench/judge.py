@@ -29,7 +29,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Sequence
 
-from .errors import KomtError
+from ..converters.gguf_file import GgufHeader, check_gguf_file
+from ..errors import KomtError
+from ..templates import PromptTemplate, family_from_chat_template, template_for
+from .runner import environment
 
 # (category, question): everyday knowledge, culture, writing, reasoning, translation, coding, as komt's set mixes.
 KOREAN_QUESTIONS: tuple[tuple[str, str], ...] = (
@@ -75,6 +78,15 @@ JUDGE_PROMPT = """다음은 사용자의 질문과 AI 어시스턴트의 답변�
 {answer}
 
 먼저 한두 문장으로 채점 이유를 쓰고, 마지막 줄에 반드시 "점수: N" 형식으로 점수만 쓰세요."""
+
+
+def judge_prompt(n_questions: int | None = None) -> str:
+    """The judge's system message and prompt, then the questions (the first ``n_questions``), numbered: what
+    ``komt-edge bench judge --show-prompt`` prints."""
+    questions = KOREAN_QUESTIONS[:n_questions] if n_questions else KOREAN_QUESTIONS
+    listed = "\n".join(f"{i:2d}. [{category}] {q}" for i, (category, q) in enumerate(questions, 1))
+    return f"system: {JUDGE_SYSTEM}\n\n{JUDGE_PROMPT}\n\n{listed}"
+
 
 _SCORE = re.compile(r"점수\s*[:：]?\s*\**\s*([0-5])(?:\s*/\s*5)?")
 _JSON_SCORE = re.compile(r'"score"\s*:\s*([0-5])')
@@ -126,6 +138,10 @@ class JudgeReport:
         return {"kind": "judge", **asdict(self), "score": self.score, "average": self.average,
                 "percentage": self.percentage, "questions": len(self.answers), "unparsed": self.unparsed,
                 "judge_prompt": JUDGE_PROMPT, "judge_system": JUDGE_SYSTEM}
+
+    def summary(self) -> str:
+        """What `komt-edge bench judge` prints: :meth:`markdown`."""
+        return self.markdown()
 
     def markdown(self) -> str:
         lines = [f"Judge: {self.judge_model} at {self.judge_url}; {len(self.answers)} Korean questions, "
@@ -189,37 +205,38 @@ def chat(url: str, model: str, messages: list[dict], *, key: str | None = None, 
 # The model under test.
 # ---------------------------------------------------------------------------------------------------
 
-def _prompt_template(llm, template: str | None):
-    """The komt template to wrap questions in: --template, else the one the file stores (komt-edge writes it)."""
-    from .templates import TEMPLATES, template_for
-
-    if template in (None, "auto"):
-        stored = (llm.metadata or {}).get("tokenizer.chat_template", "")
-        for family, t in TEMPLATES.items():
-            if t.chat_template == stored:
-                return family, t
-        if "[INST]" in stored:
-            return "mistral", template_for("mistral")
-        if "### instruction:" in stored:
-            return "llama", template_for("llama")
-        if stored:
-            return "chat", None  # not a komt model: its own chat template, through create_chat_completion
-        raise KomtError("the file stores no chat template: pass --template llama or --template mistral")
-    return template, template_for(template)
+def _prompt_template(path: Path, template: str | None) -> tuple[str, PromptTemplate | None]:
+    """The komt template to wrap questions in: --template, else the one the file stores (komt-edge writes it).
+    A file storing another chat template gives ("chat", None): it is prompted through its own template."""
+    if template not in (None, "auto"):
+        return template, template_for(template)
+    with GgufHeader(path) as header:
+        stored = header.string("tokenizer.chat_template")
+    family = family_from_chat_template(stored)
+    if family is not None:
+        return family, template_for(family)
+    if stored:
+        return "chat", None
+    raise KomtError("the file stores no chat template: pass --template llama or --template mistral")
 
 
-def judge(model: str | Path, *, judge_url: str | None = None, judge_model: str | None = None,
+def judge(model: str | Path | None, *, judge_url: str | None = None, judge_model: str | None = None,
           judge_key: str | None = None, judge_gguf: str | Path | None = None, template: str | None = None,
-          questions: Sequence[tuple[str, str]] | None = None, max_tokens: int = 256, n_ctx: int = 2048,
-          n_threads: int | None = None, progress: bool = True, timeout: float = 120.0) -> JudgeReport:
+          questions: Sequence[tuple[str, str]] | None = None, n_questions: int | None = None,
+          max_tokens: int = 256, n_ctx: int = 2048, n_threads: int | None = None, progress: bool = True,
+          timeout: float = 120.0) -> JudgeReport:
     """komt's protocol: the GGUF ``model`` answers each question greedily in its komt template; the judge scores.
 
-    The judge is an OpenAI-compatible endpoint (``judge_url``/``judge_model``), or ``judge_gguf``: a GGUF served on
-    127.0.0.1 by :class:`LocalServer` for the duration of the run, for fully offline evaluation."""
-    from .bench import _check_file
-
+    ``questions`` default to :data:`KOREAN_QUESTIONS`; ``n_questions`` keeps only the first N of them. The judge is
+    an OpenAI-compatible endpoint (``judge_url``/``judge_model``), or ``judge_gguf``: a GGUF served on 127.0.0.1 by
+    :class:`LocalServer` for the duration of the run, for fully offline evaluation."""
+    if model is None:
+        raise KomtError("pass the GGUF file to evaluate: komt-edge bench judge MODEL.gguf --judge-url ...")
     path = Path(model)
-    _check_file(path)
+    check_gguf_file(path)
+    questions = list(questions or KOREAN_QUESTIONS)
+    if n_questions:
+        questions = questions[:n_questions]
     opts = dict(template=template, questions=questions, max_tokens=max_tokens, n_ctx=n_ctx, n_threads=n_threads,
                 progress=progress, timeout=timeout)
     if judge_gguf is None:
@@ -227,27 +244,24 @@ def judge(model: str | Path, *, judge_url: str | None = None, judge_model: str |
     if judge_url or os.environ.get("KOMT_JUDGE_URL"):
         raise KomtError("both a judge endpoint and --judge-gguf were given: pass one (unset KOMT_JUDGE_URL to "
                         "use --judge-gguf)")
-    _check_file(Path(judge_gguf))
+    check_gguf_file(Path(judge_gguf))
     with LocalServer(judge_gguf, n_threads=n_threads) as url:
         return _judge(path, url, Path(judge_gguf).name, None, **opts)
 
 
 def _judge(path: Path, url: str, jmodel: str, key: str | None, *, template: str | None,
-           questions: Sequence[tuple[str, str]] | None, max_tokens: int, n_ctx: int, n_threads: int | None,
+           questions: list[tuple[str, str]], max_tokens: int, n_ctx: int, n_threads: int | None,
            progress: bool, timeout: float) -> JudgeReport:
     from llama_cpp import Llama
     from tqdm.auto import tqdm
 
-    from .bench import environment
-
-    questions = list(questions or KOREAN_QUESTIONS)
     # Fail before spending minutes on answers: the endpoint must answer a tiny request.
     chat(url, jmodel, [{"role": "user", "content": "점수: 5 라고만 답하세요."}], key=key, timeout=timeout,
          max_tokens=8)
     llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
                 seed=0)
     try:
-        family, tmpl = _prompt_template(llm, template)
+        family, tmpl = _prompt_template(path, template)
         answers = []
         for category, question in tqdm(questions, desc="judge", unit="question", disable=not progress):
             t0 = time.perf_counter()

@@ -12,12 +12,26 @@ import shutil
 import subprocess
 import threading
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .bench import CudaRow, LlamaModel, bench_pp, bench_tg, gpu_offload_supported
+from ..zoo import resolve
+from .runner import LlamaModel, bench_pp, bench_tg, gpu_offload_supported
 
 NO_GPU = "no GPU"
+
+
+@dataclass
+class CudaRow:
+    """One side-by-side GPU measurement, or the reason there is none."""
+    engine: str  # "llama.cpp (all layers on GPU)", "transformers fp16", ...
+    model: str
+    status: str  # "ok" or why not measured ("no GPU")
+    pp_ts: float | None = None
+    tg_ts: float | None = None
+    peak_gpu_bytes: int | None = None
 
 
 def cuda_available() -> bool:
@@ -77,17 +91,10 @@ def _llama_cpp_rows(files: Sequence[str], n_prompt: int, n_gen: int, repetitions
             rows.append(CudaRow("llama.cpp, all layers on GPU", name,
                                 "llama-cpp-python built without CUDA: reinstall with CMAKE_ARGS=-DGGML_CUDA=on"))
             continue
-        use_smi = shutil.which("nvidia-smi") is not None
-        peak = _NvidiaSmiPeak() if use_smi else None
-        if peak:
-            peak.__enter__()
-        try:
-            with LlamaModel(f, n_gpu_layers=999) as model:
-                pp = bench_pp(model, n_prompt, repetitions=repetitions)
-                tg = bench_tg(model, n_gen, repetitions=repetitions)
-        finally:
-            if peak:
-                peak.__exit__(None, None, None)
+        peak = _NvidiaSmiPeak() if shutil.which("nvidia-smi") else None
+        with peak or nullcontext(), LlamaModel(f, n_gpu_layers=999) as model:
+            pp = bench_pp(model, n_prompt, repetitions=repetitions)
+            tg = bench_tg(model, n_gen, repetitions=repetitions)
         rows.append(CudaRow("llama.cpp, all layers on GPU", name, "ok", pp.mean, tg.mean,
                             peak.peak if peak else None))
     return rows
@@ -98,8 +105,6 @@ def _transformers_row(engine: str, model: str, dtype: str, n_prompt: int, n_gen:
     ``generate`` of exactly n_gen new tokens, prefill time subtracted), mean over repetitions after a warm-up."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from .zoo import resolve
 
     path = resolve(model).path
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -141,25 +146,17 @@ def cuda_rows(files: Sequence[str], *, hf: str | None = None, gptq: str | None =
     """Every GPU row; rows that cannot run say why (``"no GPU"`` on CPU-only machines)."""
     rows = _llama_cpp_rows(files, n_prompt, n_gen, repetitions)
     gpu = cuda_available()
-    for dtype in ("float16", "bfloat16"):
-        engine = f"transformers {dtype} generate"
+    runs = [(f"transformers {dtype} generate", hf, dtype, "not run: pass --hf MODEL")
+            for dtype in ("float16", "bfloat16")]
+    runs.append(("transformers GPTQ generate", gptq, "float16", "not run: pass --gptq CHECKPOINT"))
+    for engine, model, dtype, hint in runs:
         if not gpu:
-            rows.append(CudaRow(engine, hf or "-", NO_GPU))
-        elif hf is None:
-            rows.append(CudaRow(engine, "-", "not run: pass --hf MODEL"))
+            rows.append(CudaRow(engine, model or "-", NO_GPU))
+        elif model is None:
+            rows.append(CudaRow(engine, "-", hint))
         else:
             try:
-                rows.append(_transformers_row(engine, hf, dtype, n_prompt, n_gen, repetitions))
+                rows.append(_transformers_row(engine, model, dtype, n_prompt, n_gen, repetitions))
             except Exception as err:  # a model that does not fit, a dtype the GPU lacks: report, keep the rest
-                rows.append(CudaRow(engine, hf, f"failed: {type(err).__name__}: {err}"[:200]))
-    engine = "transformers GPTQ generate"
-    if not gpu:
-        rows.append(CudaRow(engine, gptq or "-", NO_GPU))
-    elif gptq is None:
-        rows.append(CudaRow(engine, "-", "not run: pass --gptq CHECKPOINT"))
-    else:
-        try:
-            rows.append(_transformers_row(engine, gptq, "float16", n_prompt, n_gen, repetitions))
-        except Exception as err:
-            rows.append(CudaRow(engine, gptq, f"failed: {type(err).__name__}: {err}"[:200]))
+                rows.append(CudaRow(engine, model, f"failed: {type(err).__name__}: {err}"[:200]))
     return rows

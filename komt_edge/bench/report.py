@@ -1,80 +1,34 @@
-"""Benchmark output: Markdown tables, JSON (with versions and hardware) and a PNG of quality and speed vs size."""
+"""Benchmark output: OUT.md (the reports' Markdown), OUT.json (with versions and hardware) and OUT.png (quality and
+speed vs size); and :class:`BenchReport`, quality and speed of the same files (`komt-edge bench all`)."""
 
 from __future__ import annotations
 
 import json
-import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .bench import FileInfo, QualityReport, SpeedReport
-
-MIB = 1024 * 1024
-
-
-def type_label(info: FileInfo) -> str:
-    """The short type name: MOSTLY_Q4_K_M → Q4_K_M, ALL_F32 → F32."""
-    ft = info.file_type
-    for prefix in ("MOSTLY_", "ALL_"):
-        if ft.startswith(prefix):
-            return ft[len(prefix):]
-    return ft
+from .quality import QualityReport
+from .speed import SpeedReport
+from .table import MIB, type_label
 
 
-def _f(x: float | None, spec: str = ".4g", empty: str = "–") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return empty
-    return format(x, spec)
+@dataclass
+class BenchReport:
+    """Quality, then speed, of the same files: what `komt-edge bench all` measures."""
+    quality: QualityReport
+    speed: SpeedReport
 
+    def summary(self) -> str:
+        """What `komt-edge bench all` prints: the quality tables, then the speed tables."""
+        return self.quality.summary() + "\n" + self.speed.summary()
 
-def quality_markdown(report: QualityReport) -> str:
-    ref = Path(report.reference).name if report.reference else None
-    lines = [f"Korean text: {report.corpus}; {report.n_chunks} chunks of {report.n_ctx} tokens, the second half of "
-             f"each scored ({report.results[0].tokens if report.results else 0} tokens)"
-             + (f"; reference {ref}" if ref else "") + ".", ""]
-    if ref:
-        lines += ["| file | type | size (MiB) | bpw | PPL | ΔPPL | PPL ratio | mean KLD | p99 KLD | max KLD | "
-                  "same top |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in report.results:
-            k = r.kl
-            lines.append(
-                f"| {r.file.name} | {type_label(r.file)} | {r.file.size_bytes / MIB:.1f} | {r.file.bpw:.2f} | "
-                f"{r.ppl:.4f} ± {r.ppl_unc:.4f} | {k.delta_ppl:+.4f} | {k.ppl_ratio:.4f} | "
-                f"{k.mean_kld:.5f} ± {k.mean_kld_unc:.5f} | {k.p99_kld:.4f} | {k.max_kld:.4f} | "
-                f"{100 * k.same_top:.2f}% |")
-    else:
-        lines += ["| file | type | size (MiB) | bpw | PPL |", "| --- | --- | ---: | ---: | ---: |"]
-        for r in report.results:
-            lines.append(f"| {r.file.name} | {type_label(r.file)} | {r.file.size_bytes / MIB:.1f} | "
-                         f"{r.file.bpw:.2f} | {r.ppl:.4f} ± {r.ppl_unc:.4f} |")
-    return "\n".join(lines) + "\n"
-
-
-def speed_markdown(report: SpeedReport) -> str:
-    bw = ", ".join(f"{t} thread{'s' if t > 1 else ''}: {v / 1e9:.1f} GB/s" for t, v in report.bandwidth.items())
-    lines = [f"Measured memory read bandwidth: {bw or 'not measured'}. Korean characters per token from "
-             f"{report.korean_text}.", ""]
-    if report.results:
-        pp_name, tg_name = report.results[0].pp.test, report.results[0].tg.test
-        lines += [f"| file | type | size (MiB) | bpw | threads | {pp_name} t/s | {tg_name} t/s | chars/token | "
-                  f"{pp_name} chars/s | {tg_name} chars/s | tg roofline t/s | of roofline |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in report.results:
-            lines.append(
-                f"| {r.file.name} | {type_label(r.file)} | {r.file.size_bytes / MIB:.1f} | {r.file.bpw:.2f} | "
-                f"{r.n_threads} | {r.pp.mean:.2f} ± {r.pp.sd:.2f} | {r.tg.mean:.2f} ± {r.tg.sd:.2f} | "
-                f"{_f(r.chars_per_token, '.3f')} | {_f(r.pp_chars_s, '.1f')} | {_f(r.tg_chars_s, '.1f')} | "
-                f"{_f(r.roofline_tg, '.1f')} | {_f(r.roofline_fraction and 100 * r.roofline_fraction, '.0f')}% |")
-    if report.cuda:
-        lines += ["", "GPU (CUDA):", "", "| engine | model | pp t/s | tg t/s | peak GPU memory (MiB) | status |",
-                  "| --- | --- | ---: | ---: | ---: | --- |"]
-        for c in report.cuda:
-            lines.append(f"| {c.engine} | {c.model} | {_f(c.pp_ts, '.1f')} | {_f(c.tg_ts, '.1f')} | "
-                         f"{_f(c.peak_gpu_bytes and c.peak_gpu_bytes / MIB, '.0f')} | {c.status} |")
-    return "\n".join(lines) + "\n"
+    def to_dict(self) -> dict:
+        return {"quality": self.quality.to_dict(), "speed": self.speed.to_dict()}
 
 
 def to_json(report: QualityReport | SpeedReport) -> str:
+    """A report as OUT.json holds it: ``to_dict()``, each quality row's file with its bpw and short type."""
     data = report.to_dict()
     if isinstance(report, QualityReport):
         for r, d in zip(report.results, data["results"]):
@@ -148,18 +102,22 @@ def plot(quality: QualityReport | None, speed: SpeedReport | None, out: Path, *,
     return out
 
 
-def write_outputs(reports: Sequence[QualityReport | SpeedReport], out_prefix: str | Path, *,
-                  title: str = "") -> list[Path]:
-    """``PREFIX.md``, ``PREFIX.json`` and ``PREFIX.png`` for the given reports (quality and/or speed)."""
+def write_outputs(reports: QualityReport | SpeedReport | BenchReport | Sequence[QualityReport | SpeedReport],
+                  out_prefix: str | Path, *, title: str = "") -> list[Path]:
+    """``PREFIX.md``, ``PREFIX.json`` and ``PREFIX.png`` for a report or several (quality and/or speed)."""
+    if isinstance(reports, BenchReport):
+        reports = [reports.quality, reports.speed]
+    elif isinstance(reports, (QualityReport, SpeedReport)):
+        reports = [reports]
     prefix = Path(out_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     quality = next((r for r in reports if isinstance(r, QualityReport)), None)
     speed = next((r for r in reports if isinstance(r, SpeedReport)), None)
     md = []
     if quality:
-        md += ["## Korean quality", "", quality_markdown(quality)]
+        md += ["## Korean quality", "", quality.summary()]
     if speed:
-        md += ["## Speed", "", speed_markdown(speed)]
+        md += ["## Speed", "", speed.summary()]
     paths = [prefix.with_suffix(".md"), prefix.with_suffix(".json")]
     paths[0].write_text((f"# {title}\n\n" if title else "") + "\n".join(md), encoding="utf-8")
     data = [json.loads(to_json(r)) for r in reports]

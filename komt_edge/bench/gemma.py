@@ -20,7 +20,8 @@ import json
 from importlib.util import find_spec
 from pathlib import Path
 
-from .errors import KomtError
+from ..converters.gguf_file import GgufHeader
+from ..errors import KomtError
 
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
@@ -45,45 +46,22 @@ def gemma3_gguf(cache: str | Path | None = None) -> Path:
 
 
 def _gguf_vocab(path: Path) -> dict:
-    """tokens, scores, token types and special ids of a SentencePiece ("llama") GGUF vocabulary, via llama.cpp's
-    own GGUF parser."""
-    from .bench import _GgufInitParams, _gguf_lib
+    """tokens, scores, token types and special ids of a SentencePiece ("llama") GGUF vocabulary."""
+    with GgufHeader(path) as h:
+        def require(key: str) -> str:
+            if key not in h:
+                raise KomtError(f"{path} has no {key}: not a SentencePiece GGUF vocabulary")
+            return key
 
-    lib = _gguf_lib()
-    lib.gguf_get_arr_str.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t]
-    lib.gguf_get_arr_str.restype = ctypes.c_char_p
-    lib.gguf_get_arr_data.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    lib.gguf_get_arr_data.restype = ctypes.c_void_p
-    lib.gguf_get_val_bool.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    lib.gguf_get_val_bool.restype = ctypes.c_bool
-    ctx = lib.gguf_init_from_file(str(path).encode(), _GgufInitParams(True, None))
-    if not ctx:
-        raise KomtError(f"{path} is not a readable GGUF file")
-    try:
-        def key(name: str) -> int:
-            i = lib.gguf_find_key(ctx, name.encode())
-            if i < 0:
-                raise KomtError(f"{path} has no {name}: not a SentencePiece GGUF vocabulary")
-            return i
-
-        if lib.gguf_get_val_str(ctx, key("tokenizer.ggml.model")) != b"llama":
+        if h.string(require("tokenizer.ggml.model")) != "llama":
             raise KomtError(f"{path} does not hold a SentencePiece vocabulary")
-        k_tok, k_score, k_type = key("tokenizer.ggml.tokens"), key("tokenizer.ggml.scores"), \
-            key("tokenizer.ggml.token_type")
-        n = int(lib.gguf_get_arr_n(ctx, k_tok))
-        tokens = [lib.gguf_get_arr_str(ctx, k_tok, i).decode("utf-8") for i in range(n)]
-        scores = list((ctypes.c_float * n).from_address(lib.gguf_get_arr_data(ctx, k_score)))
-        types = list((ctypes.c_int32 * n).from_address(lib.gguf_get_arr_data(ctx, k_type)))
-        special = {}
-        for role in ("bos", "eos", "unknown", "padding"):
-            i = lib.gguf_find_key(ctx, f"tokenizer.ggml.{role}_token_id".encode())
-            special[role] = int(lib.gguf_get_val_u32(ctx, i)) if i >= 0 else -1
-        flags = {}
-        for flag in ("add_bos_token", "add_eos_token", "add_space_prefix"):
-            i = lib.gguf_find_key(ctx, f"tokenizer.ggml.{flag}".encode())
-            flags[flag] = bool(lib.gguf_get_val_bool(ctx, i)) if i >= 0 else None
-    finally:
-        lib.gguf_free(ctx)
+        tokens = h.strings(require("tokenizer.ggml.tokens"))
+        scores = h.numbers(require("tokenizer.ggml.scores"), ctypes.c_float)
+        types = h.numbers(require("tokenizer.ggml.token_type"), ctypes.c_int32)
+        special = {role: h.u32(f"tokenizer.ggml.{role}_token_id") for role in ("bos", "eos", "unknown", "padding")}
+        flags = {flag: h.bool(f"tokenizer.ggml.{flag}") for flag in ("add_bos_token", "add_eos_token",
+                                                                      "add_space_prefix")}
+    special = {role: -1 if i is None else i for role, i in special.items()}
     return {"tokens": tokens, "scores": scores, "types": types, "special": special, "flags": flags}
 
 

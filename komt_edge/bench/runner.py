@@ -1,0 +1,333 @@
+"""llama.cpp through its C API (llama-cpp-python's bindings), driven the way llama-bench and llama-perplexity drive it.
+
+:class:`LlamaModel` is one loaded file, :class:`LlamaRunner` one context on it (tokenize, decode batches, read
+logits; nothing is sampled). :func:`bench_pp` and :func:`bench_tg` are llama-bench's two timed tests (the protocol:
+:mod:`komt_edge.bench.speed`). llama.cpp's log is cut down to its errors; :func:`environment` records the versions
+and hardware every report carries.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Self, Sequence
+
+import numpy as np
+
+from ..converters.gguf_file import check_gguf_file
+from ..errors import KomtError
+from ..llama_log import load_errors, reason, route_llama_log
+from ..util import dist_version
+
+PP_TOKENS = 512
+TG_TOKENS = 128
+REPETITIONS = 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# The library, loaded once, with its log quieted.
+# ---------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _llama():
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    route_llama_log()  # errors only: warnings such as the SWA-cache notice would drown the tables
+    return llama_cpp
+
+
+def gpu_offload_supported() -> bool:
+    """Whether the installed llama.cpp was built with a GPU backend (the PyPI sdist build is CPU-only)."""
+    return bool(_llama().llama_supports_gpu_offload())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models and contexts.
+# ---------------------------------------------------------------------------------------------------
+
+class _Closing:
+    """``with`` support and a best-effort close at garbage collection, for wrappers of llama.cpp handles."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaModel(_Closing):
+    """One loaded llama.cpp model (weights repacked for the CPU where llama.cpp does so). Several contexts can use
+    it in turn, as llama-bench runs its pp and tg tests on one load."""
+
+    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0):
+        llama_cpp = _llama()
+        path = Path(path)
+        check_gguf_file(path)
+        self.path = path
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        with load_errors() as errors:
+            self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise KomtError(f"llama.cpp could not load {path}: " + (reason(errors) or "the file is damaged, not a "
+                            "model, or of an architecture this llama.cpp does not know"))
+        self._lib = llama_cpp
+
+    def close(self) -> None:
+        if getattr(self, "model", None):
+            self._lib.llama_model_free(self.model)
+            self.model = None
+
+
+class LlamaRunner(_Closing):
+    """One llama.cpp context: tokenize, decode batches, read logits; nothing sampled. ``model`` is a file (loaded
+    with ``n_gpu_layers`` and freed with the runner) or a :class:`LlamaModel` the caller keeps."""
+
+    def __init__(self, model: str | Path | LlamaModel, *, n_ctx: int, n_batch: int | None = None,
+                 n_ubatch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 flash_attn: str = "auto"):
+        llama_cpp = _llama()
+        self._owned = None if isinstance(model, LlamaModel) else LlamaModel(model, n_gpu_layers=n_gpu_layers)
+        loaded = self._owned or model
+        self.path = loaded.path
+        self.model = loaded.model
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.n_batch = n_batch or max(n_ctx, 2048)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = min(n_ubatch, self.n_batch)
+        cparams.n_seq_max = 1
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.flash_attn_type = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+                                   "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                   "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
+        cparams.no_perf = True
+        cparams.swa_full = False  # as llama-bench and llama-perplexity (common_params) set it
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            if self._owned:
+                self._owned.close()
+            raise KomtError(f"llama.cpp could not create a context of {n_ctx} tokens for {self.path}: lower --ctx")
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._lib = llama_cpp
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = self._lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode() if n >= 0 else None
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> np.ndarray:
+        """llama.cpp's tokenization, as llama-perplexity's common_tokenize(ctx, text, add_special, false)."""
+        raw = text.encode("utf-8")
+        n_max = len(raw) + 8
+        out = (ctypes.c_int32 * n_max)()
+        n = self._lib.llama_tokenize(self.vocab, raw, len(raw), out, n_max, add_special, False)
+        if n < 0:  # byte fallback on escaped spaces ("▁" is 3 bytes) can exceed one token per input byte
+            n_max = -n
+            out = (ctypes.c_int32 * n_max)()
+            n = self._lib.llama_tokenize(self.vocab, raw, len(raw), out, n_max, add_special, False)
+        return np.frombuffer(out, dtype=np.int32, count=n).copy()
+
+    def clear(self, data: bool = True) -> None:
+        """Empty the KV cache; ``data=False`` keeps the buffers' bytes (llama-bench's reset between runs)."""
+        self._lib.llama_memory_clear(self.mem, data)
+
+    def decode(self, tokens: Sequence[int], pos0: int = 0, logits_from: int | None = None) -> int:
+        """Decode ``tokens`` at positions pos0…; logits for positions ≥ ``logits_from`` (default: the last only).
+        Returns the number of output rows."""
+        b = self._batch
+        n = len(tokens)
+        if n > self.n_batch or pos0 + n > self.n_ctx:
+            raise ValueError(f"{n} tokens at position {pos0} exceed n_batch {self.n_batch} or n_ctx {self.n_ctx}")
+        n_out = 0
+        for i, tok in enumerate(tokens):
+            b.token[i] = int(tok)
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            want = (i == n - 1) if logits_from is None else (pos0 + i >= logits_from)
+            b.logits[i] = want
+            n_out += want
+        b.n_tokens = n
+        rc = self._lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise KomtError(f"llama.cpp failed to decode a batch of {n} tokens in {self.path.name} (code {rc})")
+        return n_out
+
+    def synchronize(self) -> None:
+        self._lib.llama_synchronize(self.ctx)
+
+    def logits(self, n_rows: int) -> np.ndarray:
+        """The output rows of the last decode, [n_rows, n_vocab] float32 (a view into llama.cpp's buffer)."""
+        ptr = self._lib.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_rows * self.n_vocab,)).reshape(n_rows, self.n_vocab)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self.ctx)
+            self.ctx = None
+            if self._owned:
+                self._owned.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# llama-bench's timed tests.
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Rate:
+    """One llama-bench test: tokens per run, tokens/s per run, mean ± sample sd."""
+    test: str  # "pp512" / "tg128"
+    n_tokens: int
+    samples_ts: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.samples_ts))
+
+    @property
+    def sd(self) -> float:
+        return float(np.std(self.samples_ts, ddof=1)) if len(self.samples_ts) > 1 else 0.0
+
+
+def _time_ns(fn: Callable[[], None]) -> int:
+    t0 = time.perf_counter_ns()
+    fn()
+    return time.perf_counter_ns() - t0
+
+
+def bench_pp(model: str | Path | LlamaModel, n_prompt: int = PP_TOKENS, *, repetitions: int = REPETITIONS,
+             n_threads: int | None = None, n_gpu_layers: int = 0, n_batch: int = 2048, n_ubatch: int = 512,
+             seed: int = 0) -> Rate:
+    """llama-bench's pp test: a context of exactly n_prompt, random tokens (BOS first), decoded in n_batch
+    batches with only the last logits requested; a warm-up run, then timed runs from an empty cache. ``model`` is a
+    file (loaded with ``n_gpu_layers``) or a :class:`LlamaModel`."""
+    rng = np.random.default_rng(seed)
+    with LlamaRunner(model, n_ctx=n_prompt, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
+                     n_gpu_layers=n_gpu_layers) as r:
+        def run() -> None:
+            done = 0
+            while done < n_prompt:
+                n = min(n_prompt - done, n_batch)
+                toks = rng.integers(0, r.n_vocab, size=n)
+                if done == 0 and r.add_bos:
+                    toks[0] = r.bos
+                r.decode(toks, done)
+                done += n
+            r.synchronize()
+
+        r.clear()
+        run()  # warm-up
+        samples = []
+        for _ in range(repetitions):
+            r.clear(data=False)
+            samples.append(_time_ns(run))
+    return Rate(f"pp{n_prompt}", n_prompt, [n_prompt * 1e9 / ns for ns in samples])
+
+
+def bench_tg(model: str | Path | LlamaModel, n_gen: int = TG_TOKENS, *, repetitions: int = REPETITIONS,
+             n_threads: int | None = None, n_gpu_layers: int = 0, seed: int = 0) -> Rate:
+    """llama-bench's tg test: a context of exactly n_gen, one token per decode (BOS, then random ids), logits
+    computed for each; a one-token warm-up, then timed runs from an empty cache. ``model`` is a file (loaded with
+    ``n_gpu_layers``) or a :class:`LlamaModel`."""
+    rng = np.random.default_rng(seed)
+    with LlamaRunner(model, n_ctx=n_gen, n_batch=2048, n_threads=n_threads, n_gpu_layers=n_gpu_layers) as r:
+        def run(n: int) -> None:
+            tok = r.bos if r.add_bos else int(rng.integers(r.n_vocab))
+            for pos in range(n):
+                r.decode((tok,), pos)
+                r.synchronize()
+                tok = int(rng.integers(r.n_vocab))
+
+        r.clear()
+        run(1)  # warm-up
+        samples = []
+        for _ in range(repetitions):
+            r.clear(data=False)
+            samples.append(_time_ns(lambda: run(n_gen)))
+    return Rate(f"tg{n_gen}", n_gen, [n_gen * 1e9 / ns for ns in samples])
+
+
+# ---------------------------------------------------------------------------------------------------
+# This machine: versions and hardware, for every JSON report.
+# ---------------------------------------------------------------------------------------------------
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    """A line of /proc/meminfo (``MemTotal``, ``MemAvailable``) in bytes; None where there is no /proc."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def mem_available_bytes() -> int | None:
+    """Memory available to new processes now (the kernel's MemAvailable), or None where it cannot be read."""
+    return _meminfo_bytes("MemAvailable")
+
+
+def environment() -> dict:
+    """Versions and hardware: what a reader needs to compare two benchmark JSON files."""
+    gpus = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # pragma: no cover - torch is a dependency, but a broken CUDA install must not stop a report
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "komt_edge": dist_version("komt-edge"),
+        "llama_cpp_python": dist_version("llama-cpp-python"),
+        "llama_cpp_system_info": _llama().llama_print_system_info().decode().strip(),
+        "gguf": dist_version("gguf"),
+        "torch": dist_version("torch"),
+        "transformers": dist_version("transformers"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": _meminfo_bytes("MemTotal"),
+        "gpus": gpus,
+        "gpu_offload_in_llama_cpp": gpu_offload_supported(),
+        "load_average": list(load) if load else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

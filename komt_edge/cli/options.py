@@ -1,0 +1,85 @@
+"""Options shared by several commands, defined once: one name, one syntax and one meaning everywhere.
+
+- ``-t/--threads N``: CPU threads for llama.cpp; bench speed/all take it repeatedly to compare counts.
+- ``-o/--out``: where a command writes (a folder, or a path prefix for bench).
+- ``-q/--quant``: output types, repeated or as one space/comma-separated list (``--quants`` is the same option).
+- ``--template auto|llama|mistral``: the komt prompt format; auto is the model's own.
+- ``--json [FILE]``: the result as JSON, to FILE or, without one, to standard output.
+- ``--allow-pickle``, ``--force``, ``-v/--verbose``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..output import configure_output
+
+# The library treats None as "the model's own template"; "auto" is its name on the command line.
+TEMPLATE_CHOICES = ("auto", "llama", "mistral")
+
+
+def threads(*, multiple: bool = False):
+    help_ = ("CPU threads for llama.cpp; repeat to compare counts (-t 1 -t 2), as llama-bench -t 1,2 "
+             "(default: all cores)." if multiple else "CPU threads for llama.cpp (default: all cores).")
+    return click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), multiple=multiple,
+                        default=None, help=help_)
+
+
+def out_dir(default: Path | None, help_: str, *, required: bool = False):
+    return click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=default,
+                        required=required, show_default=default is not None, help=help_)
+
+
+def quants(default: tuple[str, ...] | None, what: str = "Output type"):
+    shown = " ".join(default) if default else None
+    return click.option("-q", "--quant", "--quants", "quants", multiple=True, default=default or (),
+                        show_default=shown,
+                        help=f"{what}: repeat (-q q4_0 -q q8_0) or give a list (--quants \"q4_0 q8_0\"); "
+                             "f32 f16 bf16 q8_0 q4_0 q4_K_M q5_K_M q6_K ...")
+
+
+def template(*, allow_none: bool = False):
+    choices = TEMPLATE_CHOICES + (("none",) if allow_none else ())
+    extra = "; none: embed no chat template" if allow_none else ""
+    return click.option("--template", type=click.Choice(choices), default="auto", show_default=True,
+                        callback=lambda _ctx, _param, value: None if value == "auto" else value,
+                        help=f"komt prompt format: auto is the model's own (its zoo entry's, else its "
+                             f"architecture's, or the one a GGUF file stores){extra}.")
+
+
+def _json_target(_ctx, _param, value: Path | None) -> Path | None:
+    from ..atomic import check_output_file
+
+    return value if value is None or value == Path("-") else check_output_file(value, option="--json")
+
+
+def json_out(what: str = "the result"):
+    return click.option("--json", "json_out", type=click.Path(path_type=Path, allow_dash=True), default=None,
+                        is_flag=False, flag_value="-", metavar="[FILE]", callback=_json_target,
+                        help=f"Write {what} as JSON to FILE, or to standard output when no FILE is given.")
+
+
+def allow_pickle():
+    return click.option("--allow-pickle", is_flag=True,
+                        help="Also read pickle *.bin weights, with torch.load(weights_only=True).")
+
+
+def force(help_: str):
+    return click.option("--force", is_flag=True, help=help_)
+
+
+def verbose():
+    return click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True,
+                        callback=lambda _ctx, _param, value: configure_output(verbose=value),
+                        help="Also show the logs, banners and warnings of the libraries komt-edge uses.")
+
+
+def adapter():
+    return click.option("--adapter", default=None,
+                        help="LoRA adapter (folder or Hub id) to merge first (zoo names imply theirs).")
+
+
+def name(what: str = "Model name for general.name and file names."):
+    return click.option("--name", default=None, help=what)
