@@ -13,6 +13,8 @@ PICKLE ?=
 HF_DTYPE ?= float32
 THREADS_FLAG := $(if $(THREADS),--threads $(THREADS),)
 PICKLE_FLAG := $(if $(PICKLE),--allow-pickle,)
+IMATRIX ?=
+IMATRIX_FLAG := $(if $(IMATRIX),--imatrix $(IMATRIX),)
 
 LLAMA_PIN := $(shell cat vendor/llama-cpp-python.txt)
 LLAMA_VERSION := $(lastword $(subst ==, ,$(LLAMA_PIN)))
@@ -20,7 +22,7 @@ SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 LLAMA_SRC := .cache/llama.cpp-src
 
 .PHONY: help install demo test gguf bench bench-convert bench-agreement llama-tools llama-bench-wheel \
-	korean-corpus train gptq release clean
+	korean-corpus english-corpus train gptq release clean
 
 help:
 	@echo "set-up (fresh machine)"
@@ -29,6 +31,7 @@ help:
 	@echo "  make test                        run the test suite (offline, CPU)"
 	@echo "the job (MODEL=$(MODEL) QUANTS=\"$(QUANTS)\" OUT=$(OUT) THREADS= PICKLE=)"
 	@echo "  make gguf MODEL=komt-mistral-7b  convert to GGUF in OUT/ and verify against the HF model"
+	@echo "                                   (IMATRIX=korean: quantize with a Korean importance matrix)"
 	@echo "  make bench                       Korean quality and speed of what make gguf wrote (BENCH_ARGS=...)"
 	@echo "  make train MODEL=... DATA=f.jsonl  train a komt LoRA adapter, then gguf + verify (TRAIN_ARGS=...)"
 	@echo "  make gptq MODEL=...              4-bit GPTQ checkpoint, Korean-calibrated (GPTQ_ARGS=...)"
@@ -39,6 +42,7 @@ help:
 	@echo "  make llama-tools                 build llama-bench and llama-perplexity from the pinned sdist"
 	@echo "  make llama-bench-wheel           llama-bench linked to the wheel's llama.cpp libraries"
 	@echo "  make korean-corpus               unpack Debian's Korean LibreOffice help (--source libreoffice)"
+	@echo "  make english-corpus              unpack the same help in English (libreoffice-en, for comparison)"
 	@echo "  make clean                       remove OUT/ and pytest's cache"
 
 install: $(VENV)/.installed
@@ -89,7 +93,7 @@ test: install
 gguf: install
 	mkdir -p $(OUT)
 	set -o pipefail; $(VENV)/bin/komt-edge gguf $(MODEL) $(foreach q,$(QUANTS),-q $(q)) -o $(OUT) \
-		$(THREADS_FLAG) $(PICKLE_FLAG) | tee $(OUT)/gguf-files.txt
+		$(THREADS_FLAG) $(PICKLE_FLAG) $(IMATRIX_FLAG) | tee $(OUT)/gguf-files.txt
 	$(VENV)/bin/komt-edge verify $$(cat $(OUT)/gguf-files.txt) --hf $(MODEL) $(THREADS_FLAG) $(PICKLE_FLAG) \
 		--hf-dtype $(HF_DTYPE) --json $(OUT)/verify.json
 
@@ -122,7 +126,8 @@ $(LLAMA_TOOLS)/.built: $(SDIST)
 	cmake -S $(LLAMA_TOOLS) -B $(LLAMA_TOOLS)/build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
 		-DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
 		-DLLAMA_BUILD_APP=OFF > $(LLAMA_TOOLS)/cmake.log
-	cmake --build $(LLAMA_TOOLS)/build -j $$(nproc) --target llama-bench llama-perplexity > $(LLAMA_TOOLS)/build.log
+	cmake --build $(LLAMA_TOOLS)/build -j $$(nproc) --target llama-bench llama-perplexity llama-imatrix llama-quantize \
+		> $(LLAMA_TOOLS)/build.log
 	$(MAKE) llama-bench-wheel
 	touch $@
 
@@ -197,6 +202,16 @@ $(LO_HELP)/usr/share/doc/libreoffice-help-ko/copyright:
 	mkdir -p .cache/deb $(LO_HELP)
 	cd .cache/deb && apt-get download libreoffice-help-ko
 	dpkg-deb -x $$(ls -t .cache/deb/libreoffice-help-ko_*.deb | head -1) $(LO_HELP)
+
+# The same help pages in English (libreoffice-help-en-us, MPL-2.0), read as the source libreoffice-en: English text
+# of the same kind, to measure what Korean calibration buys over English (benchmarks/imatrix_bench.py).
+LO_HELP_EN := $(HOME)/.cache/komt-edge/libreoffice-help-en-us
+english-corpus: $(LO_HELP_EN)/usr/share/doc/libreoffice-help-en-us/copyright
+
+$(LO_HELP_EN)/usr/share/doc/libreoffice-help-en-us/copyright:
+	mkdir -p .cache/deb $(LO_HELP_EN)
+	cd .cache/deb && apt-get download libreoffice-help-en-us
+	dpkg-deb -x $$(ls -t .cache/deb/libreoffice-help-en-us_*.deb | head -1) $(LO_HELP_EN)
 
 # komt-edge bench vs llama-bench / llama-perplexity on Gemma 3 270M (README, "Benchmarks"); ~80 min on 2 cores (speed: 7 rounds per file and thread count).
 bench-agreement: install llama-tools korean-corpus

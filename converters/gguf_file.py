@@ -56,6 +56,15 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def is_gguf(path: Path) -> bool:
+    """Whether ``path`` is a readable file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def check_gguf_file(path: Path) -> None:
     """A one-line error unless ``path`` is a file that starts with the GGUF magic."""
     if not path.exists():

@@ -279,12 +279,18 @@ class Converter:
             return QT.F32
         return {torch.float16: QT.F16, torch.bfloat16: QT.BF16}.get(self.ckpt.info(p.hf_name).dtype, QT.F32)
 
-    def types_for(self, qtype: str) -> list[QT]:
-        """The ggml type of every planned tensor in the output ``qtype``."""
+    def types_for(self, qtype: str, *, imatrix: bool = False) -> list[QT]:
+        """The ggml type of every planned tensor in the output ``qtype`` (llama-quantize's mix without an
+        imatrix). Types that llama.cpp only quantizes with an importance matrix are refused unless ``imatrix``."""
         qtype = q.normalize(qtype)
         if qtype not in self._types:
             self._types[qtype] = self._compute_types(qtype)
-        return self._types[qtype]
+        types = self._types[qtype]
+        needs = sorted({t.name for t in types if q.requires_imatrix(t)})
+        if needs and not imatrix:
+            raise KomtError(f"{qtype} needs an importance matrix for its {', '.join(needs)} tensors: pass "
+                            "--imatrix korean (or an imatrix file), or choose a type such as q4_K_M")
+        return types
 
     def _compute_types(self, qtype: str) -> list[QT]:
         if qtype in q.FLOAT_FTYPES:
@@ -292,16 +298,18 @@ class Converter:
             return [QT.F32 if len(p.shape) <= 1 or p.gguf_name.endswith("_norm.weight") else target
                     for p in self.tensors]
         specs = [q.TensorSpec(p.gguf_name, p.shape, self._source_type(p)) for p in self.tensors]
-        types = q.compute_types(self.hp.model_shape(), specs, q.ftype_of(qtype))
-        needs = sorted({t.name for t in types if q.requires_imatrix(t)})
-        if needs:
-            raise KomtError(f"{qtype} needs an importance matrix for {', '.join(needs)}, which komt-edge does not "
-                            "compute yet: choose a type such as q4_K_M or q4_0")
-        return types
+        return q.compute_types(self.hp.model_shape(), specs, q.ftype_of(qtype))
 
-    def output_bytes(self, qtype: str) -> int:
+    def lossless_type(self) -> str:
+        """The float output that holds every weight exactly: the checkpoint's own precision when all its
+        matrices share it (bf16, f16), else f32. Quantizing from it gives the bytes quantizing in float32 gives."""
+        kinds = {self._source_type(p) for p in self.tensors
+                 if len(p.shape) > 1 and not p.gguf_name.endswith("_norm.weight")}
+        return {frozenset({QT.BF16}): "bf16", frozenset({QT.F16}): "f16"}.get(frozenset(kinds), "f32")
+
+    def output_bytes(self, qtype: str, *, imatrix: bool = False) -> int:
         """The tensor data of the ``qtype`` file (the metadata adds well under a megabyte)."""
-        return sum(_nbytes(p.shape, t) for p, t in zip(self.tensors, self.types_for(qtype)))
+        return sum(_nbytes(p.shape, t) for p, t in zip(self.tensors, self.types_for(qtype, imatrix=imatrix)))
 
     def parameter_count(self) -> int:
         return sum(int(np.prod(p.shape)) for p in self.tensors)

@@ -300,3 +300,44 @@ def quantize(data: np.ndarray, ggml_type: GGMLQuantizationType, pool: ThreadPool
     if written != out.nbytes:  # pragma: no cover - would be a llama.cpp bug
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
     return out.reshape(*data.shape[:-1], rsize)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole files with an importance matrix: llama-quantize's own path.
+# ---------------------------------------------------------------------------------------------------
+
+def quantize_file(src: Path, dst: Path, qtype: str, *, imatrix: dict[str, np.ndarray],
+                  metadata: dict[str, str | int], n_threads: int | None = None) -> None:
+    """Quantize the float GGUF ``src`` to ``qtype`` at ``dst`` with llama.cpp's ``llama_model_quantize``, the
+    function llama-quantize calls: the importance matrix reaches each tensor's quantizer as llama-quantize passes
+    it (``imatrix``: weight name → per-column importance, flattened over a 3-D weight's matrices), and the type
+    mix is the one llama-quantize chooses with an imatrix. ``metadata`` is written as llama-quantize's KV
+    overrides (its ``quantize.imatrix.*`` provenance keys)."""
+    import llama_cpp
+
+    names = sorted(imatrix)
+    arrays = [np.ascontiguousarray(imatrix[n], dtype=np.float32) for n in names]  # alive during the call
+    encoded = [n.encode() for n in names]
+    entries = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+    for i, (name, arr) in enumerate(zip(encoded, arrays)):
+        entries[i].name = name
+        entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = arr.size
+    overrides = (llama_cpp.llama_model_kv_override * (len(metadata) + 1))()
+    for o, (key, value) in zip(overrides, metadata.items()):
+        o.key = key.encode()
+        if isinstance(value, int):
+            o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            o.value.val_i64 = value
+        else:
+            o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            o.value.val_str = str(value).encode()[:127]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype_of(qtype))
+    params.nthread = n_threads or os.cpu_count() or 1
+    params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)) if names else None
+    params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise KomtError(f"llama.cpp could not quantize {Path(src).name} to {display_name(qtype)} (code {rc}); "
+                        "run with --verbose to see llama.cpp's reason")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import sys
 import unicodedata
 from pathlib import Path
@@ -16,11 +17,13 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from . import __version__
-from .atomic import check_free_space, check_output_dir, output_dir
+from .atomic import atomic_file, check_free_space, check_output_dir, output_dir
 from .converters import quantize as q
 from .converters.hf_to_gguf import Converter, Metadata
 from .errors import KomtError
+from .importance import KOREAN, Imatrix
 from .templates import template_for
+from .util import sha256_json
 from .zoo import ResolvedModel, model_template, resolve, snapshot_revision
 
 DEFAULT_QUANTS = ("q4_0", "q8_0")
@@ -107,16 +110,24 @@ def metadata_for(resolved: ResolvedModel, conv: Converter, template: str | None,
 def convert(model: str, quants: Sequence[str] = DEFAULT_QUANTS, out: str | Path = "dist", *,
             adapter: str | None = None, allow_pickle: bool = False, template: str | None = None,
             name: str | None = None, n_threads: int | None = None, force: bool = False,
-            progress: bool = True) -> list[Path]:
+            imatrix: str | Path | None = None, progress: bool = True) -> list[Path]:
     """Convert MODEL to one GGUF file per requested type; returns the written paths.
 
     Everything is checked before the first byte is written: the types, the model (config, tensor shapes,
     tokenizer, adapter), the output folder, that no output would replace a file komt-edge did not write for this
     model (see ``check_target``; ``force`` allows it) and the free space. A re-run replaces its own files, each
-    atomically."""
+    atomically.
+
+    ``imatrix`` (an importance-matrix file, or "korean" to compute one on the Korean calibration text, kept in OUT
+    as ``<name>-korean.imatrix.gguf`` and reused while the model and text are unchanged) quantizes the way
+    ``llama-quantize --imatrix`` does: from a float GGUF holding the weights exactly, through llama.cpp's own
+    ``llama_model_quantize``; types that need an importance matrix (iq2_xs, iq1_s, q2_K_S, ...) need it."""
     types = q.parse_types(quants)
     if template not in (None, "none", "llama", "mistral"):
         raise KomtError(f"--template {template!r}: choose llama, mistral or none")
+    imatrix = None if imatrix in (None, "", "none") else imatrix
+    if imatrix is not None and imatrix != KOREAN:
+        imatrix = Imatrix.read(Path(imatrix))  # readable, and an imatrix, before any work
     out = check_output_dir(Path(out))
     resolved = resolve(model, adapter=adapter, allow_pickle=allow_pickle)
     conv = Converter(resolved.path, adapter=resolved.adapter, allow_pickle=allow_pickle)
@@ -127,8 +138,66 @@ def convert(model: str, quants: Sequence[str] = DEFAULT_QUANTS, out: str | Path 
     targets = {t: out / output_name(display, t) for t in types}
     for path in targets.values():
         check_target(path, display, force=force)
-    check_free_space(out, sum(conv.output_bytes(t) for t in types), f"{', '.join(p.name for p in targets.values())}")
-    with output_dir(out), tqdm(total=conv.parameter_count(), unit="w", unit_scale=True, disable=not progress,
-                               desc=f"{display} → {', '.join(q.display_name(t) for t in types)}") as bar:
-        written = conv.write(targets, meta, n_threads=n_threads, progress=bar.update)
-    return list(written.values())
+    quantized = [t for t in types if t not in q.FLOAT_FTYPES] if imatrix is not None else []
+    if isinstance(imatrix, Imatrix) and quantized:
+        imatrix.check_against({p.gguf_name: p.shape for p in conv.tensors}, display)
+    source_type = conv.lossless_type()
+    needed = sum(conv.output_bytes(t, imatrix=t in quantized) for t in types)
+    check_free_space(out, needed + (conv.output_bytes(source_type) if quantized else 0),
+                     f"{', '.join(p.name for p in targets.values())}")
+    direct = {t: path for t, path in targets.items() if t not in quantized}
+    with output_dir(out), tempfile.TemporaryDirectory(prefix=f".{display}.imatrix-source-", dir=out) as work:
+        source = Path(work) / output_name(display, source_type)
+        outputs = {**direct, **({source_type: source} if quantized and source_type not in direct else {})}
+        with tqdm(total=conv.parameter_count(), unit="w", unit_scale=True, disable=not progress,
+                  desc=f"{display} → {', '.join(q.display_name(t) for t in outputs)}") as bar:
+            conv.write(outputs, meta, n_threads=n_threads, progress=bar.update)
+        if quantized:
+            source = outputs[source_type]
+            matrix, matrix_file = _importance(imatrix, source, resolved, template, out, display, n_threads, progress)
+            weights = {n: matrix.weights(n) for n in matrix.entries}
+            provenance = {"quantize.imatrix.file": str(matrix_file), "quantize.imatrix.entries_count": len(weights)}
+            if matrix.datasets:
+                provenance["quantize.imatrix.dataset"] = matrix.datasets[0]
+            if matrix.chunk_count > 0:
+                provenance["quantize.imatrix.chunks_count"] = matrix.chunk_count
+            for t in tqdm(quantized, desc=f"{display}: llama_model_quantize with the imatrix", unit="file",
+                          disable=not progress):
+                with atomic_file(targets[t]) as tmp:
+                    q.quantize_file(source, tmp, t, imatrix=weights, metadata=provenance, n_threads=n_threads)
+    return [targets[t] for t in types]
+
+
+def imatrix_name(display: str) -> str:
+    """Where ``--imatrix korean`` keeps the importance matrix it computes, next to the model's files."""
+    return f"{output_name(display, 'f32')[: -len('-F32.gguf')]}-korean.imatrix.gguf"
+
+
+def _importance(imatrix, source: Path, resolved: ResolvedModel, template: str | None, out: Path, display: str,
+                n_threads: int | None, progress: bool) -> tuple[Imatrix, Path]:
+    """The imatrix to quantize with, and the file it came from: the user's, or the Korean one (computed on
+    ``source`` unless OUT holds one computed for the same model and text)."""
+    if imatrix != KOREAN:
+        return imatrix, imatrix.path
+    from .importance import compute, korean_calibration_text
+
+    path = out / imatrix_name(display)
+    text, dataset = korean_calibration_text(model_template(resolved, template if template != "none" else None))
+    fingerprint = {"model": _model_fingerprint(resolved), "text_sha256": sha256_json(text)}
+    if path.is_file():
+        cached = Imatrix.read(path)
+        if all(cached.metadata.get(k) == v for k, v in fingerprint.items()):
+            return cached, Path(path.name)
+    matrix = compute(source, text, dataset=dataset, n_threads=n_threads, progress=progress, metadata=fingerprint)
+    matrix.write(path)
+    return matrix, Path(path.name)
+
+
+def _model_fingerprint(resolved: ResolvedModel) -> str:
+    """What the Korean imatrix depends on: the checkpoint's (and adapter's) files, by name, size and mtime."""
+    files = []
+    for folder in (resolved.path, resolved.adapter):
+        if folder is not None:
+            files += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(folder).iterdir())
+                      if f.is_file()]
+    return sha256_json(files)

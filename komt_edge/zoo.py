@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .converters.gguf_file import is_gguf
 from .errors import KomtError
 from .templates import PromptTemplate, family_for_architecture, template_for
 
@@ -179,7 +180,7 @@ def resolve(model: str, *, adapter: str | None = None, allow_pickle: bool = Fals
 def check_not_a_file(model: str, what: str = "MODEL") -> None:
     """A file (or a path that looks like one) where a model folder or a Hub id is expected: say what to pass."""
     local = Path(model).expanduser()
-    if local.suffix.lower() == ".gguf" or (local.is_file() and _is_gguf(local)):
+    if local.suffix.lower() == ".gguf" or (local.is_file() and is_gguf(local)):
         raise KomtError(f"{model} is a GGUF file, where {what} is a Hugging Face model (folder, Hub id or zoo name): "
                         "pass the Hugging Face folder it came from" if local.exists() else
                         f"{model} does not exist, and {what} is a Hugging Face model, not a GGUF file: pass the "
@@ -187,14 +188,6 @@ def check_not_a_file(model: str, what: str = "MODEL") -> None:
     if local.is_file():
         raise KomtError(f"{model} is a file, where {what} is a Hugging Face model: pass its folder, a Hub id or a "
                         "zoo name")
-
-
-def _is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 def resolve_adapter(adapter: str) -> Path:

@@ -315,6 +315,34 @@ def _out_under_a_file(env: Env) -> list[str]:
     return ["gguf", str(env.fixture("tiny_mistral")), "-o", str(env.tmp / "a-file" / "out")]
 
 
+def _f32_of(env: Env, qtype: str = "f32") -> Path:
+    from komt_edge.gguf import convert
+
+    return convert(str(env.fixture("tiny_mistral")), [qtype], env.tmp / "src", name="tiny", n_threads=1,
+                   progress=False)[0]
+
+
+def _imatrix_of(env: Env, fixture: str) -> Path:
+    from komt_edge.gguf import convert
+    from komt_edge.importance import compute, korean_calibration_text
+
+    f32 = convert(str(env.fixture(fixture)), ["f32"], env.tmp / "src", name=fixture, n_threads=1, progress=False)[0]
+    return compute(f32, korean_calibration_text()[0], dataset="test", n_ctx=32, n_chunks=2, n_threads=1,
+                   progress=False).write(env.tmp / f"{fixture}.imatrix.gguf")
+
+
+def _garbage(env: Env) -> Path:
+    path = env.tmp / "garbage.imatrix"
+    path.write_bytes(b"not an importance matrix, just text\n")
+    return path
+
+
+def _text(env: Env, content: str) -> Path:
+    path = env.tmp / "text.txt"
+    path.write_text(content, encoding="utf-8")
+    return path
+
+
 CASES = [
     # gguf: the model
     Case("unknown-model", "gguf", "an unknown model name", lambda e: ["gguf", "komt-nonexistent-99b", "-o", e.o],
@@ -341,7 +369,25 @@ CASES = [
     Case("quant-type", "gguf", "an unknown quantization type",
          lambda e: ["gguf", str(e.fixture("tiny_mistral")), "-q", "q9_9", "-o", e.o], ("unknown quantization type",)),
     Case("imatrix-type", "gguf", "a type that needs an importance matrix",
-         lambda e: ["gguf", str(e.fixture("tiny_mistral")), "-q", "iq2_xxs", "-o", e.o], ("importance matrix",)),
+         lambda e: ["gguf", str(e.fixture("tiny_mistral")), "-q", "iq2_xxs", "-o", e.o],
+         ("importance matrix", "--imatrix")),
+    Case("imatrix-other-model", "gguf", "an importance matrix computed for another model",
+         lambda e: ["gguf", str(e.fixture("tiny_mistral")), "-q", "q4_K_M", "--imatrix",
+                    str(_imatrix_of(e, "deep_tiny")), "-o", e.o], ("computed for another model", "komt-edge imatrix")),
+    Case("imatrix-model-file", "gguf", "a model GGUF given as the importance matrix",
+         lambda e: ["gguf", str(e.fixture("tiny_mistral")), "-q", "q4_K_M", "--imatrix", str(_f32_of(e)), "-o", e.o],
+         ("not an importance matrix", "general.type")),
+    Case("imatrix-unreadable", "gguf", "an importance-matrix file that is neither GGUF nor .dat",
+         lambda e: ["gguf", str(e.fixture("tiny_mistral")), "-q", "q4_K_M", "--imatrix", str(_garbage(e)),
+                    "-o", e.o], ("is not an importance matrix",)),
+    Case("imatrix-empty-text", "imatrix", "an empty calibration text",
+         lambda e: ["imatrix", str(_f32_of(e)), "--text", str(_text(e, "")), "-o", f"{e.o}/x.imatrix.gguf"],
+         ("is empty",)),
+    Case("imatrix-short-text", "imatrix", "a calibration text shorter than two chunks",
+         lambda e: ["imatrix", str(_f32_of(e)), "--text", str(_text(e, "짧은 글입니다.")), "-t", "1",
+                    "-o", f"{e.o}/x.imatrix.gguf"], ("needs at least", "--ctx")),
+    Case("imatrix-quantized", "imatrix", "a quantized GGUF as MODEL",
+         lambda e: ["imatrix", str(_f32_of(e, "q4_0")), "-o", f"{e.o}/x.imatrix.gguf"], ("MOSTLY_Q4_0", "f16")),
     # gguf: the output
     Case("out-under-file", "gguf", "an -o folder below a file", _out_under_a_file,
          ("cannot create the output folder", "-o")),

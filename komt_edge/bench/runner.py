@@ -100,7 +100,7 @@ class LlamaRunner(_Closing):
 
     def __init__(self, model: str | Path | LlamaModel, *, n_ctx: int, n_batch: int | None = None,
                  n_ubatch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 flash_attn: str = "auto"):
+                 flash_attn: str = "auto", cb_eval=None):
         llama_cpp = _llama()
         self._owned = None if isinstance(model, LlamaModel) else LlamaModel(model, n_gpu_layers=n_gpu_layers)
         loaded = self._owned or model
@@ -120,6 +120,9 @@ class LlamaRunner(_Closing):
                                    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
         cparams.no_perf = True
         cparams.swa_full = False  # as llama-bench and llama-perplexity (common_params) set it
+        if cb_eval is not None:  # the scheduler's eval callback (ggml_backend_sched_eval_callback): imatrix
+            cparams.cb_eval = cb_eval
+            cparams.cb_eval_user_data = None
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             if self._owned:

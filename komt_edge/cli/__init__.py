@@ -20,6 +20,7 @@ from .demo import demo_cmd
 from .gguf import gguf_cmd
 from .gptq import gptq_cmd
 from .hub import push_cmd, release_cmd
+from .imatrix import imatrix_cmd
 from .merge import merge_cmd
 from .models import models_cmd
 from .train import train_cmd
@@ -35,7 +36,7 @@ def cli() -> None:
     """
 
 
-for command in (models_cmd, merge_cmd, gguf_cmd, verify_cmd, demo_cmd, train_cmd, gptq_cmd, bench_group, push_cmd,
+for command in (models_cmd, merge_cmd, gguf_cmd, imatrix_cmd, verify_cmd, demo_cmd, train_cmd, gptq_cmd, bench_group, push_cmd,
                 release_cmd):
     cli.add_command(command)
 
