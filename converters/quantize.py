@@ -80,6 +80,12 @@ def parse_types(specs: str | Sequence[str]) -> list[str]:
     return types
 
 
+def is_kquant_or_iq(qtype: str) -> bool:
+    """The k-quant and IQ mixes: the types whose quality an importance matrix decides (q4_0, q8_0, ... are not)."""
+    key = normalize(qtype)
+    return key.startswith("iq") or "_k" in key
+
+
 def ftype_of(qtype: str) -> LlamaFileType:
     key = normalize(qtype)
     return FLOAT_FTYPES[key] if key in FLOAT_FTYPES else QUANT_FTYPES[key]

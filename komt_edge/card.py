@@ -95,6 +95,7 @@ class CardSpec:
     gptq: dict | None = None  # bits, group_size, desc_act, ... from the GPTQ stage
     architecture: str | None = None
     size_label: str | None = None
+    imatrix: dict | None = None  # file, dataset, chunks, chunk_size, types: the importance matrix used
 
     @property
     def template(self) -> PromptTemplate:
@@ -330,6 +331,7 @@ def render_card(spec: CardSpec) -> str:
         "passed verification; the release stops before publishing anything when one does not.", "",
         "## Files", "",
         *_files_table(spec), "",
+        *_imatrix_note(spec),
         "## Prompt template", "",
         f"komt's {t.name} format, the one the model was trained with:", "",
         "```text", t.format("{prompt}"), "```", "",
@@ -353,6 +355,15 @@ def render_card(spec: CardSpec) -> str:
     content = "\n".join(lines)
     check_card(content)
     return content
+
+
+def _imatrix_note(spec: CardSpec) -> list[str]:
+    m = spec.imatrix
+    if not m:
+        return []
+    return [f"{', '.join(m['types'])} were quantized with a Korean importance matrix, `{m['file']}` (in this repo, "
+            f"llama.cpp's imatrix format; `llama-quantize --imatrix` reads it): {m['chunks']} chunks of "
+            f"{m['chunk_size']} tokens of {m['dataset']}. The other files were quantized without one.", ""]
 
 
 # --- a release's cards -------------------------------------------------------------------------------------
@@ -389,6 +400,7 @@ class ReleaseData:
     gptq: dict | None = None  # the gptq stage's data, when it ran
     gptq_files: dict[str, tuple[int, str]] = field(default_factory=dict)  # path in the repo → (size, sha256)
     gptq_tools: dict[str, str] = field(default_factory=dict)  # versions the gptq stage recorded
+    imatrix: dict | None = None  # the gguf stage's importance matrix: file, dataset, chunks, chunk_size, types
 
 
 def _sources(origin: ModelOrigin) -> list[Source]:
@@ -460,7 +472,8 @@ def release_cards(origin: ModelOrigin, data: ReleaseData) -> list[CardSpec]:
                   size_label=(data.gguf_models or [{}])[0].get("size_label"))
     cards = [CardSpec(kind="gguf", repo_id=data.gguf_repo, rows=rows, files=dict(data.gguf_files),
                       tools={k: v for k, v in data.tools.items() if v}, bench_machine=data.bench.get("machine"),
-                      verify_tokens=next((v.get("tokens") for v in data.verify.values()), None), **common)]
+                      verify_tokens=next((v.get("tokens") for v in data.verify.values()), None),
+                      imatrix=data.imatrix, **common)]
     if data.gptq is not None:
         g, files = data.gptq, data.gptq_files
         row = CardRow(g.get("quant") or f"GPTQ-{g.get('bits', 4)}bit", sorted(files),

@@ -44,6 +44,7 @@ from .atomic import atomic_file, check_dir_target, ensure_writable_dir, remove_s
 from .card import ModelOrigin, ReleaseData, release_cards, render_card
 from .converters.gguf_file import model_info, split_gguf, split_leftovers
 from .errors import KomtError
+from .importance import KOREAN, Imatrix
 from .pipeline import Context, Manifest, Stage, StageOutput, folder_lock, now, plan_stages, run_stages
 from .push import (DEFAULT_BACKOFF, DEFAULT_RETRIES, HUB_MAX_FILE_SIZE, check_repo_id, hub_token, preflight,
                    push as push_folder)
@@ -83,6 +84,7 @@ class ReleaseOptions:
     retries: int = DEFAULT_RETRIES
     backoff: float = DEFAULT_BACKOFF
     progress: bool = True
+    imatrix: str | None = KOREAN  # for the k-quant and IQ types: "korean", an imatrix file, or None
 
 
 @dataclass(kw_only=True)
@@ -190,8 +192,16 @@ def _merge_run(ctx: StageContext) -> StageOutput:
 
 def _gguf_inputs(ctx: StageContext) -> dict:
     o = ctx.options
+    imatrix = o.imatrix if o.imatrix in (None, KOREAN) else {"file": ctx.manifest.sha256(Path(o.imatrix))}
     return {**_model_inputs(ctx), "quants": list(o.quants), "template": o.template, "name": o.name,
-            "max_file_size": o.max_file_size}
+            "max_file_size": o.max_file_size, **({"imatrix": imatrix} if _imatrix_types(o) else {})}
+
+
+def _imatrix_types(o: ReleaseOptions) -> list[str]:
+    """The types quantized with the importance matrix: the k-quant and IQ mixes, unless --imatrix none."""
+    from .converters.quantize import is_kquant_or_iq
+
+    return [t for t in o.quants if o.imatrix is not None and is_kquant_or_iq(t)]
 
 
 def _gguf_record(files: Sequence[Path]) -> dict:
@@ -211,10 +221,18 @@ def _gguf_run(ctx: StageContext) -> StageOutput:
     remove_stale_partials(gguf_dir)  # leftovers of an interrupted write
     for leftover in split_leftovers(gguf_dir):
         shutil.rmtree(leftover, ignore_errors=True)
-    written = convert(o.model, o.quants, gguf_dir, adapter=o.adapter, allow_pickle=o.allow_pickle,
-                      template=o.template, name=o.name, n_threads=o.n_threads, progress=o.progress)
+    with_imatrix = _imatrix_types(o)
+    written = {}
+    for group, imatrix in (([t for t in o.quants if t not in with_imatrix], None), (with_imatrix, o.imatrix)):
+        if group:  # one read of the checkpoint per group
+            paths = convert(o.model, group, gguf_dir, adapter=o.adapter, allow_pickle=o.allow_pickle,
+                            template=o.template, name=o.name, n_threads=o.n_threads, progress=o.progress,
+                            imatrix=imatrix)
+            written.update(zip(group, paths))
     models, files = [], []
-    for qtype, path in zip(o.quants, written):  # normalized and without repeats (make_options)
+    imatrix_data = _published_imatrix(o, gguf_dir, with_imatrix) if with_imatrix else None
+    for qtype in o.quants:  # normalized and without repeats (make_options)
+        path = written[qtype]
         shards = [path]
         if path.stat().st_size > o.max_file_size:
             ctx.log(f"  {path.name} is {fmt_size(path.stat().st_size)}, over the per-file limit of "
@@ -222,12 +240,28 @@ def _gguf_run(ctx: StageContext) -> StageOutput:
             shards = split_gguf(path, o.max_file_size)
         models.append({"quant": q.display_name(qtype), "files": [s.name for s in shards], **_gguf_record(shards)})
         files += shards
+    if imatrix_data:
+        files.append(gguf_dir / imatrix_data["file"])
     keep = {f.name for f in files}
     for stale in gguf_dir.glob("*.gguf"):  # files of quant types this release no longer has
         if stale.name not in keep:
             stale.unlink()
     commit = _llama_cpp_commit()
-    return StageOutput(files=files, data={"models": models}, tools={"llama.cpp": commit} if commit else {})
+    data = {"models": models, **({"imatrix": imatrix_data} if imatrix_data else {})}
+    return StageOutput(files=files, data=data, tools={"llama.cpp": commit} if commit else {})
+
+
+def _published_imatrix(o: ReleaseOptions, gguf_dir: Path, types: list[str]) -> dict:
+    """The importance matrix the k-quant and IQ files were made with, as a file of the GGUF repo."""
+    from .converters import quantize as q
+    from .gguf import imatrix_name
+
+    path = gguf_dir / imatrix_name(o.name)
+    if o.imatrix != KOREAN:
+        shutil.copyfile(o.imatrix, path)
+    m = Imatrix.read(path)
+    return {"file": path.name, "dataset": m.datasets[0] if m.datasets else "unknown text", "chunks": m.chunk_count,
+            "chunk_size": m.chunk_size, "types": [q.display_name(t) for t in types]}
 
 
 # --- gptq (optional) ---------------------------------------------------------------------------------------
@@ -380,7 +414,8 @@ def _card_run(ctx: StageContext) -> StageOutput:
                "llama.cpp": _llama_cpp_commit(), "gguf-py": dist_version("gguf")},
         gptq_repo=o.gptq_repo, gptq=ctx.data("gptq") if gptq_done else None,
         gptq_files=sized(ctx.repo_files(ctx.gptq_dir, ["gptq"])) if gptq_done else {},
-        gptq_tools=(ctx.results["gptq"].get("tools") or {}) if gptq_done else {})
+        gptq_tools=(ctx.results["gptq"].get("tools") or {}) if gptq_done else {},
+        imatrix=ctx.data("gguf").get("imatrix"))
     cards = release_cards(origin, data)
     if cards[0].base_model is None:
         ctx.log("  note: MODEL is a local folder: pass --base-model ORG/NAME so that the cards link the original")
@@ -504,7 +539,7 @@ def release(model: str, org: str, *, quants: Sequence[str] = DEFAULT_RELEASE_QUA
             private: bool = False, force: bool = False, push: bool = True, allow_pickle: bool = False,
             n_threads: int | None = None, max_file_size: int = HUB_MAX_FILE_SIZE, max_kl: float | None = None,
             bench: bool = True, keep_merged: bool = False, retries: int = DEFAULT_RETRIES,
-            backoff: float = DEFAULT_BACKOFF, progress: bool = True,
+            backoff: float = DEFAULT_BACKOFF, progress: bool = True, imatrix: str | None = KOREAN,
             log: Callable[[str], None] = print) -> ReleaseResult:
     """Build, verify, measure and publish MODEL's GGUF (and GPTQ) repos under ORG; see the module docstring."""
     if template not in (None, "llama", "mistral"):
@@ -514,7 +549,10 @@ def release(model: str, org: str, *, quants: Sequence[str] = DEFAULT_RELEASE_QUA
                            gptq_repo=gptq_repo, adapter=adapter, template=template, base_model=base_model,
                            license=license, private=private, force=force, push=push, allow_pickle=allow_pickle,
                            n_threads=n_threads, max_file_size=max_file_size, max_kl=max_kl, bench=bench,
-                           keep_merged=keep_merged, retries=retries, backoff=backoff, progress=progress)
+                           keep_merged=keep_merged, retries=retries, backoff=backoff, progress=progress,
+                           imatrix=None if imatrix in (None, "", "none") else imatrix)
+    if options.imatrix not in (None, KOREAN):
+        Imatrix.read(Path(options.imatrix))  # readable and an imatrix, before any work
     if dry_run:
         return _dry_run(options, log)
     # OUT is this release's, reused by re-runs (its manifest says so); a folder holding other files needs --force.

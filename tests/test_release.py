@@ -349,3 +349,28 @@ def test_cli_dry_run_and_make_target(hub, tiny_mistral, tmp_path):
     missing = subprocess.run(["make", "-n", "release", "MODEL=komt-mistral-7b"], cwd=ROOT, capture_output=True,
                              text=True)
     assert missing.returncode != 0 and "ORG is required" in missing.stderr
+
+
+def test_k_quants_use_the_korean_imatrix_which_is_published_and_named_on_the_card(hub, tiny_mistral, tiny_adapter,
+                                                                                  tmp_path):
+    """By default the k-quant and IQ files are quantized with the Korean importance matrix; q8_0 is not. The
+    matrix is a file of the GGUF repo and the card says what it was computed on; --imatrix none opts out."""
+    from .conftest import gguf_field
+
+    out = tmp_path / "out"
+    release(str(tiny_mistral), ORG, log=lambda s: None, **_kw(tiny_adapter, out, quants=["q8_0", "q4_K_M"]))
+    repo = out / f"{NAME}-GGUF"
+    matrix = repo / f"{NAME}-korean.imatrix.gguf"
+    assert gguf_field(matrix, "general.type") == "imatrix"
+    assert gguf_field(repo / f"{NAME}-Q4_K_M.gguf", "quantize.imatrix.file") == matrix.name
+    assert gguf_field(repo / f"{NAME}-Q8_0.gguf", "quantize.imatrix.file") is None
+    assert hub.files(GGUF_REPO)[matrix.name] == matrix.read_bytes()
+    card = (repo / "README.md").read_text(encoding="utf-8")
+    assert f"Q4_K_M were quantized with a Korean importance matrix, `{matrix.name}`" in card
+    assert "konlpy" in card
+
+    release(str(tiny_mistral), ORG, log=lambda s: None, imatrix="none",
+            **_kw(tiny_adapter, tmp_path / "plain", quants=["q4_K_M"], push=False))
+    plain = tmp_path / "plain" / f"{NAME}-GGUF"
+    assert not list(plain.glob("*.imatrix.gguf"))
+    assert gguf_field(plain / f"{NAME}-Q4_K_M.gguf", "quantize.imatrix.file") is None

@@ -54,13 +54,16 @@ def push_cmd(folder: Path, repo_id: str, private: bool, revision: str | None, dr
 @options.force("Release into repos, or an -o folder, holding files komt-edge did not make (they are kept).")
 @click.option("--push/--no-push", default=True, show_default=True, help="Publish (--no-push: build and card only).")
 @click.option("--keep-merged", is_flag=True, help="Also write the merged full-precision checkpoint to OUT/merged.")
+@click.option("--imatrix", default="korean", show_default=True, metavar="korean|FILE|none",
+              help="Importance matrix for the k-quant and IQ types (published in the GGUF repo): the Korean one "
+                   "komt-edge computes, an imatrix file, or none.")
 @options.threads()
 @options.allow_pickle()
 @options.verbose()
 def release_cmd(model: str, org: str, quants: tuple[str, ...], gptq: bool, bench: bool, dry_run: bool,
                 out: Path | None, adapter: str | None, template: str | None, name: str | None,
                 base_model: str | None, license_: str | None, gguf_repo: str | None, gptq_repo: str | None,
-                private: bool, force: bool, push: bool, keep_merged: bool, n_threads: int | None,
+                private: bool, force: bool, push: bool, keep_merged: bool, imatrix: str, n_threads: int | None,
                 allow_pickle: bool) -> None:
     """Build, verify, benchmark and publish MODEL's GGUF and GPTQ repos with model cards.
 
@@ -73,5 +76,5 @@ def release_cmd(model: str, org: str, quants: tuple[str, ...], gptq: bool, bench
     result = release(model, org, quants=quants, gptq=gptq, bench=bench, dry_run=dry_run, out=out, adapter=adapter,
                      template=template, name=name, base_model=base_model, license=license_, gguf_repo=gguf_repo,
                      gptq_repo=gptq_repo, private=private, force=force, push=push, keep_merged=keep_merged,
-                     allow_pickle=allow_pickle, n_threads=n_threads, log=click.echo)
+                     imatrix=imatrix, allow_pickle=allow_pickle, n_threads=n_threads, log=click.echo)
     click.echo(result.summary())
