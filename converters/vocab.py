@@ -131,8 +131,14 @@ def _sentencepiece_vocab(folder: Path, vocab_size: int) -> Vocab:
     tokens = [p.piece for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]  # SentencePiece's piece types share GGUF's numbering
+    dropped: list[str] = []
 
     for idx, (content, special) in sorted(_added_tokens(folder).items()):
+        if idx >= vocab_size:  # convert_hf_to_gguf.py drops it too: the embedding has no row for it
+            dropped.append(f"added token {content!r} has id {idx}, past the model's vocabulary (config.json "
+                           f"vocab_size {vocab_size}: the embedding was not resized): dropped, as llama.cpp's "
+                           "converter does")
+            continue
         if idx < len(tokens):
             if tokens[idx] != content:
                 raise KomtError(f"added token {content!r} claims id {idx}, which tokenizer.model gives to "
@@ -151,7 +157,7 @@ def _sentencepiece_vocab(folder: Path, vocab_size: int) -> Vocab:
                   eos_id=spec.eos_id if spec.eos_id >= 0 else None,
                   unk_id=spec.unk_id if spec.unk_id >= 0 else None,
                   pad_id=spec.pad_id if spec.pad_id >= 0 else None,
-                  add_space_prefix=proto.normalizer_spec.add_dummy_prefix)
+                  add_space_prefix=proto.normalizer_spec.add_dummy_prefix, warnings=dropped)
     if vocab.pad_id is None:
         for name in ("[PAD]", "<pad>"):
             if name in tokens:

@@ -87,8 +87,10 @@ def metadata_for(resolved: ResolvedModel, conv: Converter, template: str | None,
 
     zoo = resolved.zoo
     from_hub = not Path(resolved.source).exists()
-    if zoo and resolved.adapter:
-        base_models, source = [zoo.base], zoo.adapter
+    revision_of = resolved.path
+    if zoo and resolved.adapter:  # resolved.source: the base zoo.adapter_base chose; the adapter is the source
+        base_models = [resolved.source if from_hub else zoo.base]
+        source, revision_of = zoo.adapter, resolved.adapter
     elif zoo:
         base_models, source = [zoo.base], zoo.merged
     else:
@@ -100,7 +102,7 @@ def metadata_for(resolved: ResolvedModel, conv: Converter, template: str | None,
         license=zoo.license if zoo else None,
         base_models=base_models,
         source_repo=source,
-        source_revision=snapshot_revision(resolved.path),
+        source_revision=snapshot_revision(revision_of),
         chat_template=chat_template_for(resolved, template),
         quantized_by=f"komt-edge {__version__}",
         tool_version=__version__,

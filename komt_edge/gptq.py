@@ -24,6 +24,7 @@ What komt-edge adds around it:
   by its stored chat template, and its Korean perplexity on the held-out split is reported next to the
   unquantized model's. :func:`acceptance_failure` is the rule a checkpoint must pass to be published: checked,
   its template right, its perplexity finite and at most ``GPTQ_MAX_PPL_RATIO`` times the original's.
+  :func:`gptq` enforces it: a checkpoint that fails is not written (:class:`GptqRejected`, a one-line reason).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ from .zoo import ResolvedModel, model_template, resolve
 if TYPE_CHECKING:
     import torch
 
-# GPTQ v1 as transformers (gptqmodel/optimum kernels) and vLLM (gptq, gptq_marlin) load it.
-SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
+# GPTQ v1 as transformers (gptqmodel/optimum kernels) and vLLM (gptq, gptq_marlin) load it. Not 3 bits: its
+# values straddle int32 words, which :func:`unpack_rows` (the tests' reader of the format) does not read.
+SUPPORTED_BITS: tuple[int, ...] = (2, 4, 8)
 SUPPORTED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, -1)  # -1: one group per input row (per channel)
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -69,7 +71,10 @@ MIN_SEQ_LEN = 16
 EVAL_SEQ_LEN = 512  # perplexity windows on the held-out split
 DEFAULT_EVAL_TOKENS = 8192  # the whole held-out split (~7.7k tokens)
 CHECK_PROMPT = "한국의 수도는 어디인가요?"
-# 4-bit GPTQ of a 7B model costs a few percent of perplexity; a broken quantization costs multiples.
+# The bound on GPTQ / original Korean perplexity. Measured (README, benchmarks/gptq_bench.py): 4-bit g64 GPTQ of
+# SmolLM2-135M, whose Korean is byte fallback (a hard case), costs ×1.119; the damaged checkpoints of
+# tests/test_gptq.py are not finite (NaN scales) or ~1e108 times worse (output layer ×40). 1.5 passes the first with
+# room and rejects the others; it has not been measured on a 7B model.
 GPTQ_MAX_PPL_RATIO = 1.5
 CALIBRATION_SEED = 0
 REPORT_FILE = "komt_edge_gptq.json"
@@ -321,6 +326,10 @@ class CheckReport:
         return problems
 
 
+class GptqRejected(KomtError):
+    """The quantized checkpoint failed :func:`acceptance_failure`; nothing was written at the final path."""
+
+
 def acceptance_failure(check: CheckReport | None, max_ppl_ratio: float = GPTQ_MAX_PPL_RATIO) -> str | None:
     """Why a GPTQ checkpoint is not fit to publish, or None: it was not reloaded and checked, its chat template is
     wrong, its perplexity is not finite, or over ``max_ppl_ratio`` times the original model's."""
@@ -379,18 +388,27 @@ def check_checkpoint(quantized: Path, reference: Path, template: PromptTemplate,
                      eval_tokens: int = DEFAULT_EVAL_TOKENS, prompt: str = CHECK_PROMPT,
                      max_new_tokens: int = 32) -> CheckReport:
     """Reload ``quantized`` with transformers, answer a Korean prompt through its stored chat template, and score
-    Korean perplexity on the held-out split for it and for the unquantized ``reference``, in the same dtype."""
+    Korean perplexity on the held-out split for it and for the unquantized ``reference``, in the same dtype.
+
+    A checkpoint that does not reload (or does not run) is a :class:`GptqRejected` naming the error."""
     import torch
 
     dtype = compute_dtype(device)
     tokenizer = load_tokenizer(quantized)
+    try:
+        model = _load_causal_lm(quantized, device, dtype)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:  # whatever transformers or the GPTQ kernels raise on a broken checkpoint
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise GptqRejected(f"the GPTQ checkpoint does not reload in transformers ({type(err).__name__}: {first})"
+                           ) from None
     heldout = token_windows(tokenizer, korean_examples("heldout"), seq_len=EVAL_SEQ_LEN, max_tokens=eval_tokens,
                             source="korean (konlpy kobill held-out split)")
     if not heldout.windows:  # a tiny eval budget: one shorter window
         heldout = token_windows(tokenizer, korean_examples("heldout"), seq_len=max(MIN_SEQ_LEN, eval_tokens),
                                 max_tokens=eval_tokens, source=heldout.source)
 
-    model = _load_causal_lm(quantized, device, dtype)
     first = next(model.parameters()).device
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
     template_ok = rendered.endswith(template.format(prompt))
@@ -560,18 +578,25 @@ def _peak_rss_bytes() -> int:
 def gptq(model: str, out: str | Path = "dist", *, bits: int = 4, group_size: int = 128, desc_act: bool = False,
          calibration: str = "korean", samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
          device: str = "auto", adapter: str | None = None, name: str | None = None, check: bool = True,
-         eval_tokens: int = DEFAULT_EVAL_TOKENS, allow_pickle: bool = False, verbose: bool = False,
-         force: bool = False, progress: bool = True) -> GptqResult:
+         eval_tokens: int = DEFAULT_EVAL_TOKENS, max_ppl_ratio: float | None = GPTQ_MAX_PPL_RATIO,
+         allow_pickle: bool = False, verbose: bool = False, force: bool = False,
+         progress: bool = True) -> GptqResult:
     """Quantize MODEL to a GPTQ checkpoint in ``out/<model>-GPTQ-<bits>bit-g<group_size>``; returns the result.
 
     Every input is checked before the model is loaded; the output folder appears only when everything,
     the check included, succeeded. An earlier GPTQ checkpoint of komt-edge's at that path is replaced; a folder
     holding anything else is refused unless ``force`` (then only the checkpoint's own files are replaced).
+
+    With ``check``, the checkpoint must pass :func:`acceptance_failure` with ``max_ppl_ratio``, or it is not
+    written and :class:`GptqRejected` says why; ``max_ppl_ratio=None`` only reports (the caller applies the rule).
     """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
     _validate(bits, group_size, samples, seq_len)
+    if max_ppl_ratio is not None and not (math.isfinite(max_ppl_ratio) and max_ppl_ratio >= 1.0):
+        raise KomtError(f"--max-ppl-ratio {max_ppl_ratio}: the bound is a ratio to the original's perplexity, "
+                        "a finite number of at least 1")
     dev = select_device(device)
     out = check_output_dir(Path(out))
     resolved = resolve(model, adapter=adapter, allow_pickle=allow_pickle)
@@ -642,8 +667,16 @@ def gptq(model: str, out: str | Path = "dist", *, bits: int = 4, group_size: int
             report = None
             if check:
                 say("checking: reload with transformers, Korean generation, held-out Korean perplexity")
-                report = check_checkpoint(tmp, source_dir, template, dev, eval_tokens=eval_tokens)
+                try:
+                    report = check_checkpoint(tmp, source_dir, template, dev, eval_tokens=eval_tokens)
+                    failure = acceptance_failure(report, max_ppl_ratio) if max_ppl_ratio is not None else None
+                except GptqRejected as err:  # it does not reload
+                    failure = str(err)
+                if failure:  # raised inside atomic_dir: the checkpoint is not kept
+                    raise GptqRejected(f"GPTQ checkpoint rejected, nothing written to {final}: {failure}")
                 warnings += report.problems
+            else:
+                warnings.append("not checked (--no-check): reload and Korean perplexity were not verified")
             result = GptqResult(path=final, device=describe_device(dev), bits=bits, group_size=group_size,
                                 desc_act=desc_act, calibration=calib.summary(), quantize_seconds=quantize_seconds,
                                 total_seconds=0.0, peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu,

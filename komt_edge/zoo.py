@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,15 +31,29 @@ class ZooModel:
     def template(self) -> PromptTemplate:
         return template_for(self.family)
 
+    def declared_base(self) -> str | None:
+        """``base_model_name_or_path`` of the adapter's adapter_config.json when huggingface_hub's cache holds it
+        (no network), else None."""
+        if not self.adapter:
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(self.adapter, "adapter_config.json")
+        return _declared_base(Path(cached).parent) if isinstance(cached, str) else None
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "template": self.template.format("{prompt}")}
+        return {**asdict(self), "template": self.template.format("{prompt}"),
+                "adapter_config_base": self.declared_base()}
 
     def summary(self) -> str:
+        declared = self.declared_base()
         return "\n".join([
             f"{self.name}  ({self.size_label}, {self.architecture}, licence {self.license})",
             f"  aliases:  {', '.join(self.aliases) or '-'}",
             f"  merged:   {self.merged}",
-            f"  adapter:  {self.adapter}  (applies to {self.base})",
+            f"  adapter:  {self.adapter}",
+            f"  base:     {self.base} (komt-edge's table); adapter_config.json: "
+            + (declared or "not downloaded yet") + " (used when it is a Hub id)",
             f"  template: {self.template.format('{prompt}')!r}",
         ])
 
@@ -165,8 +180,11 @@ def resolve(model: str, *, adapter: str | None = None, allow_pickle: bool = Fals
     if entry is not None:
         if adapter is None and prefer_adapter and entry.adapter:
             adapter_path = resolve_adapter(entry.adapter)
-            base = download(entry.base, allow_pickle=allow_pickle)
-            return ResolvedModel(base, entry.name, entry, entry.base, adapter_path)
+            choice = adapter_base(adapter_path, entry)
+            if choice.note:
+                print(f"note: {choice.note}", file=sys.stderr)
+            base = download(choice.base or entry.base, allow_pickle=allow_pickle)
+            return ResolvedModel(base, entry.name, entry, choice.base or entry.base, adapter_path)
         path = download(entry.merged, allow_pickle=allow_pickle)
         return ResolvedModel(path, entry.name, entry, entry.merged, resolve_adapter(adapter) if adapter else None)
     if "/" in model and not model.startswith((".", "/", "~")) and model.count("/") == 1:
@@ -175,6 +193,48 @@ def resolve(model: str, *, adapter: str | None = None, allow_pickle: bool = Fals
     known = ", ".join(m.name for m in ZOO)
     raise KomtError(f"unknown MODEL {model!r}: not a local folder, zoo name or Hub id (ORG/NAME); "
                     f"zoo names: {known}")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _declared_base(adapter_dir: Path) -> str | None:
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+@dataclass(frozen=True)
+class AdapterBase:
+    """The model a LoRA adapter applies to, and where that answer came from."""
+
+    base: str | None  # the Hub id used; None when neither source names one
+    declared: str | None  # the adapter's adapter_config.json base_model_name_or_path, as written
+    table: str | None  # komt-edge's zoo table
+    note: str | None = None  # set when both exist and disagree: which was used and why
+
+
+def adapter_base(adapter_dir: Path, entry: ZooModel | None = None) -> AdapterBase:
+    """The rule: the adapter's own ``base_model_name_or_path`` when it is a Hub id (the model it was trained on);
+    otherwise komt-edge's zoo table (komt's adapters may name a local training path)."""
+    declared = _declared_base(adapter_dir)
+    table = entry.base if entry is not None else None
+    is_hub_id = (declared is not None and _HUB_ID.fullmatch(declared) is not None
+                 and not declared.startswith((".", "/", "~")) and not Path(declared).expanduser().exists())
+    if is_hub_id:
+        note = None
+        if table is not None and declared.lower() != table.lower():
+            note = (f"the adapter's adapter_config.json names {declared} as its base, komt-edge's zoo table "
+                    f"says {table}: using {declared}, the model the adapter was trained on")
+        return AdapterBase(declared, declared, table, note)
+    note = None
+    if table is not None and declared is not None:
+        note = (f"the adapter's adapter_config.json names {declared!r} as its base, which is not a Hub id: "
+                f"using {table} from komt-edge's zoo table")
+    return AdapterBase(table, declared, table, note)
 
 
 def check_not_a_file(model: str, what: str = "MODEL") -> None:

@@ -11,7 +11,12 @@ It implements the routes huggingface_hub uses to publish a model with plain LFS 
 - ``POST /{repo}.git/info/lfs/objects/batch``                basic or multipart transfer, no actions when present
 - ``PUT  /_lfs/{repo}/{oid}[/{part}]``, ``POST …/complete``, ``POST …/verify``
 - ``POST /api/models/{repo}/commit/{rev}``                   NDJSON header / file / lfsFile / deletedFile lines
-- ``HEAD|GET /{repo}/resolve/{rev}/{path}``                  downloads (hf_hub_download)
+- ``HEAD|GET /{repo}/resolve/{rev}/{path}``                  downloads (hf_hub_download, snapshot_download):
+                                                             X-Repo-Commit, ETag (git blob oid, or sha256 for
+                                                             LFS with X-Linked-Etag/-Size), Content-Length
+- gated repos (``add_repo(..., gated=True)``): 401 / 403 with ``X-Error-Code: GatedRepo``
+- ``GET /api/datasets/{repo}[/revision/{rev}]``, ``…/tree/{rev}``, ``HEAD|GET /datasets/{repo}/resolve/{rev}/{path}``: datasets,
+  read only, added with ``add_repo("datasets/ORG/NAME", files)``
 - ``POST /api/validate-yaml``                                the Hub's model-card metadata rules for the fields
                                                              komt-edge writes (see ``validate_metadata``)
 
@@ -170,6 +175,7 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)
     commits: dict[str, Commit] = field(default_factory=dict)
     lfs_objects: set[str] = field(default_factory=set)
+    gated: bool = False  # a licence-gated repo nobody here has accepted: 401 without a token, 403 with one
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -294,10 +300,11 @@ class HubServer:
         with self.lock:
             return [r for r in self.log if (route is None or r[2] == route) and (method is None or r[0] == method)]
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes], *, private: bool = False) -> None:
+    def add_repo(self, repo_id: str, files: dict[str, bytes], *, private: bool = False, gated: bool = False) -> None:
         """Create a repo with some files directly, as someone else might have."""
         with self.lock:
             self._create(repo_id, private)
+            self.repos[repo_id].gated = gated
             entries = dict(self.head(repo_id).files)
             for path, data in files.items():
                 entries[path] = self._store(data, lfs=self._is_lfs(repo_id, "main", path, len(data)))
@@ -367,6 +374,10 @@ _ROUTES = [
     ("PUT", r"/_lfs/(?P<repo>[^/]+/[^/]+)/(?P<oid>[0-9a-f]{64})(?:/(?P<part>\d+))?", "lfs_put"),
     ("POST", r"/_lfs/(?P<repo>[^/]+/[^/]+)/(?P<oid>[0-9a-f]{64})/complete", "lfs_complete"),
     ("POST", r"/_lfs/(?P<repo>[^/]+/[^/]+)/(?P<oid>[0-9a-f]{64})/verify", "lfs_verify"),
+    ("GET", r"/api/datasets/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "dataset_tree"),
+    ("GET", r"/api/datasets/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?", "dataset_info"),
+    ("HEAD", r"/datasets/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "dataset_resolve"),
+    ("GET", r"/datasets/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "dataset_resolve"),
     ("HEAD", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
     ("GET", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
 ]
@@ -506,6 +517,9 @@ class _Handler(BaseHTTPRequestHandler):
             repo_id.split("/")[0] == token.user or repo_id.split("/")[0] in token.orgs)))
         if not visible:
             raise HTTPError(404 if token else 401, "Repository not found", "RepoNotFound")
+        if repo.gated and not write:
+            raise HTTPError(403 if token else 401, f"Access to model {repo_id} is restricted. You must have access "
+                            "to it and be authenticated to access it. Please log in.", "GatedRepo")
         if write and not self._can_write(repo_id.split("/")[0]):
             raise HTTPError(403, f"You don't have write access to {repo_id}")
         return repo
@@ -782,6 +796,16 @@ class _Handler(BaseHTTPRequestHandler):
             raise HTTPError(500, "Internal Error (the commit was applied; injected lost response)")
         return self._json({"success": True, "commitOid": commit.oid,
                            "commitUrl": f"{hub.url}/{repo}/commit/{commit.oid}", "pullRequestUrl": None})
+
+    # Datasets (read only): stored as "datasets/ORG/NAME" (``add_repo("datasets/ORG/NAME", ...)``).
+    def _dataset_info(self, repo: str, rev: str = "main") -> int:
+        return self._repo_info("datasets/" + repo, rev)
+
+    def _dataset_tree(self, repo: str, rev: str, path: str = "") -> int:
+        return self._tree("datasets/" + repo, rev, path)
+
+    def _dataset_resolve(self, repo: str, rev: str, path: str) -> int:
+        return self._resolve("datasets/" + repo, rev, path)
 
     def _resolve(self, repo: str, rev: str, path: str) -> int:
         r = self._repo(repo)

@@ -213,10 +213,59 @@ def test_judge_against_a_local_openai_compatible_server(tiny_ggufs):
                        max_tokens=8, n_threads=N_THREADS, progress=False)
     assert report.template == "mistral"  # read from the file's komt chat template
     assert len(report.answers) == 2 and all(a.judge_reply is not None for a in report.answers)
-    assert 0 <= report.score <= 10 and report.percentage == pytest.approx(100 * report.average / 5)
+    # a random tiny judge rarely writes "점수: N": whatever it wrote is scored by the parser's rule, unscored as 0
+    from komt_edge.bench.judge import parse_score
+
+    for a in report.answers:
+        assert (a.parsed, a.score) == ((True, parse_score(a.judge_reply)) if parse_score(a.judge_reply) is not None
+                                       else (False, 0))
+    assert report.score == sum(a.score for a in report.answers)
     assert "| mistral-Q4_0.gguf |" in report.markdown()
     data = report.to_dict()
     assert data["questions"] == 2 and "점수: N" in data["judge_prompt"]
+
+
+def test_judge_scores_what_a_scoring_judge_answers(tiny_ggufs):
+    """A judge endpoint that does score (a scripted OpenAI-compatible server: 4 points when the prompt carries the
+    model's answer, else 1): the scores, their sum, average and percentage are the judge's."""
+    import http.server
+    import threading
+
+    from komt_edge.bench import judge
+    from komt_edge.bench.judge import KOREAN_QUESTIONS
+
+    prompts: list[str] = []
+
+    class Judge(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body["messages"][-1]["content"]
+            prompts.append(prompt)
+            reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": "평가.\n점수: 4"}}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply.encode())))
+            self.end_headers()
+            self.wfile.write(reply.encode())
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        report = judge(tiny_ggufs["q4_0"], judge_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+                       judge_model="scripted", questions=KOREAN_QUESTIONS[:3], max_tokens=8, n_threads=N_THREADS,
+                       progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    graded = [p for p in prompts if "[답변]" in p]  # after judge()'s one probe of the endpoint
+    assert len(graded) == 3 and len(prompts) == 4
+    for answer, prompt in zip(report.answers, graded):
+        assert answer.question in prompt and answer.answer.strip() in prompt  # the judge saw question and answer
+        assert (answer.score, answer.parsed) == (4, True)
+    assert report.score == 12 and report.average == 4.0 and report.percentage == pytest.approx(80.0)
 
 
 def test_judge_cli_serves_a_gguf_judge_offline(tiny_ggufs, tmp_path, monkeypatch, capsys):

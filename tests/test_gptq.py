@@ -280,7 +280,7 @@ def test_calibration_renders_instruction_data_in_the_template(tiny_mistral, tiny
                                 max_tokens=10**9)
         text = tok.decode([i for w in windows.windows for i in w], skip_special_tokens=True)
         assert text.count(marker) >= 10
-        assert all(w[0] == tok.bos_token_id for w in windows.windows) or folder == tiny_llama
+        assert tok.bos_token_id == 1 and all(w[0] == tok.bos_token_id for w in windows.windows)
 
 
 def test_user_calibration_file(tiny_mistral, tmp_path):
@@ -306,8 +306,25 @@ def test_output_name():
     assert output_name("org/x y", 4, 32, True) == "org-x-y-GPTQ-4bit-g32-actorder"
 
 
-def test_supported_group_sizes_are_vllm_marlin_sizes():
-    assert set(SUPPORTED_GROUP_SIZES) == {-1, 32, 64, 128}
+def test_supported_bits_and_group_sizes_are_what_the_format_reader_reads(tmp_path):
+    """Every accepted --bits round-trips through unpack_rows (GPTQ v1 packing, lowest bits first); the refused
+    ones are refused before any work (here: before the model is even looked up)."""
+    from komt_edge.gptq import SUPPORTED_BITS
+
+    torch.manual_seed(0)
+    missing = str(tmp_path / "no-such-model")
+    for bits in SUPPORTED_BITS:
+        k = 32 // bits
+        values = torch.randint(0, 1 << bits, (4 * k, 3), dtype=torch.int64)
+        packed = sum(values[j::k] << (bits * j) for j in range(k))  # row r holds rows r*k … r*k+k-1
+        packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+        assert torch.equal(unpack_rows(packed, bits).long(), values), bits
+    for bits, group in [(b, 128) for b in SUPPORTED_BITS] + [(4, g) for g in SUPPORTED_GROUP_SIZES]:
+        with pytest.raises(KomtError, match="unknown MODEL"):  # accepted: it went on to look for the model
+            gptq(missing, tmp_path / "out", bits=bits, group_size=group, device="cpu", progress=False)
+    for bits, group in ((3, 128), (5, 128), (4, 16), (4, 256)):
+        with pytest.raises(KomtError, match="is not supported"):
+            gptq(missing, tmp_path / "out", bits=bits, group_size=group, device="cpu", progress=False)
 
 
 def test_device_selection(monkeypatch):
@@ -326,3 +343,91 @@ def test_device_selection(monkeypatch):
         select_device("cuda:2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert select_device("auto") == torch.device("cpu")
+
+
+# --- acceptance: a checkpoint that fails its check is not published -----------------------------------------
+
+def _damaged_copy(folder: Path, dest: Path, **changes) -> Path:
+    """A copy of a GPTQ checkpoint with some tensors replaced (name → function of the tensor)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, dest)
+    for shard in dest.glob("*.safetensors"):
+        t = load_file(str(shard))
+        t.update({name: fn(t[name]).contiguous() for name, fn in changes.items() if name in t})
+        save_file(t, str(shard), metadata={"format": "pt"})
+    return dest
+
+
+def test_cli_max_ppl_ratio_default_is_the_librarys():
+    from komt_edge.cli.gptq import gptq_cmd
+    from komt_edge.gptq import GPTQ_MAX_PPL_RATIO
+
+    option = next(p for p in gptq_cmd.params if p.name == "max_ppl_ratio")
+    assert option.default == GPTQ_MAX_PPL_RATIO == 1.5
+
+
+def test_a_damaged_quantization_fails_the_command(tiny_mistral, tmp_path, monkeypatch, capsys):
+    """GPTQ scales of one layer turned to NaN after quantizing: the check finds a non-finite perplexity, the
+    command exits 1 with one line, and no checkpoint (nor any partial) is left."""
+    import komt_edge.gptq as g
+    from safetensors.torch import load_file, save_file
+
+    from .conftest import run_cli
+
+    finish = g._finish_checkpoint
+
+    def finish_then_damage(folder, *args, **kwargs):
+        finish(folder, *args, **kwargs)
+        shard = folder / "model.safetensors"
+        t = load_file(str(shard))
+        t["model.layers.0.mlp.down_proj.scales"] = torch.full_like(t["model.layers.0.mlp.down_proj.scales"],
+                                                                   float("nan"))
+        save_file(t, str(shard), metadata={"format": "pt"})
+
+    monkeypatch.setattr(g, "_finish_checkpoint", finish_then_damage)
+    out = tmp_path / "out"
+    code, _, err = run_cli(monkeypatch, capsys, "gptq", str(tiny_mistral), "-o", str(out), "--device", "cpu",
+                           "--samples", "4", "--seq-len", "64", "--eval-tokens", "256")
+    assert code == 1 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err  # progress above, then one line
+    assert "GPTQ checkpoint rejected" in errors[0] and "perplexity is not finite" in errors[0]
+    assert list(out.iterdir()) == []
+
+
+def test_acceptance_rule_on_damaged_checkpoints(mistral_run, tiny_mistral, mistral_adapter, tmp_path):
+    """The rule the command and the release apply, on the real check of real (then damaged) checkpoints."""
+    from komt_edge.gptq import GptqRejected, acceptance_failure, check_checkpoint
+    from komt_edge.merge import merge
+
+    folder = mistral_run[1]
+    reference = merge(tiny_mistral, mistral_adapter, tmp_path / "merged", progress=False)
+    cpu = torch.device("cpu")
+    good = check_checkpoint(folder, reference, MISTRAL, cpu, eval_tokens=512)
+    assert acceptance_failure(good) is None and 0.8 < good.ppl_ratio < 1.25
+    assert acceptance_failure(None) == "the GPTQ checkpoint was not checked"
+
+    # output layer ×40 after quantizing: confident wrong answers, a finite perplexity many times the original's
+    loud = _damaged_copy(folder, tmp_path / "loud", **{"lm_head.weight": lambda w: w * 40})
+    k = check_checkpoint(loud, reference, MISTRAL, cpu, eval_tokens=512)
+    assert math.isfinite(k.ppl_gptq) and k.ppl_ratio > 3, k.ppl_ratio
+    failure = acceptance_failure(k)
+    assert failure is not None and f"×{k.ppl_ratio:.2f} the original's" in failure and "(bound ×1.5)" in failure
+    assert acceptance_failure(k, max_ppl_ratio=k.ppl_ratio * 1.01) is None  # the bound is the one applied
+
+    # a chat template that does not render the komt prompt
+    wrong = _damaged_copy(folder, tmp_path / "template")
+    cfg = json.loads((wrong / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = LLAMA.chat_template
+    (wrong / "tokenizer_config.json").write_text(json.dumps(cfg))
+    k = check_checkpoint(wrong, reference, MISTRAL, cpu, eval_tokens=256)
+    assert not k.template_ok and "chat template does not render the komt prompt" in acceptance_failure(k)
+
+    # weights that do not load: a one-line rejection, not a traceback
+    broken = _damaged_copy(folder, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:4096])
+    with pytest.raises(GptqRejected, match="does not reload in transformers"):
+        check_checkpoint(broken, reference, MISTRAL, cpu, eval_tokens=256)

@@ -88,3 +88,46 @@ def test_fan_in_fan_out_on_linear_layers_merges_as_peft_does(tiny_mistral, mistr
     base = AutoModelForCausalLM.from_pretrained(tiny_mistral, dtype=torch.bfloat16).state_dict()
     changed = sum(not torch.equal(base[n], ours[n]) for n in base)
     assert changed >= 14  # q/k/v/o/gate/up/down of both layers were merged, not skipped
+
+
+@pytest.mark.parametrize("variant", ["rslora", "rank_and_alpha_pattern", "modules_to_save"])
+def test_peft_variants_merge_like_peft(variant, tiny_llama, tmp_path):
+    """rsLoRA (scale α/√r), per-module rank_pattern / alpha_pattern, and modules_to_save (a full replacement
+    tensor) merge exactly as peft's merge_and_unload does."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(7)
+    kwargs = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    if variant == "rslora":
+        kwargs["use_rslora"] = True
+    elif variant == "rank_and_alpha_pattern":
+        kwargs.update(rank_pattern={"v_proj": 4, "layers.1.self_attn.q_proj": 2},
+                      alpha_pattern={"down_proj": 64, "layers.0.self_attn.q_proj": 3})
+    else:
+        kwargs["modules_to_save"] = ["lm_head"]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), LoraConfig(**kwargs))
+    if variant == "modules_to_save":
+        with torch.no_grad():
+            saved = model.base_model.model.lm_head.modules_to_save["default"].weight
+            saved.add_(torch.randn_like(saved) * 0.05)
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if variant == "rslora":
+        assert config["use_rslora"] is True
+    elif variant == "rank_and_alpha_pattern":
+        assert config["rank_pattern"] and config["alpha_pattern"]
+    else:
+        assert config["modules_to_save"] == ["lm_head"]
+
+    out = merge(tiny_llama, adapter, tmp_path / "merged")
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    ref = _peft_merged(tiny_llama, adapter, torch.float32).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).state_dict()
+    assert sorted(ours) == sorted(ref)
+    for name in ours:
+        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6)
+    changed = {n for n in ours if not torch.equal(ref[n], base[n])}
+    if variant == "modules_to_save":
+        assert "lm_head.weight" in changed
+    assert "model.layers.1.self_attn.q_proj.weight" in changed and "model.layers.0.mlp.down_proj.weight" in changed

@@ -249,7 +249,11 @@ def test_cuda_asked_for_but_absent_is_a_clear_error(monkeypatch, capsys, tiny_mi
         choose_precision(4, "auto", cuda_available=False)
     with pytest.raises(KomtError, match="--bits 16 needs a CUDA GPU"):
         choose_precision(16, "cpu", cuda_available=True)
-    # The real machine has no GPU: through the CLI, one line, before anything is loaded.
+    # Through the CLI on a machine without a GPU (torch made to see none, so that a GPU machine runs it too): one
+    # line, before anything is loaded.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, _, err = run_cli(monkeypatch, capsys, "train", "--model", str(tiny_mistral), "--data", str(DATA),
                            "-o", str(tmp_path / "out"), "--device", "cuda")
     assert code == 1 and "--device cuda" in error_line(err)

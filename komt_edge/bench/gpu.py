@@ -102,7 +102,8 @@ def _llama_cpp_rows(files: Sequence[str], n_prompt: int, n_gen: int, repetitions
 
 def _transformers_row(engine: str, model: str, dtype: str, n_prompt: int, n_gen: int, repetitions: int) -> CudaRow:
     """Prefill tokens/s (one forward pass over n_prompt random tokens) and generation tokens/s (greedy
-    ``generate`` of exactly n_gen new tokens, prefill time subtracted), mean over repetitions after a warm-up."""
+    ``generate`` of exactly n_gen new tokens from a one-token prompt; that one token's forward pass is included in
+    the time, not subtracted), mean over repetitions after a warm-up."""
     import torch
     from transformers import AutoModelForCausalLM
 
