@@ -102,6 +102,29 @@ class Hparams:
     def is_gemma3(self) -> bool:
         return self.gguf_arch == gguf.MODEL_ARCH.GEMMA3
 
+    def expected_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The shape config.json implies for each kind of tensor (``attn_q.weight``, ``ffn_down.weight``, ...),
+        in the HF layout [out_features, in_features], with the config keys that give it."""
+        hp = self
+        q_rows, kv_rows = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        return {  # HF layout: [out_features, in_features]
+            "attn_q.weight": ((q_rows, hp.n_embd), "num_attention_heads × head_dim, hidden_size"),
+            "attn_k.weight": ((kv_rows, hp.n_embd), "num_key_value_heads × head_dim, hidden_size"),
+            "attn_v.weight": ((kv_rows, hp.n_embd), "num_key_value_heads × head_dim, hidden_size"),
+            "attn_output.weight": ((hp.n_embd, q_rows), "hidden_size, num_attention_heads × head_dim"),
+            "ffn_gate.weight": ((hp.n_ff, hp.n_embd), "intermediate_size, hidden_size"),
+            "ffn_up.weight": ((hp.n_ff, hp.n_embd), "intermediate_size, hidden_size"),
+            "ffn_down.weight": ((hp.n_embd, hp.n_ff), "hidden_size, intermediate_size"),
+            "attn_norm.weight": ((hp.n_embd,), "hidden_size"),
+            "ffn_norm.weight": ((hp.n_embd,), "hidden_size"),
+            "post_attention_norm.weight": ((hp.n_embd,), "hidden_size"),
+            "post_ffw_norm.weight": ((hp.n_embd,), "hidden_size"),
+            "attn_q_norm.weight": ((hp.head_dim,), "head_dim"),
+            "attn_k_norm.weight": ((hp.head_dim,), "head_dim"),
+            "output_norm.weight": ((hp.n_embd,), "hidden_size"),
+            "output.weight": ((hp.vocab_size, hp.n_embd), "vocab_size, hidden_size"),
+        }
+
     @classmethod
     def from_config(cls, cfg: dict, folder: Path) -> "Hparams":
         archs = cfg.get("architectures") or []
@@ -247,24 +270,7 @@ class Converter:
     def _check_shape(self, gguf_name: str, hf_name: str, shape: tuple[int, ...]) -> None:
         """A weight whose shape disagrees with config.json makes a file llama.cpp refuses to load: stop here."""
         hp = self.hp
-        q_rows, kv_rows = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
-        expected = {  # HF layout: [out_features, in_features]
-            "attn_q.weight": ((q_rows, hp.n_embd), "num_attention_heads × head_dim, hidden_size"),
-            "attn_k.weight": ((kv_rows, hp.n_embd), "num_key_value_heads × head_dim, hidden_size"),
-            "attn_v.weight": ((kv_rows, hp.n_embd), "num_key_value_heads × head_dim, hidden_size"),
-            "attn_output.weight": ((hp.n_embd, q_rows), "hidden_size, num_attention_heads × head_dim"),
-            "ffn_gate.weight": ((hp.n_ff, hp.n_embd), "intermediate_size, hidden_size"),
-            "ffn_up.weight": ((hp.n_ff, hp.n_embd), "intermediate_size, hidden_size"),
-            "ffn_down.weight": ((hp.n_embd, hp.n_ff), "hidden_size, intermediate_size"),
-            "attn_norm.weight": ((hp.n_embd,), "hidden_size"),
-            "ffn_norm.weight": ((hp.n_embd,), "hidden_size"),
-            "post_attention_norm.weight": ((hp.n_embd,), "hidden_size"),
-            "post_ffw_norm.weight": ((hp.n_embd,), "hidden_size"),
-            "attn_q_norm.weight": ((hp.head_dim,), "head_dim"),
-            "attn_k_norm.weight": ((hp.head_dim,), "head_dim"),
-            "output_norm.weight": ((hp.n_embd,), "hidden_size"),
-            "output.weight": ((hp.vocab_size, hp.n_embd), "vocab_size, hidden_size"),
-        }
+        expected = hp.expected_shapes()
         kind = gguf_name.split(".", 2)[2] if gguf_name.startswith("blk.") else gguf_name
         want = expected.get(kind)
         if gguf_name == "token_embd.weight":

@@ -96,6 +96,7 @@ class CardSpec:
     architecture: str | None = None
     size_label: str | None = None
     imatrix: dict | None = None  # file, dataset, chunks, chunk_size, types: the importance matrix used
+    lora: dict | None = None  # the adapter as llama.cpp's LoRA GGUF: file, size, base, alpha, ranks
 
     @property
     def template(self) -> PromptTemplate:
@@ -270,6 +271,50 @@ def _usage_gguf(spec: CardSpec) -> list[str]:
         "```bash",
         f"ollama create {short} -f Modelfile && ollama run {short}",
         "```",
+    ] + (_usage_lora(spec, stops, short) if spec.lora else [])
+
+
+def _lora_verified(lora: dict) -> str:
+    v = lora.get("verify") or {}
+    if not v.get("passed"):
+        return ""
+    return (f" komt-edge verified it as published: llama.cpp applying it to an F16 GGUF of the base against the "
+            f"Hugging Face base + peft adapter on Korean prompts, mean KL {v['mean_kl']:.2e}, top-1 {v['top1']:.1%} "
+            f"over {v['tokens']} tokens.")
+
+
+def _usage_lora(spec: CardSpec, stops: str, short: str) -> list[str]:
+    """The adapter alone, applied by llama.cpp at run time on a GGUF of the base (not on this repo's merged files,
+    which hold it already)."""
+    lora, t = spec.lora, spec.template
+    file, base = lora["file"], lora.get("base") or "the base model"
+    model = "BASE-Q4_K_M.gguf"
+    return [
+        "", "### The komt adapter on its own (run-time LoRA)", "",
+        f"{_file_link(spec, file)} ({fmt_size(lora['size'])}) is the komt LoRA adapter as llama.cpp's adapter GGUF. "
+        f"llama.cpp applies it at run time to any GGUF of **{base}** (below `{model}`, a file you convert or "
+        "download), so one base file serves several adapters. Do not apply it to this repo's files: they have the "
+        "adapter merged in already." + _lora_verified(lora) + " Check your own pair with `komt-edge verify BASE.gguf "
+        f"--lora {file} --hf {base} --adapter ADAPTER`.", "",
+        "```bash",
+        f"llama-cli -m {model} --lora {file} -cnv",
+        f"llama-server -m {model} --lora {file}        # adapters can be rescaled per request: /lora-adapters",
+        "```", "",
+        "```python",
+        "from llama_cpp import Llama",
+        "",
+        f'llm = Llama(model_path="{model}", lora_path="{file}", n_ctx=2048)',
+        "```", "",
+        "Ollama Modelfile:", "",
+        "```",
+        f"FROM ./{model}",
+        f"ADAPTER ./{file}",
+        f'TEMPLATE """{_ollama_template(t)}"""',
+        stops,
+        "```", "",
+        "```bash",
+        f"ollama create {short}-lora -f Modelfile && ollama run {short}-lora",
+        "```",
     ]
 
 
@@ -401,6 +446,7 @@ class ReleaseData:
     gptq_files: dict[str, tuple[int, str]] = field(default_factory=dict)  # path in the repo → (size, sha256)
     gptq_tools: dict[str, str] = field(default_factory=dict)  # versions the gptq stage recorded
     imatrix: dict | None = None  # the gguf stage's importance matrix: file, dataset, chunks, chunk_size, types
+    lora: dict | None = None  # the lora stage's adapter GGUF: file, size, base, alpha, ranks
 
 
 def _sources(origin: ModelOrigin) -> list[Source]:
@@ -473,7 +519,7 @@ def release_cards(origin: ModelOrigin, data: ReleaseData) -> list[CardSpec]:
     cards = [CardSpec(kind="gguf", repo_id=data.gguf_repo, rows=rows, files=dict(data.gguf_files),
                       tools={k: v for k, v in data.tools.items() if v}, bench_machine=data.bench.get("machine"),
                       verify_tokens=next((v.get("tokens") for v in data.verify.values()), None),
-                      imatrix=data.imatrix, **common)]
+                      imatrix=data.imatrix, lora=data.lora, **common)]
     if data.gptq is not None:
         g, files = data.gptq, data.gptq_files
         row = CardRow(g.get("quant") or f"GPTQ-{g.get('bits', 4)}bit", sorted(files),

@@ -21,6 +21,7 @@ import numpy as np
 
 from .atomic import atomic_file, check_output_file
 from .converters.gguf_file import file_info
+from .converters.lora_to_gguf import check_lora_fits
 from .errors import KomtError
 from .llama_log import load_errors, reason
 from .zoo import model_template, resolve
@@ -156,6 +157,7 @@ class VerifyReport:
     tokenizer: TokenizerParity
     logits: LogitParity
     generation: Generation
+    lora: str | None = None  # the LoRA adapter GGUF llama.cpp applied to ``file`` at run time
 
     @property
     def passed(self) -> bool:
@@ -171,7 +173,7 @@ class VerifyReport:
         t, lg, g = self.tokenizer, self.logits, self.generation
         b = lg.bounds
         lines = [
-            f"{Path(self.file).name} ({self.file_type})",
+            f"{Path(self.file).name}{f' + {Path(self.lora).name}' if self.lora else ''} ({self.file_type})",
             f"  tokenizer parity: {t.probes - len(t.mismatches)}/{t.probes} Korean probes identical"
             + ("" if t.passed else "  FAIL"),
         ]
@@ -235,9 +237,17 @@ def compare_logits(ref: np.ndarray, test: np.ndarray, bounds: Bounds) -> LogitPa
                        mean_kl=float(kl.mean()), max_kl=float(kl.max()), top1=top1, bounds=bounds)
 
 
-def _hf_model(hf_path: Path, adapter: Path | None, dtype: str):
+def _hf_model(hf_path: Path, adapter: Path | None, dtype: str, *, merge: bool = True):
     import torch
     from transformers import AutoModelForCausalLM
+
+    if adapter is not None and not merge:
+        # What llama.cpp computes with a LoRA file: the base's weights and the adapter's own path, unmerged.
+        from peft import PeftModel
+
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        base = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch_dtype)
+        return PeftModel.from_pretrained(base, adapter).eval()
 
     # Merge in the checkpoint's own dtype, as the converter does, then compute in ``dtype``: the reference is
     # the model that was converted, not a float32 re-merge that no file can contain.
@@ -279,15 +289,19 @@ class Reference:
 
 
 def load_reference(hf: str, *, adapter: str | None = None, allow_pickle: bool = False, template: str | None = None,
-                   hf_dtype: str = "float32", n_ctx: int = 512) -> Reference:
-    """Tokenize the Korean prompts and run the HF model on them (base + adapter merged in its own dtype)."""
+                   hf_dtype: str = "float32", n_ctx: int = 512, merge_adapter: bool = True) -> Reference:
+    """Tokenize the Korean prompts and run the HF model on them (base + adapter merged in its own dtype, or with
+    ``merge_adapter=False`` the base and peft's unmerged adapter, as llama.cpp applies a LoRA file)."""
     import torch
 
     resolved = resolve(hf, adapter=adapter, allow_pickle=allow_pickle)
+    if not merge_adapter and resolved.adapter is None:
+        raise KomtError(f"--lora needs the peft adapter it was converted from as the reference: pass --adapter "
+                        f"ADAPTER (or a zoo name as --hf); {hf} alone is the base without it")
     tokenizer = ReferenceTokenizer(resolved.path)
     cfg = json.loads((resolved.path / "config.json").read_text(encoding="utf-8"))
     tmpl = model_template(resolved, template)
-    model = _hf_model(resolved.path, resolved.adapter, hf_dtype)
+    model = _hf_model(resolved.path, resolved.adapter, hf_dtype, merge=merge_adapter)
     prompt_ids, logits = [], []
     for prompt in KOREAN_PROMPTS:
         ids = tokenizer.encode(tmpl.format(prompt))[:n_ctx]
@@ -301,8 +315,12 @@ def load_reference(hf: str, *, adapter: str | None = None, allow_pickle: bool = 
 def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_pickle: bool = False,
            template: str | None = None, n_threads: int | None = None, n_ctx: int = 512,
            hf_dtype: str = "float32", max_new_tokens: int = 40, bounds: Bounds | None = None,
-           overrides: BoundOverrides | None = None, reference: Reference | None = None) -> VerifyReport:
+           overrides: BoundOverrides | None = None, reference: Reference | None = None,
+           lora: str | Path | None = None) -> VerifyReport:
     """Check FILE against the HF model ``hf`` (zoo name, Hub id or folder); see the module docstring.
+
+    With ``lora`` (a LoRA adapter GGUF, `komt-edge gguf-lora`), FILE is the base, llama.cpp applies the adapter at
+    run time, and the reference is the HF base with the peft ``adapter`` unmerged; the bounds are FILE's type's.
 
     The bounds are ``bounds``, else the file type's defaults with ``overrides`` applied. Pass ``reference`` (from
     ``load_reference``) to check several files against one HF forward pass.
@@ -316,16 +334,22 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
     info = file_info(path)
     file_type, chat_template = info.file_type, info.chat_template
     bounds = bounds or (overrides or BoundOverrides()).apply(bounds_for(file_type))
+    if lora is not None:
+        if not Path(lora).is_file():
+            raise KomtError(f"--lora {lora} does not exist: run `komt-edge gguf-lora` first")
+        check_lora_fits(Path(lora), path)
     try:
         with load_errors() as errors:
             llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                        logits_all=True, verbose=False, seed=0)
+                        logits_all=True, verbose=False, seed=0, lora_path=None if lora is None else str(lora))
     except ValueError as err:
-        raise KomtError(f"llama.cpp could not load {path}: {reason(errors) or err}; convert it again with "
-                        "`komt-edge gguf`") from None
+        what = f"{path} with the LoRA adapter {lora}" if lora is not None else str(path)
+        fix = "`komt-edge gguf-lora` for this base" if lora is not None else "`komt-edge gguf`"
+        raise KomtError(f"llama.cpp could not load {what}: {reason(errors) or err}; convert it again with "
+                        f"{fix}") from None
     try:
         ref = reference or load_reference(hf, adapter=adapter, allow_pickle=allow_pickle, template=template,
-                                          hf_dtype=hf_dtype, n_ctx=n_ctx)
+                                          hf_dtype=hf_dtype, n_ctx=n_ctx, merge_adapter=lora is None)
         if ref.vocab_size != llm.n_vocab():
             raise KomtError(f"{path.name} has {llm.n_vocab()} tokens but {ref.hf} has {ref.vocab_size}: the file "
                             "was not made from this model; pass the model it was converted from")
@@ -360,7 +384,7 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
         generation = Generation(prompt, text, template_ok, rendered)
     finally:
         llm.close()
-    return VerifyReport(str(path), file_type, parity, logits, generation)
+    return VerifyReport(str(path), file_type, parity, logits, generation, None if lora is None else str(lora))
 
 
 @dataclass
@@ -392,7 +416,7 @@ class VerifyRun:
 def verify_files(files: Sequence[str | Path], hf: str, *, adapter: str | None = None, allow_pickle: bool = False,
                  template: str | None = None, hf_dtype: str = "float32", n_threads: int | None = None,
                  overrides: BoundOverrides | None = None, json_out: str | Path | None = None,
-                 log: Callable[[str], None] | None = None) -> VerifyRun:
+                 log: Callable[[str], None] | None = None, lora: str | Path | None = None) -> VerifyRun:
     """Verify each GGUF file of a model against one HF forward pass (see :func:`verify`).
 
     Inputs and the ``json_out`` path are checked before the reference is loaded; each report goes to ``log`` as it
@@ -406,10 +430,16 @@ def verify_files(files: Sequence[str | Path], hf: str, *, adapter: str | None = 
         raise KomtError(f"{missing[0]} does not exist: run `komt-edge gguf` first")
     if json_out is not None:
         json_out = check_output_file(Path(json_out), option="--json")
-    reference = load_reference(hf, adapter=adapter, allow_pickle=allow_pickle, template=template, hf_dtype=hf_dtype)
+    if lora is not None:
+        if not Path(lora).is_file():
+            raise KomtError(f"--lora {lora} does not exist: run `komt-edge gguf-lora` first")
+        for path in paths:  # before the reference is loaded
+            check_lora_fits(Path(lora), path)
+    reference = load_reference(hf, adapter=adapter, allow_pickle=allow_pickle, template=template, hf_dtype=hf_dtype,
+                               merge_adapter=lora is None)
     run = VerifyRun(hf, [])
     for path in paths:
-        report = verify(path, hf, n_threads=n_threads, overrides=overrides, reference=reference)
+        report = verify(path, hf, n_threads=n_threads, overrides=overrides, reference=reference, lora=lora)
         if log is not None:
             log(report.summary())
         run.reports.append(report)
