@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.10",
     packages=["komt_edge", "komt_edge.bench", "komt_edge.cli", "komt_edge.converters", "komt_edge.benchmarks",
               "komt_edge.configs"],
-    package_data={"komt_edge.configs": ["*.json", "*.yaml"]},  # komt-edge train: DeepSpeed/accelerate
+    package_data={"komt_edge.configs": ["*.json", "*.yaml"],  # komt-edge train: DeepSpeed/accelerate
+                  "komt_edge": ["static/*.html"]},  # komt-edge serve: the chat page
     package_dir={
         "komt_edge": "komt_edge",
         "komt_edge.converters": "converters",
@@ -37,9 +38,14 @@ setup(
         "matplotlib>=3.7",  # komt-edge bench plots
         # llama.cpp: pinned, since komt-edge calls its quantization API directly (vendor/llama.cpp.md).
         "llama-cpp-python==0.3.36",
+        # komt-edge serve: the server packages of llama-cpp-python's [server] extra that it uses (that extra is not
+        # requested: it would rebuild llama-cpp-python from source).
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # the real OpenAI client and a real browser (selenium drives Debian's chromium + chromium-driver) for serve
+        "test": ["pytest>=8", "openai>=1.30", "selenium>=4.20"],
         # komt-edge train on CUDA: 4/8-bit loading and paged AdamW (bitsandbytes), --deepspeed, --tensorboard.
         # Not installed by `make install`: the CPU path and the tests need none of them.
         "gpu": ["bitsandbytes>=0.45", "deepspeed>=0.15", "tensorboard>=2.15"],

@@ -39,6 +39,10 @@ class DemoResult:
     def summary(self) -> str:
         lines = ["llama-cpp-python chat, formatted by the komt template stored in each file:", f"  user: {self.prompt}"]
         lines += [f"  {name}: {answer}" for name, answer in self.answers.items()]
+        if self.files:  # nothing is started: the commands to talk to the best file yourself
+            best = next((f for f in self.files if "Q8_0" in f.name), self.files[-1])
+            lines += ["", "Chat with it yourself (in the terminal, or an OpenAI-compatible server with a chat page):",
+                      f"  komt-edge chat {best}", f"  komt-edge serve {best}    # then open http://127.0.0.1:8000/"]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

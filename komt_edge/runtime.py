@@ -1,0 +1,260 @@
+"""Laptop inference, shared by `komt-edge chat` and `komt-edge serve`: which GGUF file MODEL means, and loading it.
+
+MODEL is, in this order:
+
+- a GGUF file (``dist/komt-mistral-7b-v1-Q4_K_M.gguf``);
+- a folder holding GGUF files (``dist/``), one of which ``--quant`` chooses;
+- a zoo name (``komt-mistral-7b``): the GGUF repo ``komt-edge release`` publishes for it, ``ORG/<name>-GGUF``,
+  with ORG from ``--org`` (default: komt's own organization);
+- a Hub GGUF repo (``ORG/NAME-GGUF``), like ``llama-server -hf``.
+
+Hub files come through huggingface_hub (its cache, ``HF_TOKEN``, ``HF_ENDPOINT``); when the Hub cannot be reached
+the files already in the cache are chosen from. ``--quant`` picks the file by its type in the file name
+(``-Q4_K_M.gguf``, ``.Q4_K_M.gguf``, gguf-split shards ``-Q8_0-00001-of-00002.gguf``); the default is Q4_K_M when
+there is one, else the smallest file of at least 4 bits per weight. Importance-matrix and LoRA-adapter files
+(``*.imatrix.gguf``, ``*-LoRA-*.gguf``) are never chosen.
+
+:func:`load` opens the file in llama-cpp-python with the chat template stored in it (the komt template for komt
+files) or a komt family's template (``--template llama|mistral``), and the template's stop strings.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from .card import STOP_STRINGS
+from .converters.gguf_file import GgufHeader, is_gguf
+from .errors import KomtError
+from .llama_log import load_errors, reason
+from .push import is_unreachable, probe, unreachable_message
+from .templates import family_from_chat_template, template_for
+from .zoo import ORG, lookup
+
+DEFAULT_QUANT = "Q4_K_M"
+DEFAULT_CTX = 2048
+CTX_PAD = 256  # llama.cpp rounds n_ctx up to a multiple of this
+
+# <model>-<TYPE>.gguf or <model>.<TYPE>.gguf, optionally a gguf-split shard.
+_QUANT = re.compile(r"[-.](?P<quant>I?Q\d(?:_[A-Z0-9]+)*|TQ\d_\d|BF16|F16|F32)"
+                    r"(?:-(?P<part>\d{5})-of-\d{5})?\.gguf$", re.IGNORECASE)
+
+
+@dataclass
+class Candidate:
+    """One quantization of a model: a file, or the gguf-split shards of one."""
+
+    quant: str
+    files: list[str] = field(default_factory=list)
+    size: int = 0
+
+    @property
+    def bits(self) -> int:
+        digits = re.search(r"\d+", self.quant)
+        return int(digits.group()) if digits else 0
+
+
+def candidates(files: dict[str, int]) -> dict[str, Candidate]:
+    """Group file names (→ sizes) by quantization type; files that name none (imatrix, adapters...) are left out."""
+    found: dict[str, Candidate] = {}
+    for name in sorted(files):
+        base = name.rsplit("/", 1)[-1]
+        m = _QUANT.search(base)
+        if m is None or base.startswith(".") or re.search(r"imatrix|[-.]lora[-.]", base, re.IGNORECASE):
+            continue
+        quant = m.group("quant").upper()
+        if m.group("part") not in (None, "00001") and quant not in found:
+            continue  # a later shard without its first: not a usable file
+        c = found.setdefault(quant, Candidate(quant))
+        c.files.append(name)
+        c.size += files[name]
+    return found
+
+
+def choose(found: dict[str, Candidate], quant: str | None, source: str) -> Candidate:
+    """``quant``'s file, or the default (Q4_K_M, else the smallest ≥ 4-bit file); a missing choice lists them."""
+    have = ", ".join(sorted(found)) or "no GGUF model files"
+    if quant:
+        c = found.get(quant.upper())
+        if c is None:
+            raise KomtError(f"{source} has no {quant} file; it has: {have} (choose one with --quant)")
+        return c
+    if DEFAULT_QUANT in found:
+        return found[DEFAULT_QUANT]
+    usable = [c for c in found.values() if c.bits >= 4]
+    if not usable:
+        raise KomtError(f"{source} has no file of 4 bits or more; it has: {have} (choose one with --quant)")
+    return min(usable, key=lambda c: (c.size, c.quant))
+
+
+def _folder_files(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in folder.glob("*.gguf") if p.is_file()}
+
+
+def _hub_files(repo_id: str, revision: str | None) -> tuple[dict[str, int], Path | None]:
+    """(file → size) of a Hub repo, and None; or, when the Hub cannot be reached, of its cached snapshot folder, and
+    that folder."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    # One short connection first: an unreachable Hub goes to the cache in seconds, not after minutes of retries.
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else probe(constants.ENDPOINT)
+    try:
+        if why is None:
+            tree = HfApi().list_repo_tree(repo_id, revision=revision, recursive=True)
+            return {f.path: int(getattr(f, "size", 0) or 0) for f in tree if f.path.endswith(".gguf")}, None
+    except GatedRepoError:
+        raise KomtError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise KomtError(f"Hub repo {repo_id} was not found (or is private): check the name or --org, set HF_TOKEN, "
+                        f"or publish it with `komt-edge release`") from None
+    except RevisionNotFoundError:
+        raise KomtError(f"revision {revision!r} of {repo_id} does not exist") from None
+    except Exception as err:  # noqa: BLE001 — offline or unreachable: fall back to the cache below
+        if not (isinstance(err, OfflineModeIsEnabled) or is_unreachable(err)):
+            raise KomtError(f"could not list the files of {repo_id}: {err}") from None
+        why = str(err)
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.gguf"], local_files_only=True))
+    except (LocalEntryNotFoundError, OSError):
+        raise KomtError(f"{unreachable_message(constants.ENDPOINT, why)}, and {repo_id} is not in the local cache "
+                        "(or give a GGUF file)") from None
+    return {p.name: p.stat().st_size for p in folder.glob("*.gguf")}, folder
+
+
+def _download(repo_id: str, files: list[str], revision: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    paths = []
+    for name in files:
+        try:
+            paths.append(Path(hf_hub_download(repo_id, name, revision=revision)))
+        except Exception as err:  # noqa: BLE001
+            raise KomtError(f"could not download {name} from {repo_id}: {err}") from None
+    return paths[0]
+
+
+def hub_repo(model: str, org: str | None = None) -> str | None:
+    """The Hub GGUF repo MODEL names: a zoo name's ``ORG/<name>-GGUF``, or MODEL itself when it is ORG/NAME."""
+    zoo = lookup(model)
+    if zoo is not None and not Path(model).exists():
+        return f"{org or ORG}/{zoo.name}-GGUF"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not Path(model).exists():
+        return model
+    return None
+
+
+def resolve_gguf(model: str | Path, *, quant: str | None = None, org: str | None = None,
+                 revision: str | None = None, log=print) -> Path:
+    """The local GGUF file MODEL means (see the module docstring); Hub files are downloaded into the cache."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        if not is_gguf(path):
+            raise KomtError(f"{path} is not a GGUF file: give a .gguf file, a folder of them, a Hub GGUF repo "
+                            "(ORG/NAME-GGUF) or a zoo name")
+        if quant:
+            raise KomtError(f"--quant {quant} chooses among the files of a folder or Hub repo, but {path} is a file")
+        return path
+    if path.is_dir():
+        chosen = choose(candidates(_folder_files(path)), quant, str(path))
+        return path / chosen.files[0]
+    repo = hub_repo(str(model), org)
+    if repo is None:
+        raise KomtError(f"unknown MODEL {str(model)!r}: give a GGUF file, a folder of them, a Hub GGUF repo "
+                        "(ORG/NAME-GGUF) or a zoo name (`komt-edge models`)")
+    files, cached = _hub_files(repo, revision)
+    chosen = choose(candidates(files), quant, repo)
+    if cached is not None:
+        log(f"the Hub is unreachable: using {chosen.files[0]} from the local cache")
+        return cached / chosen.files[0]
+    return _download(repo, chosen.files, revision)
+
+
+@dataclass
+class LoadedModel:
+    """A GGUF file open in llama-cpp-python, with the chat template that formats its chats."""
+
+    path: Path
+    llm: object  # llama_cpp.Llama
+    chat_template: str
+    family: str | None  # the komt family of the template, None for another model's own template
+    stop: list[str]
+    lora: Path | None = None
+
+    @property
+    def n_ctx(self) -> int:
+        return self.llm.n_ctx()
+
+    @cached_property
+    def formatter(self):
+        """llama-cpp-python's Jinja2 chat formatter for this template (what create_chat_completion formats with)."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llm = self.llm
+        eos, bos = llm.token_eos(), llm.token_bos()
+
+        def text(token: int) -> str:
+            return llm.detokenize([token], special=True).decode("utf-8", errors="ignore") if token >= 0 else ""
+
+        return Jinja2ChatFormatter(template=self.chat_template, eos_token=text(eos), bos_token=text(bos),
+                                   stop_token_ids=[eos])
+
+    def prompt_tokens(self, messages: list[dict]) -> int:
+        """How many tokens the formatted chat takes, as create_chat_completion tokenizes it."""
+        prompt = self.formatter(messages=messages).prompt
+        return len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def check_lora(lora: str | Path | None) -> Path | None:
+    if lora is None:
+        return None
+    path = Path(lora).expanduser()
+    if not path.is_file() or not is_gguf(path):
+        raise KomtError(f"--lora {lora}: not a GGUF file (convert the adapter to a GGUF LoRA first)")
+    with GgufHeader(path) as h:
+        kind = h.string("general.type")
+    if kind != "adapter":
+        raise KomtError(f"--lora {lora} is not a LoRA adapter GGUF (general.type is {kind!r}); give the model as MODEL")
+    return path
+
+
+def load(path: str | Path, *, template: str | None = None, n_ctx: int = DEFAULT_CTX, n_threads: int | None = None,
+         lora: str | Path | None = None, seed: int | None = None) -> LoadedModel:
+    """Open a GGUF file for chat. ``template``: a komt family to format with instead of the file's own template."""
+    from llama_cpp import Llama
+
+    path = Path(path)
+    with GgufHeader(path) as h:
+        kind, stored = h.string("general.type"), h.string("tokenizer.chat_template")
+    if kind == "adapter":
+        raise KomtError(f"{path} is a LoRA adapter: give the model it applies to as MODEL and this file as --lora")
+    if template:
+        chat_template, family = template_for(template).chat_template, template
+    elif stored:
+        chat_template, family = stored, family_from_chat_template(stored)
+    else:
+        raise KomtError(f"{path} stores no chat template: choose komt's with --template llama or --template mistral")
+    lora_path = check_lora(lora)
+    # llama.cpp pads the context to a multiple of 256, but llama-cpp-python sizes its token buffer by the value
+    # asked for and checks prompts against the padded one: a prompt in between crashes it. Ask for the padded size.
+    n_ctx = -(-n_ctx // CTX_PAD) * CTX_PAD
+    kwargs = dict(n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+    if lora_path is not None:
+        kwargs["lora_path"] = str(lora_path)
+    if seed is not None:
+        kwargs["seed"] = seed
+    with load_errors() as lines:
+        try:
+            llm = Llama(model_path=str(path), **kwargs)
+        except (ValueError, RuntimeError) as err:
+            why = reason(lines) or str(err)
+            raise KomtError(f"llama.cpp could not load {path}: {why}") from None
+    model = LoadedModel(path, llm, chat_template, family, list(STOP_STRINGS.get(family, ())), lora_path)
+    llm.chat_handler = model.formatter.to_chat_handler()
+    return model

@@ -1,0 +1,245 @@
+"""`komt-edge serve`: the OpenAI-compatible API (through the real `openai` client), the Korean chat page (in a real
+headless Chromium), and Korean that never breaks in a stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from komt_edge.serve import start
+from komt_edge.tiny import DEMO_QA, mistral_tokenizer_model
+
+from .conftest import N_THREADS
+from .test_chat import KOMT_STOPS, korean_gguf  # noqa: F401 (fixture)
+
+KEY = "test-key-komt"
+
+
+@pytest.fixture(scope="module")
+def server(korean_gguf):
+    with start(str(korean_gguf), port=0, n_threads=N_THREADS, api_key=KEY, log=lambda _m: None) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def reference(korean_gguf):
+    """llama-cpp-python itself on the same file: create_chat_completion(messages, temperature=0)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(korean_gguf), n_ctx=2048, n_threads=N_THREADS, verbose=False)
+    answers: dict[tuple, str] = {}
+
+    def greedy(question: str, max_tokens: int | None = None) -> str:
+        key = (question, max_tokens)
+        if key not in answers:
+            out = llm.create_chat_completion([{"role": "user", "content": question}], temperature=0,
+                                             max_tokens=max_tokens)
+            answers[key] = out["choices"][0]["message"]["content"]
+        return answers[key]
+
+    yield greedy
+    llm.close()
+
+
+def client(server, key: str = KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def post(server, path: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(server.url + path, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def sse_pieces(raw: bytes) -> list[str]:
+    """The content pieces of a chat stream, each event's bytes decoded strictly (a split character would fail)."""
+    pieces = []
+    for event in raw.split(b"\n\n"):
+        if not event.startswith(b"data: ") or event == b"data: [DONE]":
+            continue
+        chunk = json.loads(event[6:].decode("utf-8", errors="strict"))
+        content = chunk["choices"][0].get("delta", {}).get("content") or chunk["choices"][0].get("text")
+        if content:
+            pieces.append(content)
+    assert raw.rstrip().endswith(b"data: [DONE]")
+    return pieces
+
+
+def test_openai_client_chat_equals_llama_cpp_greedy(server, reference):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == ["komt-tiny-Q8_0"]
+    question = DEMO_QA[0][0]
+    reply = c.chat.completions.create(model="komt-tiny-Q8_0", messages=[{"role": "user", "content": question}],
+                                      temperature=0)
+    assert reply.choices[0].message.content == reference(question)
+    assert reply.choices[0].message.content.startswith(DEMO_QA[0][1][:20])
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens > 10
+    stream = c.chat.completions.create(model="komt-tiny-Q8_0", messages=[{"role": "user", "content": question}],
+                                       temperature=0, stream=True)
+    pieces = [ch.choices[0].delta.content for ch in stream if ch.choices and ch.choices[0].delta.content]
+    assert len(pieces) > 10 and "".join(pieces) == reference(question)
+
+
+def test_completions_endpoint(server, korean_gguf):
+    from llama_cpp import Llama
+
+    prompt = "[INST]" + DEMO_QA[0][0] + " [/INST]"
+    got = client(server).completions.create(model="x", prompt=prompt, temperature=0, max_tokens=12).choices[0].text
+    llm = Llama(model_path=str(korean_gguf), n_ctx=2048, n_threads=N_THREADS, verbose=False)
+    assert got == llm.create_completion(prompt, temperature=0, max_tokens=12)["choices"][0]["text"]
+    llm.close()
+    status, raw = post(server, "/v1/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 12,
+                                                   "stream": True})
+    assert status == 200 and "".join(sse_pieces(raw)) == got
+
+
+def test_two_concurrent_clients_get_their_own_answers(server, reference):
+    questions = [DEMO_QA[0][0], DEMO_QA[2][0]]
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        stream = client(server).chat.completions.create(
+            model="x", messages=[{"role": "user", "content": questions[i]}], temperature=0, stream=True)
+        results[i] = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert results == {0: reference(questions[0]), 1: reference(questions[1])}
+
+
+def test_korean_never_breaks_in_a_stream(server, reference):
+    """Every cut of the greedy answer (max_tokens 1..N) crosses byte-fallback tokens somewhere: each SSE event
+    decodes strictly, holds no U+FFFD, and the pieces add up to the non-streamed reply."""
+    import sentencepiece as spm
+
+    question = DEMO_QA[0][0]
+    full = reference(question)
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_tokenizer_model()))
+    assert sum(p.startswith("<0x") for p in sp.encode(full, out_type=str)) >= 6  # 봄, 겨, 뚜렷: byte tokens
+    for max_tokens in range(1, 41):
+        body = {"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": max_tokens}
+        status, raw = post(server, "/v1/chat/completions", {**body, "stream": True})
+        assert status == 200, raw
+        pieces = sse_pieces(raw)
+        assert all("\ufffd" not in p for p in pieces)
+        status, whole = post(server, "/v1/chat/completions", body)
+        text = json.loads(whole)["choices"][0]["message"]["content"]
+        assert "".join(pieces) == text == reference(question, max_tokens), max_tokens
+        assert "\ufffd" not in text and full.startswith(text)
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b"{not json", ""),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "안녕"}]}, "role"),
+    ({"messages": [{"role": "user", "content": "안녕"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "안녕"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "한국어 " * 3000}]}, "context window"),
+])
+def test_malformed_requests_get_a_4xx_json_error(server, body, needle):
+    status, raw = post(server, "/v1/chat/completions", body)
+    assert 400 <= status < 500, raw
+    error = json.loads(raw)["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_api_key_is_required_on_v1_routes(server):
+    from openai import AuthenticationError
+
+    with pytest.raises(AuthenticationError):
+        client(server, key="wrong").models.list()
+    status, raw = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "안녕"}]}, key=None)
+    assert status == 401 and "Bearer" in json.loads(raw)["error"]["message"]
+    with urllib.request.urlopen(server.url + "/health") as resp:  # health and the page stay open
+        assert json.loads(resp.read())["auth"] is True
+
+
+def test_page_is_one_offline_utf8_file(server):
+    with urllib.request.urlopen(server.url + "/") as resp:
+        assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
+        html = resp.read().decode("utf-8")
+    assert "보내기" in html and "중지" in html and "온도" in html and "최대 토큰" in html
+    assert "http://" not in html and "https://" not in html and "<script src" not in html  # nothing from a network
+
+
+def test_serve_command_binds_loopback_and_stops_on_sigterm(korean_gguf):
+    proc = subprocess.Popen([sys.executable, "-m", "komt_edge.cli", "serve", str(korean_gguf), "--port", "0",
+                             "-t", str(N_THREADS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        while not any("OpenAI API" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            lines.append(line)
+        url = next(line.split()[-1] for line in lines if "chat page" in line).rstrip("/")
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url + "/health") as resp:
+            assert json.loads(resp.read())["model"] == "komt-tiny-Q8_0"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+# --- the chat page in a real browser ---------------------------------------------------------------------
+
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("chromium and chromium-driver are missing: run `make install` (apt-get install chromium "
+                    "chromium-driver)")
+    options = Options()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_chat_page_streams_the_greedy_answer_in_a_real_browser(server, reference):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    question = DEMO_QA[0][0]
+    driver = browser()
+    try:
+        driver.get(server.url + "/")
+        for field, value in (("temperature", "0"), ("max-tokens", "200"), ("api-key", KEY)):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        driver.find_element(By.ID, "input").send_keys(question)
+        driver.find_element(By.ID, "send").click()
+        answer = WebDriverWait(driver, 120).until(
+            lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+                            if e.get_attribute("data-state") not in (None, "streaming")), None))
+        assert answer.get_attribute("data-state") == "done"
+        text = answer.get_attribute("textContent")
+        assert text == reference(question) and text.startswith("한국은")
+        assert int(answer.get_attribute("data-chunks")) > 10  # it arrived piece by piece
+        assert driver.find_element(By.CSS_SELECTOR, ".msg.user").get_attribute("textContent") == question
+        assert "\ufffd" not in driver.find_element(By.ID, "log").get_attribute("textContent")
+    finally:
+        driver.quit()
