@@ -22,7 +22,7 @@ SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 LLAMA_SRC := .cache/llama.cpp-src
 
 .PHONY: help install demo test gguf bench bench-convert bench-agreement llama-tools llama-bench-wheel \
-	korean-corpus english-corpus train gptq release clean
+	korean-corpus english-corpus train gptq release clean chat serve browser
 
 help:
 	@echo "set-up (fresh machine)"
@@ -36,6 +36,8 @@ help:
 	@echo "  make train MODEL=... DATA=f.jsonl  train a komt LoRA adapter, then gguf + verify (TRAIN_ARGS=...)"
 	@echo "  make gptq MODEL=...              4-bit GPTQ checkpoint, Korean-calibrated (GPTQ_ARGS=...)"
 	@echo "  make release MODEL=... ORG=org   build, verify, benchmark and publish the Hub repos (RELEASE_ARGS=...)"
+	@echo "  make chat MODEL=f.gguf           chat in the terminal (MODEL: a GGUF file, a Hub GGUF repo, a zoo name; QUANT=)"
+	@echo "  make serve MODEL=f.gguf          OpenAI-compatible API + Korean chat page on 127.0.0.1:8000 (SERVE_ARGS=)"
 	@echo "benchmarks against llama.cpp's own tools"
 	@echo "  make bench-convert               conversion time and memory, komt-edge vs llama.cpp"
 	@echo "  make bench-agreement             bench speed/quality vs llama-bench/llama-perplexity (~80 min)"
@@ -80,6 +82,7 @@ $(LLAMA_SRC)/convert_hf_to_gguf.py: $(SDIST)
 	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
 	tar -xzf $(SDIST) -C $(LLAMA_SRC) --strip-components=3 \
 		llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/convert_lora_to_gguf.py \
 		llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/conversion \
 		llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/gguf-py
 	touch $@
@@ -87,8 +90,25 @@ $(LLAMA_SRC)/convert_hf_to_gguf.py: $(SDIST)
 demo: install
 	$(VENV)/bin/komt-edge demo -o $(OUT)/demo $(THREADS_FLAG)
 
-test: install
+test: install browser
 	$(PY) -m pytest -q tests
+
+# The serve tests drive a real headless browser: Debian's chromium + chromium-driver (apt-get as root), once.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+# Laptop inference on a GGUF file (dist/...gguf), a Hub GGUF repo (ORG/NAME-GGUF) or a zoo name; QUANT picks the file.
+QUANT ?=
+QUANT_FLAG := $(if $(QUANT),--quant $(QUANT),)
+CHAT_ARGS ?=
+SERVE_ARGS ?=
+
+chat: install
+	$(VENV)/bin/komt-edge chat $(MODEL) $(QUANT_FLAG) $(THREADS_FLAG) $(CHAT_ARGS)
+
+serve: install
+	$(VENV)/bin/komt-edge serve $(MODEL) $(QUANT_FLAG) $(THREADS_FLAG) $(SERVE_ARGS)
 
 gguf: install
 	mkdir -p $(OUT)
@@ -148,10 +168,12 @@ DATA ?=
 TRAIN_OUT ?= $(OUT)/train/$(notdir $(MODEL))-lora
 TRAIN_ARGS ?=
 TRAIN_GGUF ?= 1
+TRAIN_LORA_GGUF ?= 0
 
 # Train a LoRA adapter on DATA for MODEL (komt's QLoRA recipe on CUDA; a float32 LoRA on CPU), then, unless
 # TRAIN_GGUF=0, convert MODEL + the adapter to GGUF ($(QUANTS)) in $(OUT)/ and verify the files, as `make gguf`.
-# TRAIN_ARGS passes options to `komt-edge train` (--max-steps 100 --lr 2e-4 --resume ...).
+# TRAIN_ARGS passes options to `komt-edge train` (--max-steps 100 --lr 2e-4 --resume ...). TRAIN_LORA_GGUF=1 also
+# writes the adapter as llama.cpp's LoRA GGUF, $(OUT)/<adapter>-LoRA-F16.gguf (komt-edge gguf-lora).
 train: install
 	@test -n "$(DATA)" || { echo 'give the data: make train MODEL=komt-mistral-7b DATA=ko.jsonl'; exit 1; }
 	$(VENV)/bin/komt-edge train --model $(MODEL) --data $(DATA) -o $(TRAIN_OUT) $(PICKLE_FLAG) \
@@ -164,6 +186,9 @@ ifneq ($(TRAIN_GGUF),0)
 		$(foreach q,$(QUANTS),-q $(q)) -o $(OUT) $(THREADS_FLAG) $(PICKLE_FLAG) | tee $(OUT)/train-gguf-files.txt && \
 	$(VENV)/bin/komt-edge verify $$(cat $(OUT)/train-gguf-files.txt) --hf $(MODEL) --adapter $(TRAIN_OUT) \
 		--template $$TEMPLATE $(THREADS_FLAG) $(PICKLE_FLAG) --json $(OUT)/train-verify.json
+endif
+ifeq ($(TRAIN_LORA_GGUF),1)
+	$(VENV)/bin/komt-edge gguf-lora $(TRAIN_OUT) -o $(OUT) $(PICKLE_FLAG)
 endif
 
 # --- GPTQ export (komt-edge gptq) ------------------------------------------------------------------------

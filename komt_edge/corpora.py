@@ -27,7 +27,9 @@ removed from the held-out text, so calibration never sees evaluation text.
 
 Two more sources, for ``komt-edge bench``: ``"libreoffice"`` (the Korean help pages of LibreOffice, ~600k
 characters of natural prose) and ``"hf:ORG/NAME[:SPLIT[:COLUMN]]"`` (a Hub dataset); their splits are
-described where they are read, below.
+described where they are read, below. One source is English, for comparison only: ``"libreoffice-en"``, the same
+LibreOffice help pages in English with the same page split, which benchmarks use to measure what Korean text buys
+over English text of the same kind (e.g. for an importance matrix).
 
 User data goes through :func:`load_examples`: a UTF-8 ``.txt`` file (one document), or ``.json`` /
 ``.jsonl`` records: plain strings, ``{"text": ...}``, or instruction records and chats as
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Literal
+from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
 from .errors import KomtError
 from .records import Record, prompt_of, render, text_records
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
 
 Split = Literal["calibration", "heldout"]
 SPLITS: tuple[str, ...] = ("calibration", "heldout")
-SOURCES: tuple[str, ...] = ("konlpy", "libreoffice")  # and "hf:ORG/NAME[:SPLIT[:COLUMN]]"
+SOURCES: tuple[str, ...] = ("konlpy", "libreoffice", "libreoffice-en")  # and "hf:ORG/NAME[:SPLIT[:COLUMN]]"
 
 KONLPY_CALIBRATION: tuple[str, ...] = (
     "kolaw/constitution.txt",
@@ -66,6 +68,8 @@ KONLPY_CALIBRATION: tuple[str, ...] = (
 KONLPY_HELDOUT: tuple[str, ...] = ("kobill/1809896.txt", "kobill/1809899.txt")
 LIBREOFFICE_HELP_ENV = "KOMT_EDGE_LIBREOFFICE_HELP"
 LIBREOFFICE_LICENSE = "MPL-2.0 (Debian libreoffice-help-ko, LibreOffice 7.4 help)"
+LIBREOFFICE_HELP_EN_ENV = "KOMT_EDGE_LIBREOFFICE_HELP_EN"
+LIBREOFFICE_EN_LICENSE = "MPL-2.0 (Debian libreoffice-help-en-us, LibreOffice 7.4 help)"
 
 # Korean instruction data written for komt-edge (same licence as komt-edge). Calibration split only; rendered
 # in the model's komt prompt template so that the template markers are calibrated the way komt is prompted.
@@ -187,7 +191,7 @@ def _konlpy_documents(split: str) -> tuple[str, ...]:
     return tuple(heldout)
 
 
-# --- LibreOffice's Korean help ------------------------------------------------------------------------------
+# --- LibreOffice's help, in Korean (and in English, for comparison) -----------------------------------------
 #
 # ``source="libreoffice"``: natural Korean prose, the Korean help pages of LibreOffice 7.4 from Debian's
 # ``libreoffice-help-ko`` package (MPL-2.0, some files Apache-2.0; ~10k paragraphs, ~600k characters). The package
@@ -196,22 +200,50 @@ def _konlpy_documents(split: str) -> tuple[str, ...]:
 # the ``<p>`` texts that are mostly Hangul (≥ 50%, ≥ 20 characters), in file order, deduplicated. The split is by
 # page, fixed: a page is held out when crc32 of its path (relative to ``help/ko/text``) is 0 modulo 10 (~10%);
 # a held-out paragraph that also occurs on a calibration page is dropped.
+#
+# ``source="libreoffice-en"``, the one English source: the same pages from ``libreoffice-help-en-us``
+# (``$KOMT_EDGE_LIBREOFFICE_HELP_EN``, ``~/.cache/komt-edge/libreoffice-help-en-us``: ``make english-corpus``), read
+# the same way but keeping the paragraphs that are mostly Latin letters (≥ 50%). Page paths relative to
+# ``help/en-US/text`` are those of the Korean package, so each page falls in the same split in both languages.
 
-def libreoffice_help_dir() -> Path:
-    """``help/ko/text`` of an extracted libreoffice-help-ko package."""
-    roots = [os.environ.get(LIBREOFFICE_HELP_ENV), str(Path.home() / ".cache" / "komt-edge" / "libreoffice-help-ko"),
-             "/"]
+@dataclass(frozen=True)
+class _HelpPackage:
+    """Where one language of the LibreOffice help is unpacked, and which of its paragraphs are kept."""
+
+    language: str  # for messages: "Korean"
+    folder: str  # the language's folder under usr/share/libreoffice/help
+    package: str  # the Debian package
+    env: str  # the variable that names an unpacked copy
+    make_target: str
+    licence: str
+    keep: Callable[[str], bool]  # a paragraph of this language
+
+
+_HELP_PACKAGES: dict[str, _HelpPackage] = {
+    "libreoffice": _HelpPackage("Korean", "ko", "libreoffice-help-ko", LIBREOFFICE_HELP_ENV, "korean-corpus",
+                                LIBREOFFICE_LICENSE, lambda p: hangul_fraction(p) >= 0.5),
+    "libreoffice-en": _HelpPackage("English", "en-US", "libreoffice-help-en-us", LIBREOFFICE_HELP_EN_ENV,
+                                   "english-corpus", LIBREOFFICE_EN_LICENSE, lambda p: latin_fraction(p) >= 0.5),
+}
+
+
+def libreoffice_help_dir(source: str = "libreoffice") -> Path:
+    """``help/ko/text`` of an extracted libreoffice-help-ko package (``help/en-US/text`` of libreoffice-help-en-us
+    for ``source="libreoffice-en"``)."""
+    pkg = _HELP_PACKAGES[source]
+    roots = [os.environ.get(pkg.env), str(Path.home() / ".cache" / "komt-edge" / pkg.package), "/"]
     for root in filter(None, roots):
-        for sub in ("usr/share/libreoffice/help/ko/text", "help/ko/text", "ko/text", "text", "."):
+        for sub in (f"usr/share/libreoffice/help/{pkg.folder}/text", f"help/{pkg.folder}/text", f"{pkg.folder}/text",
+                    "text", "."):
             cand = Path(root) / sub
             if (cand / "shared").is_dir() and any(cand.glob("*/*.html")):
                 return cand
-    raise KomtError("the Korean LibreOffice help is not extracted: run `make korean-corpus` (apt-get download "
-                    "libreoffice-help-ko && dpkg-deb -x *.deb ~/.cache/komt-edge/libreoffice-help-ko) or set "
-                    f"{LIBREOFFICE_HELP_ENV}")
+    raise KomtError(f"the {pkg.language} LibreOffice help is not extracted: run `make {pkg.make_target}` (apt-get "
+                    f"download {pkg.package} && dpkg-deb -x *.deb ~/.cache/komt-edge/{pkg.package}) or set {pkg.env}")
 
 
-def _html_paragraphs(html: str) -> list[str]:
+def _html_paragraphs(html: str, keep: Callable[[str], bool]) -> list[str]:
+    """The ``<p>`` texts of a help page (whitespace normalised) of at least 20 characters that ``keep`` accepts."""
     class P(HTMLParser):
         def __init__(self) -> None:
             super().__init__(convert_charrefs=True)
@@ -238,16 +270,17 @@ def _html_paragraphs(html: str) -> list[str]:
 
     parser = P()
     parser.feed(html)
-    return [p for p in parser.out if len(p) >= 20 and hangul_fraction(p) >= 0.5]
+    return [p for p in parser.out if len(p) >= 20 and keep(p)]
 
 
 @lru_cache(maxsize=None)
-def _libreoffice_documents(split: str) -> tuple[str, ...]:
-    root = libreoffice_help_dir()
+def _libreoffice_documents(source: str) -> dict[str, tuple[str, ...]]:
+    """Both splits of a LibreOffice help source (the pages are parsed once for both)."""
+    root = libreoffice_help_dir(source)
     pages: dict[str, list[str]] = {"calibration": [], "heldout": []}
     for html in sorted(root.rglob("*.html")):
         rel = html.relative_to(root).as_posix()
-        paras = _html_paragraphs(html.read_text(encoding="utf-8", errors="replace"))
+        paras = _html_paragraphs(html.read_text(encoding="utf-8", errors="replace"), _HELP_PACKAGES[source].keep)
         if paras:
             pages["heldout" if zlib.crc32(rel.encode()) % 10 == 0 else "calibration"].append("\n".join(paras))
     seen: set[str] = set()
@@ -257,15 +290,13 @@ def _libreoffice_documents(split: str) -> tuple[str, ...]:
         seen.update(kept)
         if kept:
             calibration.append("\n".join(kept))
-    if split == "calibration":
-        return tuple(calibration)
     heldout, seen_h = [], set()
     for page in pages["heldout"]:
         kept = [p for p in page.split("\n") if p not in seen and p not in seen_h]
         seen_h.update(kept)
         if kept:
             heldout.append("\n".join(kept))
-    return tuple(heldout)
+    return {"calibration": tuple(calibration), "heldout": tuple(heldout)}
 
 
 # --- Hub datasets -------------------------------------------------------------------------------------------
@@ -293,7 +324,7 @@ def _hub_records(spec: str, split: str) -> tuple[str, ...]:
         raise KomtError(f"the Hub dataset {repo} has no .jsonl/.json/.txt/.csv/.parquet files")
 
     def role(p: Path) -> str:
-        name = p.as_posix().lower()
+        name = p.relative_to(folder).as_posix().lower()  # not the cache path (which may say "test")
         if want_split:
             return "heldout" if want_split.lower() in name else "other"
         return "heldout" if any(k in name for k in ("test", "valid", "eval", "dev")) else "calibration"
@@ -332,7 +363,8 @@ def _check(split: str, source: str) -> None:
 
 def korean_texts(split: Split, source: str = "konlpy") -> list[str]:
     """The prose documents of ``split`` (``"calibration"`` or ``"heldout"``), cleaned, one string per document,
-    from ``source``: ``"konlpy"``, ``"libreoffice"`` or ``"hf:ORG/NAME[:SPLIT[:COLUMN]]"``.
+    from ``source``: ``"konlpy"``, ``"libreoffice"`` or ``"hf:ORG/NAME[:SPLIT[:COLUMN]]"``; or, for comparison
+    with Korean, the one English source ``"libreoffice-en"`` (the same LibreOffice pages in English, same split).
 
     The two splits never share a document or a line (see the module docstring for the fixed assignment).
     """
@@ -341,24 +373,25 @@ def korean_texts(split: Split, source: str = "konlpy") -> list[str]:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         return list(_hub_records(source, split))
     _check(split, source)
-    if source == "libreoffice":
-        return list(_libreoffice_documents(split))
+    if source in _HELP_PACKAGES:
+        return list(_libreoffice_documents(source)[split])
     return list(_konlpy_documents(split))
 
 
 def korean_examples(split: Split, source: str = "konlpy", *, instructions: bool = True) -> list[Example]:
     """:func:`korean_texts` as :class:`Example` records; the calibration split also holds
-    :data:`KOREAN_INSTRUCTIONS` (unless ``instructions=False``) as instruction data."""
+    :data:`KOREAN_INSTRUCTIONS` (unless ``instructions=False``, or for the English source) as instruction data."""
     examples = [Example(t) for t in korean_texts(split, source)]
-    if split == "calibration" and instructions:
+    if split == "calibration" and instructions and source != "libreoffice-en":
         examples += [Example(answer, prompt) for prompt, answer in KOREAN_INSTRUCTIONS]
     return examples
 
 
 def describe(source: str = "konlpy") -> str:
     """One line naming the source and its licence, for reports and metadata."""
-    if source == "libreoffice":
-        return f"LibreOffice 7.4 Korean help pages, {LIBREOFFICE_LICENSE}"
+    if source in _HELP_PACKAGES:
+        pkg = _HELP_PACKAGES[source]
+        return f"LibreOffice 7.4 {pkg.language} help pages, {pkg.licence}"
     if source.startswith("hf:"):
         return f"Hub dataset {source[3:]} (see its card for the licence)"
     _check("calibration", source)
@@ -410,3 +443,10 @@ def hangul_fraction(text: str) -> float:
     """Share of Hangul syllables among the non-space characters of ``text``."""
     chars = [c for c in text if not c.isspace()]
     return sum("\uac00" <= c <= "\ud7a3" for c in chars) / max(1, len(chars))
+
+
+def latin_fraction(text: str) -> float:
+    """Share of Latin letters (Basic Latin to Latin Extended-B: English, with accented names) among the non-space
+    characters of ``text``."""
+    chars = [c for c in text if not c.isspace()]
+    return sum(c.isalpha() and c < "\u0250" for c in chars) / max(1, len(chars))

@@ -2,13 +2,16 @@
 
 This module is the release's options, its context and its stage list; each stage calls its stage module:
 
-    merge → gguf → gptq → verify → bench → card → push
+    merge → gguf → gptq → verify → lora → bench → card → push
 
 - **merge** (``komt_edge.merge``) writes the merged full-precision checkpoint to ``OUT/merged``, only with
   ``keep_merged``: the gguf and gptq stages merge the LoRA adapter themselves.
 - **gguf** (``komt_edge.gguf.convert``) converts to every ``--quants`` type in one read and splits a file over
   the Hub's per-file limit into gguf-split shards (``komt_edge.converters.gguf_file.split_gguf``) that llama.cpp
   loads from the first shard.
+- **lora** (``komt_edge.gguf_lora``) writes the LoRA adapter as llama.cpp's adapter GGUF (f16) into the GGUF repo,
+  for users who apply it at run time on a GGUF of the base, and verifies it so (``verify_files(..., lora=)``, on an
+  f16 GGUF of the base written for the purpose); on by default when the model has an adapter.
 - **gptq** (optional: ``komt_edge.gptq`` + ``gptqmodel``) quantizes to 4-bit GPTQ with Korean calibration and
   checks the result; ``komt_edge.gptq.acceptance_failure`` decides whether it may be published.
 - **verify** (``komt_edge.verify.verify_files``) checks every GGUF file against the original model; a failure
@@ -85,6 +88,7 @@ class ReleaseOptions:
     backoff: float = DEFAULT_BACKOFF
     progress: bool = True
     imatrix: str | None = KOREAN  # for the k-quant and IQ types: "korean", an imatrix file, or None
+    lora: bool | None = None  # the adapter as a LoRA GGUF: None = when the model has an adapter
 
 
 @dataclass(kw_only=True)
@@ -266,6 +270,55 @@ def _published_imatrix(o: ReleaseOptions, gguf_dir: Path, types: list[str]) -> d
 
 # --- gptq (optional) ---------------------------------------------------------------------------------------
 
+# --- lora ----------------------------------------------------------------------------------------------------
+
+LORA_OUTTYPE = "f16"
+
+
+def _lora_skip(ctx: StageContext) -> str | None:
+    if ctx.options.lora is False:
+        return "disabled (--no-lora)"
+    if ctx.resolved is not None and ctx.resolved.adapter is None:  # a dry run does not know yet
+        return "the model has no adapter"
+    return None
+
+
+def _lora_inputs(ctx: StageContext) -> dict:
+    return {**_model_inputs(ctx), "name": ctx.options.name, "outtype": LORA_OUTTYPE}
+
+
+def _lora_run(ctx: StageContext) -> StageOutput:
+    """The adapter GGUF, verified as users run it: llama.cpp applies it to an f16 GGUF of the base (written for
+    the purpose, then removed) and is compared with the HF base + peft adapter, within the f16 bounds."""
+    from .gguf import convert
+    from .gguf_lora import gguf_lora
+
+    o, r = ctx.options, ctx.resolved
+    on_hub = not Path(r.source).expanduser().exists()
+    base = r.source if on_hub else str(r.path)  # a Hub id is named in the file
+    result = gguf_lora(r.adapter, ctx.gguf_dir, base=base, outtype=LORA_OUTTYPE, name=o.name, force=o.force,
+                       allow_pickle=o.allow_pickle, progress=o.progress, log=ctx.log)
+    ctx.log("  " + result.summary().splitlines()[0])
+    ctx.log("  writing an f16 GGUF of the base to verify the adapter on (not published, removed afterwards)")
+    base_gguf = convert(str(r.path), ["f16"], ctx.work_dir("lora"), template=ctx.family, name=f"{o.name}-base",
+                        allow_pickle=o.allow_pickle, n_threads=o.n_threads, progress=o.progress)[0]
+    try:
+        run = verify_files([base_gguf], str(r.path), adapter=str(r.adapter), allow_pickle=o.allow_pickle,
+                           template=ctx.family, n_threads=o.n_threads, overrides=BoundOverrides(mean_kl=o.max_kl),
+                           lora=result.path, log=lambda text: ctx.log("\n".join("  " + x for x in text.splitlines())))
+    finally:
+        base_gguf.unlink(missing_ok=True)
+    lg = run.reports[0].logits
+    message = "" if run.passed else f"verification failed for {result.path.name} applied to an f16 GGUF of the base"
+    return StageOutput(files=[result.path], passed=run.passed, message=message,
+                       data={"file": result.path.name, "size": result.bytes, "outtype": result.outtype,
+                             "alpha": result.alpha, "ranks": result.ranks,
+                             "base": r.source if on_hub else (o.base_model or r.path.name),
+                             "verify": {"base_type": run.reports[0].file_type, "passed": run.passed,
+                                        "tokens": lg.tokens, "mean_kl": lg.mean_kl, "top1": lg.top1,
+                                        "max_abs": lg.max_abs}})
+
+
 def _gptq_skip(ctx: StageContext) -> str | None:
     return None if ctx.options.gptq else "disabled (--no-gptq)"
 
@@ -281,8 +334,10 @@ def _gptq_run(ctx: StageContext) -> StageOutput:
     work = ctx.work_dir("gptq")
     for old in work.iterdir():
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    # max_ppl_ratio=None: gptq() reports and the stage applies the same rule below, keeping the numbers of a
+    # rejected checkpoint in the manifest (a checkpoint that does not reload is still refused by gptq() itself).
     result = gptq(o.model, work, adapter=o.adapter, name=o.name, allow_pickle=o.allow_pickle, check=True,
-                  progress=o.progress)
+                  max_ppl_ratio=None, progress=o.progress)
     target = ctx.gptq_dir
     if target.exists():
         shutil.rmtree(target)
@@ -392,6 +447,7 @@ def _card_inputs(ctx: StageContext) -> dict:
             "bench": ctx.data("bench"), "gptq": ctx.data("gptq") if ctx.done("gptq") else None,
             "gptq_files": ctx.output_hashes("gptq") if ctx.done("gptq") else None,
             "repos": [o.gguf_repo, o.gptq_repo], "base_model": o.base_model, "license": o.license,
+            "lora": ctx.data("lora") if ctx.done("lora") else None,
             "model": _model_inputs(ctx),
             "card_tools": {t: dist_version(t) for t in ("huggingface_hub", "gguf", "llama_cpp_python")}}
 
@@ -408,14 +464,14 @@ def _card_run(ctx: StageContext) -> StageOutput:
     gptq_done = ctx.done("gptq")
     data = ReleaseData(
         name=o.name, family=ctx.family, gguf_repo=o.gguf_repo, gguf_models=ctx.data("gguf").get("models", []),
-        gguf_files=sized(ctx.repo_files(ctx.gguf_dir, ["gguf"])), verify=ctx.data("verify").get("files", {}),
+        gguf_files=sized(ctx.repo_files(ctx.gguf_dir, ["gguf", "lora"])), verify=ctx.data("verify").get("files", {}),
         bench=ctx.data("bench"),
         tools={"komt-edge": __version__, "llama-cpp-python": dist_version("llama_cpp_python"),
                "llama.cpp": _llama_cpp_commit(), "gguf-py": dist_version("gguf")},
         gptq_repo=o.gptq_repo, gptq=ctx.data("gptq") if gptq_done else None,
         gptq_files=sized(ctx.repo_files(ctx.gptq_dir, ["gptq"])) if gptq_done else {},
         gptq_tools=(ctx.results["gptq"].get("tools") or {}) if gptq_done else {},
-        imatrix=ctx.data("gguf").get("imatrix"))
+        imatrix=ctx.data("gguf").get("imatrix"), lora=ctx.data("lora") if ctx.done("lora") else None)
     cards = release_cards(origin, data)
     if cards[0].base_model is None:
         ctx.log("  note: MODEL is a local folder: pass --base-model ORG/NAME so that the cards link the original")
@@ -439,7 +495,7 @@ def _push_run(ctx: StageContext) -> StageOutput:
     repos = [(o.gguf_repo, ctx.gguf_dir)] + ([(o.gptq_repo, ctx.gptq_dir)] if ctx.done("gptq") else [])
     results = {}
     for repo_id, folder in repos:
-        known = ctx.repo_files(folder, ["gguf", "gptq", "card"])  # hashed already: not read again
+        known = ctx.repo_files(folder, ["gguf", "lora", "gptq", "card"])  # hashed already: not read again
         result = push_folder(folder, repo_id, private=o.private, force=o.force,
                              sha256s={path: meta["sha256"] for path, meta in known.items()},
                              max_file_size=o.max_file_size, commit_message=f"komt-edge {__version__}: release {o.name}",
@@ -458,6 +514,7 @@ STAGES: tuple[Stage, ...] = (
           tools=("komt-edge", "gptqmodel", "transformers", "torch")),
     Stage("verify", run=_verify_run, inputs=_verify_inputs,
           tools=("komt-edge", "llama_cpp_python", "transformers", "torch", "peft")),
+    Stage("lora", run=_lora_run, inputs=_lora_inputs, skip=_lora_skip, tools=("komt-edge", "gguf", "torch")),
     Stage("bench", run=_bench_run, requires=("komt_edge.bench",), inputs=_bench_inputs, skip=_bench_skip,
           tools=("komt-edge", "llama_cpp_python")),
     Stage("card", run=_card_run, inputs=_card_inputs, tools=("komt-edge", "huggingface_hub")),
@@ -540,7 +597,7 @@ def release(model: str, org: str, *, quants: Sequence[str] = DEFAULT_RELEASE_QUA
             n_threads: int | None = None, max_file_size: int = HUB_MAX_FILE_SIZE, max_kl: float | None = None,
             bench: bool = True, keep_merged: bool = False, retries: int = DEFAULT_RETRIES,
             backoff: float = DEFAULT_BACKOFF, progress: bool = True, imatrix: str | None = KOREAN,
-            log: Callable[[str], None] = print) -> ReleaseResult:
+            lora: bool | None = None, log: Callable[[str], None] = print) -> ReleaseResult:
     """Build, verify, measure and publish MODEL's GGUF (and GPTQ) repos under ORG; see the module docstring."""
     if template not in (None, "llama", "mistral"):
         raise KomtError(f"--template {template!r}: choose llama or mistral")
@@ -550,7 +607,7 @@ def release(model: str, org: str, *, quants: Sequence[str] = DEFAULT_RELEASE_QUA
                            license=license, private=private, force=force, push=push, allow_pickle=allow_pickle,
                            n_threads=n_threads, max_file_size=max_file_size, max_kl=max_kl, bench=bench,
                            keep_merged=keep_merged, retries=retries, backoff=backoff, progress=progress,
-                           imatrix=None if imatrix in (None, "", "none") else imatrix)
+                           imatrix=None if imatrix in (None, "", "none") else imatrix, lora=lora)
     if options.imatrix not in (None, KOREAN):
         Imatrix.read(Path(options.imatrix))  # readable and an imatrix, before any work
     if dry_run:
@@ -595,6 +652,9 @@ def _dry_run(options: ReleaseOptions, log: Callable[[str], None]) -> ReleaseResu
                 repos[repo_id] = result.to_dict()
             elif repo_id == options.gguf_repo:
                 files = [output_name(options.name, t) for t in options.quants]
+                zoo = lookup(options.model)
+                if options.lora is not False and (options.adapter or (zoo is not None and zoo.adapter)):
+                    files.append(output_name(f"{options.name}-LoRA", LORA_OUTTYPE))
                 log(f"{repo_id}: would publish {', '.join(files)} and README.md "
                     "(shards instead of any file over the per-file limit)")
             else:

@@ -343,6 +343,81 @@ def _text(env: Env, content: str) -> Path:
     return path
 
 
+def _lora_copy(env: Env, **config) -> Path:
+    """The tiny mistral komt adapter, with adapter_config.json changed (a key set to None is removed)."""
+    adapter = env.tmp / "adapter"
+    shutil.copytree(env.fixture("mistral_adapter"), adapter)
+    cfg = {**json.loads((adapter / "adapter_config.json").read_text()), **config}
+    (adapter / "adapter_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return adapter
+
+
+def _lora_other_architecture(env: Env) -> list[str]:
+    """A GPT-2 LoRA adapter (c_attn), given a Mistral base."""
+    from safetensors.torch import save_file
+
+    adapter = env.tmp / "gpt2-lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 32, "target_modules": ["c_attn"], "base_model_name_or_path": "gpt2"}))
+    prefix = "base_model.model.transformer.h.0.attn.c_attn"
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(8, 768), f"{prefix}.lora_B.weight": torch.zeros(2304, 8)},
+              str(adapter / "adapter_model.safetensors"))
+    return ["gguf-lora", str(adapter), "--base", str(env.fixture("tiny_mistral")), "-o", env.o]
+
+
+def _lora_other_peft(kind: str) -> Callable[[Env], list[str]]:
+    """A real non-LoRA peft adapter, saved by peft."""
+    def setup(env: Env) -> list[str]:
+        from peft import IA3Config, PrefixTuningConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(env.fixture("tiny_mistral"))
+        cfg = IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                        feedforward_modules=["down_proj"]) if kind == "ia3" else \
+            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+        get_peft_model(model, cfg).save_pretrained(env.tmp / kind)
+        return ["gguf-lora", str(env.tmp / kind), "--base", str(env.fixture("tiny_mistral")), "-o", env.o]
+    return setup
+
+
+def _chat_missing_quant(env: Env) -> list[str]:
+    folder = env.tmp / "dist"
+    folder.mkdir()
+    for quant in ("Q4_0", "Q8_0"):  # only the names count: the choice fails before any file is opened
+        (folder / f"komt-tiny-{quant}.gguf").write_bytes(b"GGUF")
+    return ["chat", str(folder), "--quant", "Q6_K", "-t", "1"]
+
+
+def _serve_port_in_use(env: Env) -> list[str]:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    env.request.addfinalizer(busy.close)
+    return ["serve", "komt-test/komt-tiny-GGUF", "--port", str(busy.getsockname()[1])]
+
+
+def _serve_unreachable(env: Env) -> list[str]:
+    _unreachable_hub(env)
+    return ["serve", "komt-test/komt-tiny-GGUF", "-t", "1"]
+
+
+def _verify_lora(env: Env, *, other_base: bool) -> list[str]:
+    """An f16 GGUF of the tiny mistral base with a LoRA GGUF: the llama adapter's (another base), or its own
+    without --adapter for the reference."""
+    from komt_edge.gguf_lora import gguf_lora
+
+    adapter = env.fixture("llama_adapter" if other_base else "mistral_adapter")
+    lora = gguf_lora(adapter, env.tmp / "lora", progress=False).path
+    args = ["verify", str(_f32_of(env, "f16")), "--lora", str(lora), "--hf", str(env.fixture("tiny_mistral")), "-t", "1"]
+    return args + (["--adapter", str(env.fixture("mistral_adapter"))] if other_base else [])
+
+
+def _lora_base_offline(env: Env) -> list[str]:
+    _hub_offline(env)
+    return ["gguf-lora", str(_lora_copy(env, base_model_name_or_path="someorg/some-base")), "-o", env.o]
+
+
 CASES = [
     # gguf: the model
     Case("unknown-model", "gguf", "an unknown model name", lambda e: ["gguf", "komt-nonexistent-99b", "-o", e.o],
@@ -404,7 +479,9 @@ CASES = [
     Case("sighup", "gguf", "SIGHUP mid-write (the terminal closed)", _slow_conversion,
          ("interrupted (SIGHUP)",), code=128 + signal.SIGHUP, signal=signal.SIGHUP),
     # gptq
-    Case("gptq-bits", "gptq", "--bits 5", _gptq("--bits", "5"), ("--bits 5 is not supported", "2, 3, 4, 8")),
+    Case("gptq-bits", "gptq", "--bits 3", _gptq("--bits", "3"), ("--bits 3 is not supported", "2, 4, 8")),
+    Case("gptq-max-ppl-ratio", "gptq", "--max-ppl-ratio below 1", _gptq("--max-ppl-ratio", "0.5"),
+         ("--max-ppl-ratio 0.5", "at least 1")),
     Case("gptq-group", "gptq", "--group-size 100", _gptq("--group-size", "100"), ("--group-size 100 is not supported",)),
     Case("gptq-samples", "gptq", "--samples 0", _gptq("--samples", "0"), ("--samples 0",)),
     Case("gptq-seq-len", "gptq", "--seq-len longer than the model's context", _gptq("--seq-len", "4096"),
@@ -429,6 +506,41 @@ CASES = [
          absent=("base/komt_edge_merge.json",)),
     Case("release-foreign", "release", "-o: an existing folder holding other files", _release_into_foreign,
          ("already exists and holds files komt-edge did not write", "--force"), absent=("rel/release-manifest.json",)),
+    # gguf-lora
+    Case("lora-other-architecture", "gguf-lora", "an adapter for another architecture (GPT-2's c_attn)",
+         _lora_other_architecture, ("targets", "c_attn", "another architecture")),
+    Case("lora-hidden-size", "gguf-lora", "an adapter for another hidden size",
+         lambda e: ["gguf-lora", str(e.fixture("mistral_adapter")), "--base", str(_edit_config(e, hidden_size=128)),
+                    "-o", e.o], ("does not fit", "hidden_size")),
+    Case("lora-no-config", "gguf-lora", "an adapter folder without adapter_config.json",
+         lambda e: ["gguf-lora", str(e.model_copy()), "-o", e.o], ("adapter_config.json is missing",)),
+    Case("lora-ia3", "gguf-lora", "an IA3 adapter", _lora_other_peft("ia3"), ("IA3 adapter, not LoRA",)),
+    Case("lora-prefix", "gguf-lora", "a prefix-tuning adapter", _lora_other_peft("prefix"),
+         ("PREFIX_TUNING adapter, not LoRA",)),
+    Case("lora-dora", "gguf-lora", "a DoRA adapter",
+         lambda e: ["gguf-lora", str(_lora_copy(e, use_dora=True)), "-o", e.o], ("DoRA", "merge it instead")),
+    Case("lora-modules-to-save", "gguf-lora", "an adapter with modules_to_save",
+         lambda e: ["gguf-lora", str(_lora_copy(e, modules_to_save=["lm_head"])), "-o", e.o],
+         ("modules_to_save", "merge it instead")),
+    Case("lora-bias", "gguf-lora", "an adapter that trains biases",
+         lambda e: ["gguf-lora", str(_lora_copy(e, bias="lora_only")), "-o", e.o], ("bias", "merge it instead")),
+    Case("lora-no-base", "gguf-lora", "an adapter that names no base, without --base",
+         lambda e: ["gguf-lora", str(_lora_copy(e, base_model_name_or_path=None)), "-o", e.o],
+         ("base", "unknown", "--base")),
+    Case("lora-base-offline", "gguf-lora", "a base that cannot be resolved offline", _lora_base_offline,
+         ("someorg/some-base",)),
+    # chat / serve
+    Case("chat-not-gguf", "chat", "a file that is not a GGUF model",
+         lambda e: ["chat", str(_text(e, "안녕하세요")), "-t", "1"], ("is not a GGUF file", "Hub GGUF repo")),
+    Case("chat-missing-quant", "chat", "--quant that the folder does not have", _chat_missing_quant,
+         ("has no Q6_K file; it has: Q4_0, Q8_0", "--quant")),
+    Case("chat-lora-not-adapter", "chat", "--lora naming a model, not a LoRA adapter",
+         lambda e: (lambda model: ["chat", str(model), "--lora", str(model), "-t", "1"])(_f32_of(e)),
+         ("is not a LoRA adapter", "general.type")),
+    Case("serve-hub-unreachable", "serve", "a Hub GGUF repo while the Hub is unreachable, nothing cached",
+         _serve_unreachable, ("cannot reach the Hub", "HF_ENDPOINT", "not in the local cache")),
+    Case("serve-port-in-use", "serve", "a --port another program listens on (before loading anything)",
+         _serve_port_in_use, ("cannot listen on 127.0.0.1:", "already in use", "--port")),
     # verify
     Case("verify-missing", "verify", "a GGUF file that does not exist",
          lambda e: ["verify", str(e.tmp / "nope.gguf"), "--hf", str(e.fixture("tiny_mistral"))], ("does not exist",)),
@@ -440,6 +552,10 @@ CASES = [
     Case("verify-json-folder", "verify", "--json naming a folder", _verify_json_is_a_folder, ("--json", "is a folder")),
     Case("verify-damaged", "verify", "a GGUF that llama.cpp refuses (its reason is shown)", _verify_damaged_gguf,
          ("llama.cpp could not load", "wrong shape")),
+    Case("verify-lora-other-base", "verify", "--lora: an adapter GGUF made for another base (llama.cpp's reason)",
+         lambda e: _verify_lora(e, other_base=True), ("does not fit", "blk.0.attn_k.weight", "gguf-lora --base")),
+    Case("verify-lora-no-adapter", "verify", "--lora without the peft --adapter for the reference",
+         lambda e: _verify_lora(e, other_base=False), ("--lora needs the peft adapter", "--adapter")),
     # push / release
     Case("push-unreachable", "push", "a Hub that refuses connections (fails in seconds)",
          lambda e: ["push", _unreachable_hub(e), "--repo", "komt-test/x"], ("cannot reach the Hub", "HF_ENDPOINT")),

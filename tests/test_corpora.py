@@ -1,13 +1,15 @@
-"""The Korean text module: a fixed, disjoint calibration / held-out split, and user files."""
+"""The Korean text module: a fixed, disjoint calibration / held-out split, the English comparison source, and
+user files."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from komt_edge.corpora import (KOREAN_INSTRUCTIONS, Example, hangul_fraction, korean_examples, korean_texts,
-                               load_examples)
+from komt_edge.corpora import (KOREAN_INSTRUCTIONS, LIBREOFFICE_HELP_EN_ENV, Example, hangul_fraction,
+                               korean_examples, korean_texts, latin_fraction, libreoffice_help_dir, load_examples)
 from komt_edge.errors import KomtError
 from komt_edge.templates import LLAMA, MISTRAL
 
@@ -33,7 +35,11 @@ def test_splits_are_korean_sizeable_and_disjoint():
 def test_split_is_fixed():
     assert korean_texts("calibration")[0].startswith("대한민국헌법")
     assert korean_texts("heldout")[0].startswith("행정절차법 일부개정법률안")
-    assert korean_texts("calibration") == korean_texts("calibration")
+    cached = korean_texts("calibration")
+    from komt_edge.corpora import _konlpy_documents
+
+    _konlpy_documents.cache_clear()  # read and cleaned again from konlpy's files: the same documents
+    assert korean_texts("calibration") == cached and korean_texts("calibration") is not cached
 
 
 def test_bills_are_unwrapped():
@@ -61,6 +67,54 @@ def test_unknown_split_and_source():
         korean_texts("train")  # type: ignore[arg-type]
     with pytest.raises(KomtError, match="unknown Korean text source"):
         korean_texts("calibration", source="wikipedia")
+
+
+def help_dir_or_skip(source: str):
+    """The unpacked LibreOffice help of ``source``; the test is skipped when its Debian package is not unpacked
+    (it is optional: `make korean-corpus`, `make english-corpus`)."""
+    try:
+        return libreoffice_help_dir(source)
+    except KomtError as err:
+        pytest.skip(str(err))
+
+
+def test_english_help_is_english_disjoint_and_not_instructed():
+    help_dir_or_skip("libreoffice-en")
+    calibration, heldout = korean_texts("calibration", "libreoffice-en"), korean_texts("heldout", "libreoffice-en")
+    assert sum(map(len, calibration)) > 1_000_000 and sum(map(len, heldout)) > 100_000
+    paragraphs = [p for doc in calibration + heldout for p in doc.split("\n")]
+    assert all(len(p) >= 20 and latin_fraction(p) >= 0.5 and hangul_fraction(p) == 0 for p in paragraphs)
+    assert not {p for doc in calibration for p in doc.split("\n")}.intersection(
+        p for doc in heldout for p in doc.split("\n"))
+    assert all(ex.prompt is None for ex in korean_examples("calibration", "libreoffice-en"))  # no Korean Q&A
+
+
+def test_english_and_korean_help_split_the_same_pages():
+    en, ko = help_dir_or_skip("libreoffice-en"), help_dir_or_skip("libreoffice")
+
+    def pages(root):
+        return sorted(p.relative_to(root) for p in root.rglob("*.html"))
+
+    assert pages(en) == pages(ko)
+    # sbasic/guide/sample_code.html (crc32 of the path ≡ 0 mod 10) is the first held-out page in both languages
+    assert korean_texts("heldout", "libreoffice-en")[0].startswith('The following examples are for a new dialog called')
+    assert korean_texts("heldout", "libreoffice")[0].startswith('다음은 "Dialog1"이라는 새 대화 상자')
+
+
+def test_english_help_missing_names_the_make_target(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(LIBREOFFICE_HELP_EN_ENV, raising=False)
+    if any(Path("/usr/share/libreoffice/help/en-US/text").glob("*/*.html")):
+        pytest.skip("LibreOffice's English help is installed system-wide")
+    with pytest.raises(KomtError, match="run `make english-corpus`") as err:
+        libreoffice_help_dir("libreoffice-en")
+    assert "\n" not in str(err.value)
+
+
+def test_latin_fraction():
+    assert latin_fraction("Choose Format - Cells.") == pytest.approx(17 / 19)
+    assert latin_fraction("서식 - 셀을 선택합니다.") == 0
+    assert latin_fraction("Café Señor") == 1
 
 
 def test_load_text_json_jsonl(tmp_path):

@@ -78,7 +78,7 @@ def test_full_release_lands_identical_files_and_a_valid_card(released):
     assert r.stages["bench"].startswith("done" if bench_ran else "skipped")
     folder = out / f"{NAME}-GGUF"
     local = _published(folder)
-    assert sorted(local) == ["README.md", f"{NAME}-Q8_0.gguf"]
+    assert sorted(local) == ["README.md", f"{NAME}-LoRA-F16.gguf", f"{NAME}-Q8_0.gguf"]  # the adapter: lora stage
     remote = server.files(GGUF_REPO)
     assert {k: v for k, v in remote.items() if k != ".gitattributes"} == local  # byte-identical
     assert GPTQ_REPO not in server.repos
@@ -114,13 +114,38 @@ def test_rerun_skips_finished_stages_and_uploads_nothing(released):
     started = time.monotonic()
     result = release(str(released.model), ORG, log=logs.append,
                      **_kw(released.adapter, out, bench=True))
-    for stage in ("gguf", "verify", "card"):
+    for stage in ("gguf", "lora", "verify", "card"):
         assert result.stages[stage] == "up to date", stage
     assert result.stages["push"].startswith("done")
     assert gguf.stat().st_mtime_ns == mtime
     assert not [r for r in server.log[before:] if r[2] in ("lfs_put", "lfs_batch", "commit", "create_repo")]
     assert result.repos[GGUF_REPO]["uploaded"] == []
     assert time.monotonic() - started < released.seconds
+
+
+def test_the_adapter_is_published_as_a_lora_gguf_that_verifies_on_the_base(released, tmp_path):
+    """The lora stage (on by default with an adapter) publishes <name>-LoRA-F16.gguf next to the merged files; the
+    card shows llama-cli/llama-server --lora, llama-cpp-python's lora_path and an Ollama FROM + ADAPTER Modelfile
+    with the komt template and stops; the stage verified llama.cpp applying the published file to an f16 GGUF of
+    the base against the HF base + peft adapter, within the f16 bounds. --no-lora leaves it out."""
+    lora = f"{NAME}-LoRA-F16.gguf"
+    remote = released.server.files(GGUF_REPO)
+    assert remote[lora] == (released.out / f"{NAME}-GGUF" / lora).read_bytes()
+    card = remote["README.md"].decode()
+    for needle in (f"llama-cli -m BASE-Q4_K_M.gguf --lora {lora}", f"llama-server -m BASE-Q4_K_M.gguf --lora {lora}",
+                   f'Llama(model_path="BASE-Q4_K_M.gguf", lora_path="{lora}"', "FROM ./BASE-Q4_K_M.gguf",
+                   f"ADAPTER ./{lora}", 'TEMPLATE """{{ if .System }}', "[INST]{{ .Prompt }} [/INST]",
+                   "merged in already", "komt-edge verified it as published"):
+        assert needle in card, needle
+    data = json.loads((released.out / MANIFEST_NAME).read_text())["stages"]["lora"]["data"]
+    assert data["verify"]["passed"] and data["verify"]["base_type"] == "MOSTLY_F16" and data["alpha"] == 32
+    section = card.split("### The komt adapter on its own", 1)[1]
+    assert 'PARAMETER stop "[INST]"' in section and 'PARAMETER stop "</s>"' in section
+    assert f"`{_sha(released.out / f'{NAME}-GGUF' / lora)}`" in card  # in the card's file list
+
+    dry = release(str(released.model), ORG, log=lambda s: None, dry_run=True,
+                  **_kw(released.adapter, tmp_path / "dry", lora=False))
+    assert dry.stages["lora"] == "would skip: disabled (--no-lora)"
 
 
 def _copy_release(released, tmp_path: Path) -> Path:
@@ -222,7 +247,8 @@ def test_a_file_over_the_per_file_limit_is_split_and_loads_in_llama_cpp(hub, rel
                                                                         tmp_path):
     out = tmp_path / "out"
     limit = 10_000_000
-    result = release(str(tiny_mistral), ORG, log=lambda s: None, **_kw(tiny_adapter, out, max_file_size=limit))
+    result = release(str(tiny_mistral), ORG, log=lambda s: None,
+                     **_kw(tiny_adapter, out, max_file_size=limit, lora=False))  # the full files' split only
     assert result.stages["verify"].startswith("done")  # llama.cpp verified the split model
     folder = out / f"{NAME}-GGUF"
     shards = sorted(p.name for p in folder.glob("*.gguf"))
@@ -267,7 +293,7 @@ def _cli(*args: str) -> list[str]:
 def test_killed_mid_release_resumes_without_redoing_work(hub, tiny_mistral, tiny_adapter, tmp_path):
     out = tmp_path / "out"
     args = _cli(str(tiny_mistral), "--org", ORG, "--adapter", str(tiny_adapter), "--quants", "q4_0 q8_0",
-                "--no-gptq", "--no-bench", "-o", str(out), "--threads", str(N_THREADS), "--name", NAME,
+                "--no-gptq", "--no-bench", "--no-lora", "-o", str(out), "--threads", str(N_THREADS), "--name", NAME,
                 "--base-model", f"{ORG}/komt-tiny-mistral", "--license", "apache-2.0")
     env = client_env(hub.url, TOKEN, tmp_path / "hf-home")
     hub.stall_upload(after=1)  # the second GGUF's upload hangs, after the first one finished
@@ -374,3 +400,51 @@ def test_k_quants_use_the_korean_imatrix_which_is_published_and_named_on_the_car
     plain = tmp_path / "plain" / f"{NAME}-GGUF"
     assert not list(plain.glob("*.imatrix.gguf"))
     assert gguf_field(plain / f"{NAME}-Q4_K_M.gguf", "quantize.imatrix.file") is None
+
+
+@pytest.mark.skipif(not module_available("gptqmodel"), reason="GPTQModel is not installed (make install adds it)")
+def test_release_with_the_real_gptq_stage(released, tmp_path):
+    """No fake: GPTQModel quantizes the tiny model (adapter merged) on CPU, the check runs, the repo is published."""
+    out = _copy_release(released, tmp_path)
+    server = released.server
+    repo = f"{ORG}/{NAME}-GPTQ-real"
+    result = release(str(released.model), ORG, log=lambda s: None,
+                     **_kw(released.adapter, out, gptq=True, bench=True, gptq_repo=repo))
+    assert result.stages["gptq"].startswith("done") and result.stages["gguf"] == "up to date"
+    folder = out / f"{NAME}-GPTQ-real"
+    assert {k: v for k, v in server.files(repo).items() if k != ".gitattributes"} == _published(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptq"
+    assert config["quantization_config"]["checkpoint_format"] == "gptq"
+    data = json.loads((out / MANIFEST_NAME).read_text())["stages"]["gptq"]["data"]
+    from komt_edge.gptq import GPTQ_MAX_PPL_RATIO
+
+    assert data["template_ok"] is True and data["ppl_ratio"] is not None and data["ppl_ratio"] <= GPTQ_MAX_PPL_RATIO
+    assert f"{data['ppl']:.3f}" in server.files(repo)["README.md"].decode()
+
+
+@pytest.mark.skipif(not module_available("gptqmodel"), reason="GPTQModel is not installed (make install adds it)")
+def test_release_stops_on_a_damaged_real_gptq_checkpoint(released, tmp_path, monkeypatch):
+    """The real GPTQ stage with its scales turned to NaN after quantizing: the release applies
+    komt_edge.gptq.acceptance_failure and stops before any push."""
+    import komt_edge.gptq as g
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    finish = g._finish_checkpoint
+
+    def finish_then_damage(folder, *args, **kwargs):
+        finish(folder, *args, **kwargs)
+        t = load_file(str(folder / "model.safetensors"))
+        t = {k: torch.full_like(v, float("nan")) if k.endswith(".scales") else v for k, v in t.items()}
+        save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    monkeypatch.setattr(g, "_finish_checkpoint", finish_then_damage)
+    out = _copy_release(released, tmp_path)
+    server = released.server
+    before = len(server.log)
+    with pytest.raises(KomtError, match="GPTQ check failed: the GPTQ model's perplexity is not finite.*stopped"):
+        release(str(released.model), ORG, log=lambda s: None,
+                **_kw(released.adapter, out, gptq=True, bench=True, gptq_repo=f"{ORG}/{NAME}-GPTQ-nan"))
+    assert not [r for r in server.log[before:] if r[0] in ("POST", "PUT") and r[2] != "validate_yaml"]
+    assert json.loads((out / MANIFEST_NAME).read_text())["stages"]["gptq"]["status"] == "failed"

@@ -16,13 +16,16 @@ from .. import __version__
 from ..errors import KomtError, handle_termination_signals
 from ..output import configure_output
 from .bench import bench_group
+from .chat import chat_cmd
 from .demo import demo_cmd
 from .gguf import gguf_cmd
+from .gguf_lora import gguf_lora_cmd
 from .gptq import gptq_cmd
 from .hub import push_cmd, release_cmd
 from .imatrix import imatrix_cmd
 from .merge import merge_cmd
 from .models import models_cmd
+from .serve import serve_cmd
 from .train import train_cmd
 from .verify import verify_cmd
 
@@ -36,8 +39,8 @@ def cli() -> None:
     """
 
 
-for command in (models_cmd, merge_cmd, gguf_cmd, imatrix_cmd, verify_cmd, demo_cmd, train_cmd, gptq_cmd, bench_group, push_cmd,
-                release_cmd):
+for command in (models_cmd, merge_cmd, gguf_cmd, gguf_lora_cmd, imatrix_cmd, verify_cmd, demo_cmd, train_cmd, gptq_cmd, bench_group, push_cmd,
+                release_cmd, chat_cmd, serve_cmd):
     cli.add_command(command)
 
 

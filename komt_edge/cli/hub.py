@@ -57,17 +57,20 @@ def push_cmd(folder: Path, repo_id: str, private: bool, revision: str | None, dr
 @click.option("--imatrix", default="korean", show_default=True, metavar="korean|FILE|none",
               help="Importance matrix for the k-quant and IQ types (published in the GGUF repo): the Korean one "
                    "komt-edge computes, an imatrix file, or none.")
+@click.option("--lora/--no-lora", default=None,
+              help="Also publish the adapter as llama.cpp's LoRA GGUF (<name>-LoRA-F16.gguf) in the GGUF repo, "
+                   "for use on a GGUF of the base  [default: on when the model has an adapter].")
 @options.threads()
 @options.allow_pickle()
 @options.verbose()
 def release_cmd(model: str, org: str, quants: tuple[str, ...], gptq: bool, bench: bool, dry_run: bool,
                 out: Path | None, adapter: str | None, template: str | None, name: str | None,
                 base_model: str | None, license_: str | None, gguf_repo: str | None, gptq_repo: str | None,
-                private: bool, force: bool, push: bool, keep_merged: bool, imatrix: str, n_threads: int | None,
-                allow_pickle: bool) -> None:
+                private: bool, force: bool, push: bool, keep_merged: bool, imatrix: str, lora: bool | None,
+                n_threads: int | None, allow_pickle: bool) -> None:
     """Build, verify, benchmark and publish MODEL's GGUF and GPTQ repos with model cards.
 
-    Stages merge → gguf → gptq → verify → bench → card → push, recorded in OUT/release-manifest.json: a re-run
+    Stages merge → gguf → gptq → verify → lora → bench → card → push, recorded in OUT/release-manifest.json: a re-run
     skips finished stages and resumes after a crash, a network failure or Ctrl-C. Nothing is pushed unless every
     file passed verification. Example: komt-edge release komt-mistral-7b --org my-org --quants "q4_0 q8_0"
     """
@@ -76,5 +79,5 @@ def release_cmd(model: str, org: str, quants: tuple[str, ...], gptq: bool, bench
     result = release(model, org, quants=quants, gptq=gptq, bench=bench, dry_run=dry_run, out=out, adapter=adapter,
                      template=template, name=name, base_model=base_model, license=license_, gguf_repo=gguf_repo,
                      gptq_repo=gptq_repo, private=private, force=force, push=push, keep_merged=keep_merged,
-                     imatrix=imatrix, allow_pickle=allow_pickle, n_threads=n_threads, log=click.echo)
+                     imatrix=imatrix, lora=lora, allow_pickle=allow_pickle, n_threads=n_threads, log=click.echo)
     click.echo(result.summary())
