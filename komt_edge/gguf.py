@@ -7,8 +7,8 @@ requested type is written from one read of the checkpoint; see ``komt_edge.conve
 from __future__ import annotations
 
 import json
+import os
 import re
-import tempfile
 import sys
 import unicodedata
 from pathlib import Path
@@ -148,26 +148,37 @@ def convert(model: str, quants: Sequence[str] = DEFAULT_QUANTS, out: str | Path 
     check_free_space(out, needed + (conv.output_bytes(source_type) if quantized else 0),
                      f"{', '.join(p.name for p in targets.values())}")
     direct = {t: path for t, path in targets.items() if t not in quantized}
-    with output_dir(out), tempfile.TemporaryDirectory(prefix=f".{display}.imatrix-source-", dir=out) as work:
-        source = Path(work) / output_name(display, source_type)
-        outputs = {**direct, **({source_type: source} if quantized and source_type not in direct else {})}
-        with tqdm(total=conv.parameter_count(), unit="w", unit_scale=True, disable=not progress,
-                  desc=f"{display} → {', '.join(q.display_name(t) for t in outputs)}") as bar:
-            conv.write(outputs, meta, n_threads=n_threads, progress=bar.update)
-        if quantized:
-            source = outputs[source_type]
-            matrix, matrix_file = _importance(imatrix, source, resolved, template, out, display, n_threads, progress)
-            weights = {n: matrix.weights(n) for n in matrix.entries}
-            provenance = {"quantize.imatrix.file": str(matrix_file), "quantize.imatrix.entries_count": len(weights)}
-            if matrix.datasets:
-                provenance["quantize.imatrix.dataset"] = matrix.datasets[0]
-            if matrix.chunk_count > 0:
-                provenance["quantize.imatrix.chunks_count"] = matrix.chunk_count
-            for t in tqdm(quantized, desc=f"{display}: llama_model_quantize with the imatrix", unit="file",
-                          disable=not progress):
-                with atomic_file(targets[t]) as tmp:
-                    q.quantize_file(source, tmp, t, imatrix=weights, metadata=provenance, n_threads=n_threads)
+    # The float source llama_model_quantize reads: hidden, named as a partial so that a killed run's is removed.
+    source = out / f".{output_name(display, source_type)}.source.partial-{os.getpid()}"
+    outputs = {**direct, **({source_type: source} if quantized and source_type not in direct else {})}
+    with output_dir(out):
+        try:
+            with tqdm(total=conv.parameter_count(), unit="w", unit_scale=True, disable=not progress,
+                      desc=f"{display} → {', '.join(q.display_name(t) for t in outputs)}") as bar:
+                conv.write(outputs, meta, n_threads=n_threads, progress=bar.update)
+            if quantized:
+                _quantize_with_imatrix(outputs[source_type], {t: targets[t] for t in quantized}, imatrix, resolved,
+                                       template, out, display, n_threads, progress)
+        finally:
+            source.unlink(missing_ok=True)
     return [targets[t] for t in types]
+
+
+def _quantize_with_imatrix(source: Path, targets: dict[str, Path], imatrix, resolved: ResolvedModel,
+                           template: str | None, out: Path, display: str, n_threads: int | None,
+                           progress: bool) -> None:
+    """llama-quantize --imatrix for each target type, from the float ``source``."""
+    matrix, matrix_file = _importance(imatrix, source, resolved, template, out, display, n_threads, progress)
+    weights = {n: matrix.weights(n) for n in matrix.entries}
+    provenance = {"quantize.imatrix.file": str(matrix_file), "quantize.imatrix.entries_count": len(weights)}
+    if matrix.datasets:
+        provenance["quantize.imatrix.dataset"] = matrix.datasets[0]
+    if matrix.chunk_count > 0:
+        provenance["quantize.imatrix.chunks_count"] = matrix.chunk_count
+    for t, target in tqdm(targets.items(), desc=f"{display}: llama_model_quantize with the imatrix", unit="file",
+                          disable=not progress):
+        with atomic_file(target) as tmp:
+            q.quantize_file(source, tmp, t, imatrix=weights, metadata=provenance, n_threads=n_threads)
 
 
 def imatrix_name(display: str) -> str:
