@@ -45,7 +45,7 @@ MODEL = "gemma-3-270m"
 VARIANTS = ("none", "english", "korean")  # which importance matrix a file was quantized with
 SOURCES = {"english": "libreoffice-en", "korean": "libreoffice"}  # komt_edge.corpora sources, by language
 COSINE_MIN, NORM_TOLERANCE = 0.999, 0.01
-SKIPPABLE = ("agreement", "korean", "english")
+SKIPPABLE = ("imatrix", "agreement", "korean", "english")
 
 # komt-edge's imatrix pass in a process of its own (for its peak RSS): argv = model, text file, output, dataset,
 # chunks, threads. Prints the seconds spent in compute() and the chunk count as JSON.
@@ -401,11 +401,14 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=20, help=f"held-out chunks of {N_CTX} tokens scored per "
                     "language (default 20)")
     ap.add_argument("--types", default=",".join(TYPES), help=f"comma-separated (default {','.join(TYPES)})")
-    ap.add_argument("--skip", default="", help="comma-separated steps to skip: agreement (llama-imatrix), korean, "
-                    "english (the evaluation on that language's held-out text)")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip: imatrix (reuse the matrices of an "
+                    "earlier run, and its timings; implies agreement), agreement (llama-imatrix), korean, english "
+                    "(the evaluation on that language's held-out text)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    if "imatrix" in skip:
+        skip.add("agreement")
     if skip - set(SKIPPABLE):
         ap.error(f"--skip: unknown step(s) {', '.join(sorted(skip - set(SKIPPABLE)))}; choose from "
                  f"{', '.join(SKIPPABLE)}")
@@ -433,22 +436,29 @@ def main() -> None:
     log("komt-edge gguf f16")
     f16 = convert(str(hf), ["f16"], WORK / "gguf", name=MODEL, n_threads=args.threads, progress=False)[0]
 
-    texts = calibration_texts()
-    chunks, note = token_budget(f16, texts, args.chunks)
     matrices = {lang: WORK / f"{lang}.imatrix.gguf" for lang in SOURCES}
-    runs = {f"komt-edge/{lang}": komt_imatrix(f16, texts[lang], matrices[lang], chunks, args.threads)
-            for lang in SOURCES}
-    if "agreement" in skip:  # keep the earlier llama-imatrix run next to the earlier agreement result
-        runs.update({k: v for k, v in result.get("imatrix", {}).get("runs", {}).items() if k.startswith("llama")})
-    described = {lang: {k: v for k, v in info.items() if k != "file"} for lang, info in texts.items()}
-    result["imatrix"] = {"chunks": chunks, "chunks_requested": args.chunks, "threads": args.threads, "note": note,
-                         "texts": described, "runs": runs}
-    save()
-    if "agreement" not in skip:
-        theirs = WORK / "korean.llama-imatrix.gguf"
-        runs["llama-imatrix/korean"] = llama_imatrix(f16, texts["korean"], theirs, chunks, args.threads)
-        result["agreement"] = agreement(matrices["korean"], theirs)
+    if "imatrix" in skip:
+        absent = [str(p) for p in matrices.values() if not p.is_file()] + ([] if "imatrix" in result else
+                                                                            [f"the imatrix section of {result_path}"])
+        if absent:
+            sys.exit(f"--skip imatrix reuses an earlier run's matrices, but {absent[0]} is missing: run without it")
+        log(f"reusing {', '.join(p.name for p in matrices.values())} ({result['imatrix']['chunks']} chunks)")
+    else:
+        texts = calibration_texts()
+        chunks, note = token_budget(f16, texts, args.chunks)
+        runs = {f"komt-edge/{lang}": komt_imatrix(f16, texts[lang], matrices[lang], chunks, args.threads)
+                for lang in SOURCES}
+        if "agreement" in skip:  # keep the earlier llama-imatrix run next to the earlier agreement result
+            runs.update({k: v for k, v in result.get("imatrix", {}).get("runs", {}).items() if k.startswith("llama")})
+        described = {lang: {k: v for k, v in info.items() if k != "file"} for lang, info in texts.items()}
+        result["imatrix"] = {"chunks": chunks, "chunks_requested": args.chunks, "threads": args.threads,
+                             "note": note, "texts": described, "runs": runs}
         save()
+        if "agreement" not in skip:
+            theirs = WORK / "korean.llama-imatrix.gguf"
+            runs["llama-imatrix/korean"] = llama_imatrix(f16, texts["korean"], theirs, chunks, args.threads)
+            result["agreement"] = agreement(matrices["korean"], theirs)
+            save()
 
     files, missing = quantize_all(hf, types, matrices, args.threads)
     result["needs_imatrix"] = missing
