@@ -15,7 +15,11 @@
 4. `komt-edge gguf --imatrix FILE` for each type, with each of the two matrices.
 5. Quality against the F16 file (``komt_edge.bench.quality``: mean KLD, same-top rate, PPL ratio, n_ctx 512) on the
    held-out Korean text and the held-out English text: the held-out pages of the same two sources, which neither
-   matrix saw. A type that llama.cpp cannot quantize without an importance matrix (iq3_xxs) has no "none" row.
+   matrix saw. A type that llama.cpp refuses to quantize without an importance matrix on this model has no
+   "none" row.
+6. Speed: the command users run, ``komt-edge imatrix F16 --text korean`` (the built-in Korean calibration split,
+   all of it), next to ``llama-imatrix`` on the same text (the file the command's ``text_sha256`` names), same
+   context and threads, alternating llama-imatrix / komt-edge --speed-runs times: wall time and peak RSS.
 
 Writes OUT/imatrix_gain.{json,md,png}; a re-run with --skip keeps the skipped steps' earlier results.
 """
@@ -28,7 +32,6 @@ import os
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / ".cache" / "llama-tools" / "build" / "bin"
 WORK = ROOT / ".cache" / "bench-imatrix"
 TYPES = ["q4_K_M", "q3_K_M", "q2_K", "iq4_xs", "iq3_xxs"]
-# llama.cpp refuses to quantize these types' block weights without an importance matrix (llama-quant.cpp,
-# tensor_requires_imatrix; q2_K only inside a q2_K_S file).
-NEEDS_IMATRIX = {"iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m", "q2_K_S"}
 N_CTX = 512
 MODEL = "gemma-3-270m"
 VARIANTS = ("none", "english", "korean")  # which importance matrix a file was quantized with
 SOURCES = {"english": "libreoffice-en", "korean": "libreoffice"}  # komt_edge.corpora sources, by language
 COSINE_MIN, NORM_TOLERANCE = 0.999, 0.01
-SKIPPABLE = ("imatrix", "agreement", "korean", "english")
+SKIPPABLE = ("imatrix", "agreement", "korean", "english", "speed")
+SPEED_LIMIT = 1.2  # komt-edge imatrix at most this multiple of llama-imatrix's wall time
 
 # komt-edge's imatrix pass in a process of its own (for its peak RSS): argv = model, text file, output, dataset,
 # chunks, threads. Prints the seconds spent in compute() and the chunk count as JSON.
@@ -132,12 +133,42 @@ def komt_imatrix(f16: Path, text: dict, out: Path, chunks: int, threads: int) ->
 
 
 def llama_imatrix(f16: Path, text: dict, out: Path, chunks: int, threads: int) -> dict:
-    args = ["-m", f16, "-f", text["file"], "-o", out, "-c", N_CTX, "--chunks", chunks, "-t", threads]
+    args = ["-m", f16, "-f", text["file"], "-o", out, "-c", N_CTX, *(["--chunks", chunks] if chunks else []),
+            "-t", threads]
     shown = " ".join(Path(a).name if isinstance(a, Path) else str(a) for a in args)
     run, _ = measured([TOOLS / "llama-imatrix", *args], f"llama-imatrix {shown}")
     run["command"] = f"llama-imatrix {shown}"
     log(f"llama-imatrix on {text['source']}: {run['seconds']:.1f} s, {run['peak_rss_bytes'] / 2**20:.0f} MiB peak RSS")
     return run
+
+
+def speed(f16: Path, threads: int, runs: int) -> dict:
+    """``komt-edge imatrix --text korean`` against llama-imatrix on the same built-in Korean text."""
+    from komt_edge.importance import korean_calibration_text
+    from komt_edge.util import sha256_json
+
+    body, dataset = korean_calibration_text(None)  # an F16 GGUF without a komt template: the text as it renders
+    text = WORK / "builtin-korean-calibration.txt"
+    text.write_text(body, encoding="utf-8")
+    cli = [Path(sys.executable).with_name("komt-edge"), "imatrix", f16, "--text", "korean", "-o",
+           WORK / "speed.imatrix.gguf", "--ctx", N_CTX, "-t", threads]
+    ours, theirs = [], []
+    for i in range(runs):
+        theirs.append(llama_imatrix(f16, {"file": text, "source": "built-in korean"}, WORK / "speed.llama-imatrix.gguf",
+                                    None, threads))
+        run, _ = measured(cli, f"komt-edge imatrix --text korean (run {i + 1} of {runs})")
+        ours.append(run)
+        log(f"komt-edge imatrix --text korean: {run['seconds']:.1f} s, {run['peak_rss_bytes'] / 2**20:.0f} MiB")
+    from komt_edge.importance import Imatrix
+
+    written = Imatrix.read(WORK / "speed.imatrix.gguf")
+    if written.metadata.get("text_sha256") != sha256_json(body):
+        raise RuntimeError("komt-edge imatrix --text korean used another text than the one given to llama-imatrix")
+    best = min(r["seconds"] for r in ours) / min(r["seconds"] for r in theirs)
+    return {"dataset": dataset, "chars": len(body), "chunks": written.chunk_count, "threads": threads, "runs": runs,
+            "komt_edge": ours, "llama_imatrix": theirs, "command": " ".join(
+                Path(c).name if isinstance(c, Path) else str(c) for c in cli[1:]),
+            "ratio_best": best, "limit": SPEED_LIMIT, "passed": best <= SPEED_LIMIT}
 
 
 # --- 3. agreement with llama-imatrix ---------------------------------------------------------------------------
@@ -190,26 +221,16 @@ def quantize_all(hf: Path, types: list[str], matrices: dict[str, Path], threads:
     from komt_edge.gguf import convert
 
     out = WORK / "gguf"
-    plain = [t for t in types if t not in NEEDS_IMATRIX]
     files: dict[str, dict[str, Path]] = {t: {} for t in types}
     missing: dict[str, str] = {}
-    if plain:
-        log(f"komt-edge gguf {' '.join(plain)}")
-        for t, path in zip(plain, convert(str(hf), plain, out, name=MODEL, n_threads=threads, progress=False)):
-            files[t]["none"] = path
-    for t in (t for t in types if t in NEEDS_IMATRIX):
-        # llama.cpp's llama_model_quantize refuses these without a matrix ("Missing importance matrix for tensor
-        # ... in a very low-bit quantization"); komt-edge should too. Either way no "none" file is evaluated.
+    for t in types:
+        # Like llama-quantize, komt-edge gguf refuses a file that would hold very-low-bit tensors without an
+        # importance matrix; a type whose mix on this model has none of them gets its "none" row.
         try:
-            path = convert(str(hf), [t], out, name=MODEL, n_threads=threads, progress=False)[0]
+            files[t]["none"] = convert(str(hf), [t], out, name=MODEL, n_threads=threads, progress=False)[0]
         except KomtError as err:
-            missing[t] = f"needs an imatrix (komt-edge gguf refuses: {err})"
-        else:
-            mix = ", ".join(f"{n} {k}" for k, n in tensor_types(path).most_common())
-            missing[t] = (f"needs an imatrix (llama-quantize refuses it without one; komt-edge gguf wrote {path.name} "
-                          f"anyway, tensors: {mix}; not evaluated)")
-            path.unlink()
-        log(f"{t} without an imatrix: {missing[t]}")
+            missing[t] = f"needs an imatrix on this model (komt-edge gguf, like llama-quantize, refuses: {err})"
+            log(f"{t} without an imatrix: {missing[t]}")
     for variant, matrix in matrices.items():
         log(f"komt-edge gguf --imatrix {matrix.name} {' '.join(types)}")
         paths = convert(str(hf), types, out, name=f"{MODEL}-imatrix-{variant}", imatrix=matrix, n_threads=threads,
@@ -217,13 +238,6 @@ def quantize_all(hf: Path, types: list[str], matrices: dict[str, Path], threads:
         for t, path in zip(types, paths):
             files[t][variant] = path
     return files, missing
-
-
-def tensor_types(path: Path) -> Counter:
-    """How many tensors of each GGML type a GGUF file holds."""
-    from gguf import GGUFReader
-
-    return Counter(t.tensor_type.name for t in GGUFReader(path).tensors)
 
 
 # --- 5. quality -------------------------------------------------------------------------------------------------
@@ -299,7 +313,7 @@ def markdown(r: dict) -> str:
         lines += [f"## {lang.capitalize()} held-out text", "",
                   f"`{q['source']}` held-out split ({q['text_chars']} characters; pages neither matrix saw), "
                   f"{q['chunks']} chunks of {N_CTX}, {q['tokens_scored']} tokens scored; F16 PPL {q['ppl_f16']:.3f}; "
-                  f"{q['threads']} threads, {q['seconds'] / 60:.0f} min. Mean KLD ± its standard error; Δ is against "
+                  f"{q['threads']} threads. Mean KLD ± its standard error; Δ is against "
                   "the same type without an imatrix.", "",
                   "| type | imatrix | size (MiB) | mean KLD | Δ KLD | same top | PPL ratio |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -337,6 +351,21 @@ def markdown(r: dict) -> str:
         if "llama-imatrix/korean" in runs:
             lines += ["", f"llama-imatrix ran as `{runs['llama-imatrix/korean']['command']}`."]
         lines.append("")
+    sp = r.get("speed")
+    if sp:
+        lines += ["## Speed: `komt-edge imatrix` next to llama-imatrix", "",
+                  f"`{sp['command']}`: the built-in Korean calibration split ({sp['dataset'].split(':')[0]}; "
+                  f"{sp['chars']} characters, {sp['chunks']} chunks of {N_CTX}), {sp['threads']} threads, against "
+                  "`llama-imatrix` on the same text; each a process of its own, alternating, llama-imatrix first. "
+                  "Wall time includes model load (and komt-edge's Python start-up and imports).", "",
+                  "| run | llama-imatrix (s) | komt-edge imatrix (s) | ratio | peak RSS llama / komt (MiB) |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        for i, (theirs, ours) in enumerate(zip(sp["llama_imatrix"], sp["komt_edge"])):
+            lines.append(f"| {i + 1} | {theirs['seconds']:.1f} | {ours['seconds']:.1f} | "
+                         f"{ours['seconds'] / theirs['seconds']:.2f} | {theirs['peak_rss_bytes'] / 2**20:.0f} / "
+                         f"{ours['peak_rss_bytes'] / 2**20:.0f} |")
+        lines += ["", f"Best komt-edge over best llama-imatrix: **{sp['ratio_best']:.2f}×** (required ≤ "
+                  f"{sp['limit']}×: {'pass' if sp['passed'] else 'FAIL'}).", ""]
     a = r.get("agreement")
     if a:
         lines += ["## komt-edge's matrix against llama-imatrix's (Korean text)", "",
@@ -404,6 +433,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: imatrix (reuse the matrices of an "
                     "earlier run, and its timings; implies agreement), agreement (llama-imatrix), korean, english "
                     "(the evaluation on that language's held-out text)")
+    ap.add_argument("--speed-runs", type=int, default=1, help="alternating llama-imatrix / komt-edge imatrix runs "
+                    "in the speed step (default 1)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -460,10 +491,18 @@ def main() -> None:
             result["agreement"] = agreement(matrices["korean"], theirs)
             save()
 
-    files, missing = quantize_all(hf, types, matrices, args.threads)
-    result["needs_imatrix"] = missing
+    if "speed" not in skip:
+        result["speed"] = speed(f16, args.threads, args.speed_runs)
+        save()
+        log(f"speed: komt-edge imatrix / llama-imatrix = {result['speed']['ratio_best']:.2f} "
+            f"(limit {SPEED_LIMIT})")
+
+    files, missing = quantize_all(hf, types, matrices, args.threads) if types else ({}, {})
+    earlier = {t: why for t, why in result.get("needs_imatrix", {}).items() if t not in types}
+    result["needs_imatrix"] = {**earlier, **missing}
+    save()
     for lang in ("korean", "english"):
-        if lang in skip:
+        if lang in skip or not types:
             continue
         q = evaluate(lang, f16, files, args.eval_chunks, args.threads)
         kept = result.get("quality", {}).get(lang, {}).get("rows", {})

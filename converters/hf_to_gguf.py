@@ -292,7 +292,7 @@ class Converter:
         if qtype not in self._types:
             self._types[qtype] = self._compute_types(qtype)
         types = self._types[qtype]
-        needs = sorted({t.name for t in types if q.requires_imatrix(t)})
+        needs = sorted({t.name for p, t in zip(self.tensors, types) if q.requires_imatrix(p.gguf_name, t, qtype)})
         if needs and not imatrix:
             raise KomtError(f"{qtype} needs an importance matrix for its {', '.join(needs)} tensors: pass "
                             "--imatrix korean (or an imatrix file), or choose a type such as q4_K_M")

@@ -164,8 +164,6 @@ def libs() -> _Libs:
     ggml.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     ggml.ggml_quantize_chunk.restype = ctypes.c_size_t
-    ggml.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-    ggml.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     ggml.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     ggml.ggml_row_size.restype = ctypes.c_size_t
     ggml.ggml_blck_size.argtypes = [ctypes.c_int]
@@ -182,8 +180,21 @@ def libs() -> _Libs:
     return _Libs(ggml, llama, ext)
 
 
-def requires_imatrix(ggml_type: GGMLQuantizationType) -> bool:
-    return bool(libs().ggml.ggml_quantize_requires_imatrix(int(ggml_type)))
+# The tensor types llama.cpp's quantizer refuses to write without an importance matrix ("the result will be
+# garbage"), for every tensor but the token embedding and the output (llama-quant.cpp, tensor_requires_imatrix).
+_IMATRIX_ONLY = {GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS,
+                 GGMLQuantizationType.IQ2_S, GGMLQuantizationType.IQ1_M, GGMLQuantizationType.IQ1_S}
+_NEVER_NEEDS_IMATRIX = {"token_embd.weight", "per_layer_token_embd.weight", "output.weight"}
+
+
+def requires_imatrix(tensor_name: str, ggml_type: GGMLQuantizationType, qtype: str) -> bool:
+    """Whether llama.cpp writes ``tensor_name`` as ``ggml_type`` in a ``qtype`` file only with an importance
+    matrix: the very low-bit IQ types anywhere but the embedding and output, and q2_K inside a q2_K_S file."""
+    if tensor_name in _NEVER_NEEDS_IMATRIX:
+        return False
+    if ggml_type == GGMLQuantizationType.Q2_K:
+        return normalize(qtype) == "q2_k_s"
+    return ggml_type in _IMATRIX_ONLY
 
 
 def row_size(ggml_type: GGMLQuantizationType, n_per_row: int) -> int:

@@ -275,7 +275,7 @@ class Collector:
                 if op == "MUL_MAT_ID":
                     return True
                 return src1.ne[1] >= MIN_BATCH_ROWS and src1.type == _GGML_TYPE_F32 and self.wants(name)
-            x = _activations(t.src[1], src1)
+            x = _activations(t.src[1], src1, copy=False)  # read during the callback only
             if op == "MUL_MAT_ID":
                 self._collect_experts(name, src0, x, t.src[2])
             else:
@@ -292,11 +292,11 @@ class Collector:
         counts = self.counts.setdefault(name, np.zeros(1, dtype=np.float64))
         if sums.shape != (n_mat, ne0):
             raise KomtError(f"inconsistent sizes for {name}: {sums.shape} vs {(n_mat, ne0)}")
-        sq = np.square(x, dtype=np.float64)  # [ne3, ne2, ne1, ne0]
         for i3 in range(x.shape[0]):
             for i2 in range(x.shape[1]):
                 mat = (i3 % int(src0.ne[3])) * int(src0.ne[2]) + (i2 % int(src0.ne[2]))
-                sums[mat] += sq[i3, i2].sum(axis=0)
+                rows = x[i3, i2]  # [ne1 tokens, ne0 columns]: this batch's sum of squares per column
+                sums[mat] += np.einsum("ij,ij->j", rows, rows)
         counts += x.shape[0] * x.shape[1] * x.shape[2] // n_mat
 
     def _collect_experts(self, name: str, src0: _GgmlTensor, x: np.ndarray, ids_ptr: int) -> None:
@@ -327,8 +327,9 @@ def _eval_callback_type():
     return llama_cpp.ggml_backend_sched_eval_callback
 
 
-def _activations(ptr: int, t: _GgmlTensor, dtype=np.float32) -> np.ndarray:
-    """A tensor's data as a [ne3, ne2, ne1, ne0] array (copied: llama.cpp reuses the buffer)."""
+def _activations(ptr: int, t: _GgmlTensor, dtype=np.float32, *, copy: bool = True) -> np.ndarray:
+    """A tensor's data as a [ne3, ne2, ne1, ne0] array: a copy, or with ``copy=False`` a read-only view that is
+    valid only until the callback returns (llama.cpp reuses the buffer)."""
     ne = [int(t.ne[i]) for i in range(4)]
     nb = [int(t.nb[i]) for i in range(4)]
     lib = _ggml()
@@ -343,7 +344,7 @@ def _activations(ptr: int, t: _GgmlTensor, dtype=np.float32) -> np.ndarray:
     view = np.lib.stride_tricks.as_strided(raw.view(dtype) if nb[0] == np.dtype(dtype).itemsize else raw,
                                            shape=(ne[3], ne[2], ne[1], ne[0]),
                                            strides=(nb[3], nb[2], nb[1], nb[0]), writeable=False)
-    return np.array(view, dtype=dtype)
+    return np.array(view, dtype=dtype) if copy or base != t.data else view
 
 
 # --- computing --------------------------------------------------------------------------------------------

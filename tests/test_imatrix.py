@@ -190,6 +190,27 @@ def test_types_that_need_an_imatrix_say_so_and_work_with_korean(monkeypatch, cap
     assert cached.stat().st_mtime_ns == stamp  # same model, same text: reused, not computed again
 
 
+@pytest.mark.parametrize("qtype", ["iq3_xxs", "iq2_s", "q2_K_S", "q2_K", "iq3_s"])
+def test_refuses_without_an_imatrix_exactly_what_llama_cpp_refuses(qtype, tiny_mistral, mistral_f32, tmp_path):
+    """komt-edge's own quantizer and llama.cpp's llama_model_quantize agree on which files need a matrix."""
+    from komt_edge.errors import KomtError
+    from komt_edge.gguf import convert as gguf_convert
+    from komt_edge.converters.quantize import quantize_file
+
+    try:
+        quantize_file(mistral_f32, tmp_path / "llama.gguf", qtype, imatrix={}, metadata={}, n_threads=N_THREADS)
+        llama_cpp_refuses = False
+    except KomtError:
+        llama_cpp_refuses = True
+    try:
+        gguf_convert(str(tiny_mistral), [qtype], tmp_path / "ours", name="tiny", n_threads=N_THREADS, progress=False)
+        we_refuse = False
+    except KomtError as err:
+        assert "--imatrix" in str(err)
+        we_refuse = True
+    assert we_refuse == llama_cpp_refuses == (qtype not in ("q2_K", "iq3_s"))
+
+
 def test_imatrix_command_on_a_gguf_and_on_a_hf_folder(monkeypatch, capsys, tiny_mistral, mistral_f32, tmp_path):
     out = tmp_path / "m.imatrix.gguf"
     code, stdout, err = run_cli(monkeypatch, capsys, "imatrix", str(mistral_f32), "-o", str(out), "--ctx", "64",
