@@ -11,6 +11,15 @@ then converted to q4_0 + q8_0 by
 
 Wall time and peak anonymous memory (RssAnon, sampled every 20 ms over the process tree: pages of the
 memory-mapped checkpoint are file-backed and don't count) are reported for each. ``--keep`` keeps the files.
+
+In the same run, the bounds each is measured against, on the same disk:
+
+- conversion: ``dd if=/dev/zero bs=16M`` writing as many bytes as komt-edge's two GGUF files, with
+  ``conv=fdatasync`` (to the disk) and without (to the page cache, as komt-edge writes: it does not fsync);
+- merge (komt's r=8 adapter on q/k/v/o/gate/up/down): ``cp`` of the checkpoint's shards, then ``sync`` of the
+  copies (both times are kept: cp alone is the page-cache bound, cp + sync the disk bound);
+
+and the ratios komt-edge / dd, merge / cp and komt-edge / llama.cpp.
 """
 
 from __future__ import annotations
@@ -137,6 +146,38 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_rss_anon_mib": peak / 1024}
 
 
+def disk_bound(folder: Path, nbytes: int) -> dict:
+    """Seconds for dd to write ``nbytes`` of zeros into ``folder``, to the disk (fdatasync) and to the page cache."""
+    target = folder / "dd.bin"
+    out = {"bytes": nbytes}
+    for key, extra in (("fdatasync", ["conv=fdatasync"]), ("page_cache", [])):
+        out[f"dd_{key}_s"] = measure(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={nbytes}",
+                                      "iflag=count_bytes", *extra])["seconds"]
+        target.unlink()
+    return out
+
+
+def copy_bound(src: Path, folder: Path) -> dict:
+    """Seconds to ``cp`` the checkpoint's shards into ``folder`` (same disk), and to ``sync`` the copies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = sorted(src.glob("*.safetensors"))
+    cp = measure(["cp", *map(str, shards), str(folder)])["seconds"]
+    sync = measure(["sync", *[str(folder / s.name) for s in shards]])["seconds"]
+    shutil.rmtree(folder)
+    return {"bytes": sum(s.stat().st_size for s in shards), "cp_s": cp, "sync_s": sync, "cp_sync_s": cp + sync}
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether two GGUF files hold the same tensors, type and bytes (memory-mapped, tensor by tensor)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    ta = {t.name: t for t in GGUFReader(a).tensors}
+    tb = {t.name: t for t in GGUFReader(b).tensors}
+    return ta.keys() == tb.keys() and all(t.tensor_type == tb[n].tensor_type and np.array_equal(t.data, tb[n].data)
+                                          for n, t in ta.items())
+
+
 def run_shape(name: str, work: Path, n_threads: int) -> dict:
     src = work / f"{name}-hf"
     t0 = time.perf_counter()
@@ -146,40 +187,44 @@ def run_shape(name: str, work: Path, n_threads: int) -> dict:
     exe = str(Path(sys.executable).with_name("komt-edge"))
     ours = measure([exe, "gguf", str(src), "-q", "q4_0", "-q", "q8_0", "--template", "mistral",
                     "--threads", str(n_threads), "-o", str(work / "komt-edge")], env)
+    out_bytes = sum(p.stat().st_size for p in (work / "komt-edge").glob("*.gguf"))
+    for extra in (work / "komt-edge").glob("*Q8_0.gguf"):
+        extra.unlink()  # only the q4_0 files are compared: free the disk (a 7B shape needs it)
     # llama.cpp: convert to the source precision, then quantize each type.
     bf16 = work / "llama.cpp" / f"{name}-bf16.gguf"
     bf16.parent.mkdir(exist_ok=True)
     conv = measure([sys.executable, str(LLAMA_SRC / "convert_hf_to_gguf.py"), str(src), "--outtype", "bf16",
                     "--outfile", str(bf16)], env)
-    quant = {}
+    quant, identical = {}, None
     for qtype, ftype in (("q4_0", 2), ("q8_0", 7)):
         code = ("import ctypes, llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
                 f"p.ftype = {ftype}; p.nthread = {n_threads}; "
                 "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")
-        quant[qtype] = measure([sys.executable, "-c", code, str(bf16), str(bf16.with_name(f"{name}-{qtype}.gguf"))],
-                               env)
-    bf16.unlink()  # the intermediate is 2 bytes a weight: free the disk before comparing
+        theirs = bf16.with_name(f"{name}-{qtype}.gguf")
+        quant[qtype] = measure([sys.executable, "-c", code, str(bf16), str(theirs)], env)
+        if qtype == "q4_0":
+            identical = same_tensors(next((work / "komt-edge").glob("*Q4_0.gguf")), theirs)
+        theirs.unlink()
+    bf16.unlink()  # the intermediate is 2 bytes a weight: free the disk before the merge
     theirs_s = conv["seconds"] + sum(q["seconds"] for q in quant.values())
     theirs_mem = max([conv["peak_rss_anon_mib"]] + [q["peak_rss_anon_mib"] for q in quant.values()])
-    # same bytes? (compare the q4_0 files tensor by tensor, memory-mapped)
-    import numpy as np
-    from gguf import GGUFReader
-
-    ours_q4 = {t.name: t for t in GGUFReader(next((work / "komt-edge").glob("*Q4_0.gguf"))).tensors}
-    theirs_q4 = {t.name: t for t in GGUFReader(bf16.with_name(f"{name}-q4_0.gguf")).tensors}
-    identical = ours_q4.keys() == theirs_q4.keys() and all(
-        t.tensor_type == theirs_q4[n].tensor_type and np.array_equal(t.data, theirs_q4[n].data)
-        for n, t in ours_q4.items())
-    del ours_q4, theirs_q4
-    shutil.rmtree(work / "llama.cpp")  # free the disk before the merge writes a second checkpoint
+    shutil.rmtree(work / "llama.cpp")
     shutil.rmtree(work / "komt-edge")
+    dd = disk_bound(work, out_bytes)
     write_adapter(work / "lora", src, SHAPES[name])
     merged = measure([exe, "merge", str(src), str(work / "lora"), "-o", str(work / "merged")], env)
+    shutil.rmtree(work / "merged")  # free the disk before the copy
+    copy = copy_bound(src, work / "copy")
+    ratios = {"komt_edge_over_llama_cpp": ours["seconds"] / theirs_s,
+              "komt_edge_over_dd_fdatasync": ours["seconds"] / dd["dd_fdatasync_s"],
+              "komt_edge_over_dd_page_cache": ours["seconds"] / dd["dd_page_cache_s"],
+              "merge_over_cp_sync": merged["seconds"] / copy["cp_sync_s"],
+              "merge_over_cp": merged["seconds"] / copy["cp_s"]}
     return {"shape": name, "params": params, "checkpoint_gib": sum(p.stat().st_size for p in src.glob("*.safetensors"))
             / 1024 ** 3, "generate_s": gen_s,
             "komt_edge": ours, "llama_cpp": {"convert_bf16": conv, **quant, "seconds": theirs_s,
                                              "peak_rss_anon_mib": theirs_mem},
-            "q4_0_identical": identical, "merge": merged}
+            "q4_0_identical": identical, "merge": merged, "disk_bound": dd, "copy_bound": copy, "ratios": ratios}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| shape | params | bf16 checkpoint | komt-edge q4_0+q8_0 | llama.cpp bf16 → q4_0, q8_0 | "
           "peak RssAnon komt-edge | peak RssAnon llama.cpp | q4_0 identical | komt-edge merge (time, RssAnon) |")
     print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for r in results:
         print(f"| {r['shape']} | {r['params'] / 1e9:.2f} B | {r['checkpoint_gib']:.2f} GiB | "
               f"{r['komt_edge']['seconds']:.1f} s | {r['llama_cpp']['seconds']:.1f} s "
@@ -221,6 +267,17 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['llama_cpp']['q8_0']['seconds']:.1f}) | {r['komt_edge']['peak_rss_anon_mib']:.0f} MiB | "
               f"{r['llama_cpp']['peak_rss_anon_mib']:.0f} MiB | {'yes' if r['q4_0_identical'] else 'NO'} | "
               f"{r['merge']['seconds']:.1f} s, {r['merge']['peak_rss_anon_mib']:.0f} MiB |")
+        d, c, x = r["disk_bound"], r["copy_bound"], r["ratios"]
+        rows.append(f"| {r['shape']} | {x['komt_edge_over_llama_cpp']:.2f} | {d['bytes'] / 1024 ** 3:.2f} GiB: "
+                    f"{d['dd_fdatasync_s']:.1f} s / {d['dd_page_cache_s']:.1f} s | "
+                    f"{x['komt_edge_over_dd_fdatasync']:.2f} / {x['komt_edge_over_dd_page_cache']:.2f} | "
+                    f"{c['bytes'] / 1024 ** 3:.2f} GiB: {c['cp_sync_s']:.1f} s / {c['cp_s']:.1f} s | "
+                    f"{x['merge_over_cp_sync']:.2f} / {x['merge_over_cp']:.2f} |")
+    print()
+    print("| shape | komt-edge / llama.cpp | dd of the GGUF bytes (fdatasync / page cache) | komt-edge / dd | "
+          "cp of the shards (+ sync / alone) | merge / cp |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 

@@ -12,9 +12,10 @@ Layout and conventions are llama.cpp's (learned from convert_hf_to_gguf.py and l
 - quantized outputs use llama-quantize's per-tensor mix, computed by llama.cpp itself (converters.quantize),
   and tensors are written in llama.cpp's order, so the k-quant mixes count layers the same way.
 
-Each tensor is read once (memory-mapped), upcast to float32 and handed to every output file; quantization
-runs on all cores through llama.cpp's quantizer. Outputs are written to temporary names and renamed into
-place only when complete.
+Each tensor is read once, upcast to float32 and handed to every output file; quantization runs on all cores
+through llama.cpp's quantizer. Reading, quantizing and writing overlap in a bounded pipeline (komt_edge.stream):
+tensor i+1 is read while tensor i is quantized and tensor i-1 written, a few tensors in memory at a time.
+Outputs are written to temporary names and renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from komt_edge.atomic import atomic_file
 from komt_edge.checkpoint import Checkpoint
 from komt_edge.errors import KomtError
 from komt_edge.merge import check_compatible, load_adapter, merged_weight
+from komt_edge.stream import BufferPool, run_pipeline
 
 from . import quantize as q
 from .vocab import Vocab, load_vocab
@@ -207,6 +209,12 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
              .swapaxes(1, 2)
              .reshape(w.shape))
+
+
+def _permuted_view(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """permute_qk without the copy: a 4-D strided view whose row-major order is permute_qk(w)'s."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2)
 
 
 class Converter:
@@ -389,11 +397,16 @@ class Converter:
             w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=t)
         return w
 
-    def read_f32(self, p: _Planned) -> np.ndarray:
-        t = self.ckpt.get(p.hf_name)
+    def read_f32(self, p: _Planned, buffers: BufferPool | None = None) -> np.ndarray:
+        """Tensor ``p`` as written before quantizing: merged with the adapter, upcast to float32, permuted.
+        With ``buffers`` the float32 copy goes into a recycled buffer (give it back with ``buffers.give``)."""
+        # With buffers, the bytes are read (pread, into a recycled buffer) rather than memory-mapped: no page
+        # fault per 4 KiB of the checkpoint.
+        t = raw = self.ckpt.read(p.hf_name, buffers) if buffers is not None else self.ckpt.get(p.hf_name)
+        merged = None
         if self.adapter is not None:
             if p.hf_name in self.adapter.pairs:  # same arithmetic as `komt-edge merge`, so identical bytes
-                t = merged_weight(t, self.adapter.pairs[p.hf_name])
+                t = merged = merged_weight(t, self.adapter.pairs[p.hf_name], buffers)
             elif p.hf_name in self.adapter.replacements:
                 t = self.adapter.replacements[p.hf_name].to(t.dtype)
         if self.hp.is_gemma3:
@@ -401,11 +414,27 @@ class Converter:
                 t = t[: p.shape[0]]
             if p.hf_name.endswith("norm.weight"):
                 t = t.to(torch.float32) + 1  # in float32, as convert_hf_to_gguf.py does
-        if t.dtype not in (torch.float32,):
-            t = t.to(torch.float32)
-        if p.permute_heads is not None:
-            t = permute_qk(t, p.permute_heads)
-        return np.ascontiguousarray(t.numpy())
+        view = t if p.permute_heads is None else _permuted_view(t, p.permute_heads)
+        if t.dtype == torch.float32 and view.is_contiguous():
+            result = np.ascontiguousarray(t.numpy())  # already what is written: no copy
+        else:
+            # One pass over the data, the GIL released: permute and upcast together. A bf16 or f16 value widens to
+            # float32 exactly: the bytes of upcasting and permuting one after the other.
+            out = buffers.take(t.shape, torch.float32) if buffers is not None else torch.empty(t.shape,
+                                                                                               dtype=torch.float32)
+            if t.dtype == torch.bfloat16:
+                # bf16 is the top half of a float32: widening is a 16-bit shift (what torch does, bit for bit),
+                # done by numpy in this thread alone, so it does not compete with the quantizer's threads.
+                np.left_shift(view.view(torch.int16).numpy().view(np.uint16), 16,
+                              out=out.view(view.shape).numpy().view(np.uint32), dtype=np.uint32)
+            else:
+                out.view(view.shape).copy_(view)
+            result = out.numpy()
+        if buffers is not None:
+            for used in {id(x): x for x in (raw, merged) if x is not None}.values():
+                if used.data_ptr() != result.ctypes.data:
+                    buffers.give(used)
+        return result
 
     def write(self, outputs: dict[str, Path], meta: Metadata, *, n_threads: int | None = None,
               progress: Callable[[int], None] | None = None) -> dict[str, Path]:
@@ -422,15 +451,32 @@ class Converter:
                 w.write_kv_data_to_file()
                 w.write_ti_data_to_file()
                 writers[qt] = w
-            for i, p in enumerate(self.tensors):
-                data = self.read_f32(p)
-                encoded = {qt: q.quantize(data, plans[qt][i], pool) for qt in writers}
-                del data
-                for qt, w in writers.items():
-                    arr = encoded.pop(qt)
+            # A bounded pipeline: tensor i+1 is read (and merged, upcast, permuted) while tensor i is quantized for
+            # every output on all cores and tensor i-1 is written to every file. Same order, same bytes.
+            buffers = BufferPool(keep=2)
+
+            def read():
+                for i, p in enumerate(self.tensors):
+                    yield i, p, self.read_f32(p, buffers)
+
+            def encode(item):
+                i, p, data = item
+                encoded = [(w, q.quantize(data, plans[qt][i], pool)) for qt, w in writers.items()]
+                if not any(np.may_share_memory(arr, data) for _, arr in encoded):  # an F32 output is `data`
+                    buffers.give(data)
+                    data = None
+                return p, encoded, data
+
+            def write(result):
+                p, encoded, data = result
+                for w, arr in encoded:
                     w.write_tensor_data(arr.reshape(-1) if arr.dtype == np.uint8 else arr)
+                if data is not None:
+                    buffers.give(data)
                 if progress:
                     progress(int(np.prod(p.shape)))
+
+            run_pipeline(read(), encode, write, read_ahead=1, write_behind=2, name="gguf")
             for w in writers.values():
                 w.close()
         return outputs

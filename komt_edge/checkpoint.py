@@ -8,6 +8,7 @@ memory and nothing more. Pickle ``.bin`` shards are read only when the caller al
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +34,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     shard: Path
+    offset: int = -1  # safetensors: where the tensor's bytes start in the shard file (-1: a pickle shard)
+    nbytes: int = 0  # safetensors: how many bytes it has there
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -49,6 +52,7 @@ class Checkpoint:
         self._infos: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
         self._pickles: dict[Path, dict] = {}
+        self._fds: dict[Path, int] = {}
         shards = sorted(self.folder.glob("*.safetensors"))
         if shards:
             for shard in shards:
@@ -85,7 +89,9 @@ class Checkpoint:
             dtype = _ST_DTYPES.get(meta["dtype"])
             if dtype is None:
                 raise KomtError(f"{shard}: tensor {name} has unsupported dtype {meta['dtype']}")
-            self._infos[name] = TensorInfo(name, tuple(meta["shape"]), dtype, shard)
+            start, stop = meta["data_offsets"]  # relative to the data, which follows the header
+            self._infos[name] = TensorInfo(name, tuple(meta["shape"]), dtype, shard, 8 + header_len + start,
+                                           stop - start)
 
     # -- pickle ------------------------------------------------------------------------------------
     def _index_pickle(self, shard: Path) -> None:
@@ -114,6 +120,47 @@ class Checkpoint:
         if info.shard in self._handles:
             return self._handles[info.shard].get_tensor(name)
         return self._pickles[info.shard][name]
+
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        """(shard, offset, nbytes) of a safetensors tensor's raw little-endian bytes; None for a pickle shard."""
+        info = self._infos[name]
+        return (info.shard, info.offset, info.nbytes) if info.offset >= 0 else None
+
+    def read(self, name: str, buffers=None) -> torch.Tensor:
+        """A tensor of its own (not a view of the memory map), the same values as ``get``. Safetensors bytes are
+        read with ``pread``, which releases the GIL: a reader thread overlaps with computing threads. With
+        ``buffers`` (a komt_edge.stream.BufferPool) the tensor is one of its buffers."""
+        info = self._infos[name]
+        if info.offset < 0:
+            return self.get(name).clone()
+        out = buffers.take(info.shape, info.dtype) if buffers is not None else torch.empty(info.shape, dtype=info.dtype)
+        flat = out.reshape(-1)
+        buf = memoryview(flat.view(torch.uint8).numpy())  # bool is one byte too
+        fd = self._fd(info.shard)
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [buf[done:]], info.offset + done)
+            if n <= 0:
+                raise KomtError(f"{info.shard} ended inside tensor {name}: the file is truncated; re-download it")
+            done += n
+        return out
+
+    def _fd(self, shard: Path) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(shard, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def shards(self) -> list[Path]:
         return sorted({i.shard for i in self._infos.values()})

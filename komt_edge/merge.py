@@ -1,9 +1,11 @@
 """`komt-edge merge BASE ADAPTER -o OUT`: fold a LoRA adapter into full-precision base weights, streaming.
 
 For every targeted linear layer ``W += scale · B · A`` (scale = alpha / r, or alpha / √r with rsLoRA), computed
-in float32 and cast back to the base dtype. The base is read one memory-mapped tensor at a time and the output
-is written one tensor at a time into new safetensors shards, so resident memory stays near the size of the
-largest tensor (a 7B bf16 merge: well under 4 GiB) instead of the model.
+in float32 and cast back to the base dtype. The output is written tensor by tensor into new safetensors shards:
+tensors the adapter does not touch are copied byte for byte from a safetensors base (in the kernel,
+copy_file_range), and the merged ones stream through a bounded read → merge → write pipeline
+(komt_edge.stream), so resident memory stays at a few tensors (a 7B bf16 merge: well under 4 GiB) instead of the
+model, and reading, merging and writing overlap.
 
 An adapter trained with QLoRA on a 4-bit base merges into the full-precision base like any other: the adapter
 holds only A and B; the base given here must be the unquantized checkpoint.
@@ -11,7 +13,9 @@ holds only A and B; the base given here must be the unquantized checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 import sys
@@ -26,6 +30,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_dir, check_dir_target, check_free_space
 from .checkpoint import Checkpoint, read_config
 from .errors import KomtError
+from .stream import BufferPool, run_pipeline
 
 PROVENANCE_FILE = "komt_edge_merge.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -140,10 +145,29 @@ def load_adapter(folder: Path, *, allow_pickle: bool = False) -> Adapter:
     return Adapter(folder, config, pairs, replacements, warnings)
 
 
-def merged_weight(base: torch.Tensor, pair: LoraPair) -> torch.Tensor:
-    """base + scale · B @ A, in float32, cast back to the base dtype."""
-    delta = (pair.b.to(torch.float32) @ pair.a.to(torch.float32)) * pair.scale
-    return (base.to(torch.float32) + delta).to(base.dtype)
+def merged_weight(base: torch.Tensor, pair: LoraPair, buffers: BufferPool | None = None) -> torch.Tensor:
+    """base + scale · B @ A, in float32, cast back to the base dtype.
+
+    The float32 work is done in place (the same operations on the same values as ``(base.to(float32) +
+    (B @ A) * scale).to(base.dtype)``, so the same bits), in ``buffers`` when given; the result then comes from
+    ``buffers`` too (give it back when written)."""
+    take = buffers.take if buffers is not None else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    delta = take((pair.b.shape[0], pair.a.shape[1]), torch.float32)
+    torch.matmul(pair.b.to(torch.float32), pair.a.to(torch.float32), out=delta)
+    delta.mul_(pair.scale)
+    weight = take(base.shape, torch.float32)
+    weight.copy_(base)
+    weight.add_(delta)
+    if buffers is not None:
+        buffers.give(delta)
+    del delta
+    if base.dtype == torch.float32:
+        return weight
+    out = take(base.shape, base.dtype)
+    out.copy_(weight)
+    if buffers is not None:
+        buffers.give(weight)
+    return out
 
 
 def check_compatible(ckpt: Checkpoint, adapter: Adapter, base: Path) -> None:
@@ -190,6 +214,22 @@ class ShardWriter:
         return sum(t[3] for shard in self.shards for t in shard)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._next(name)
+        data = tensor.detach().contiguous().reshape(-1)
+        if data.dtype == torch.bool:
+            data = data.to(torch.uint8)
+        _write_all(self._open[1], memoryview(data.view(torch.uint8).numpy()))
+
+    def copy_raw(self, name: str, src: Path, offset: int, nbytes: int) -> None:
+        """Write tensor ``name`` as the ``nbytes`` bytes at ``offset`` in the file ``src`` (a safetensors shard of
+        the same dtype and shape): the bytes ``write`` would write, copied in the kernel without reading them."""
+        self._next(name)
+        planned = self.shards[self._open[0]][len(self.shards[self._open[0]]) - len(self._expected) - 1]
+        if planned[3] != nbytes:
+            raise RuntimeError(f"tensor {name} has {nbytes} bytes in {src} but {planned[3]} are planned")
+        _copy_range(src, offset, nbytes, self._open[1])
+
+    def _next(self, name: str) -> None:
         idx = self._shard_of[name]
         if self._open is None or self._open[0] != idx:
             self._close_current()
@@ -197,10 +237,6 @@ class ShardWriter:
             self._expected = [t[0] for t in self.shards[idx]]
         if not self._expected or self._expected.pop(0) != name:
             raise RuntimeError(f"tensor {name} written out of order")
-        data = tensor.detach().contiguous().reshape(-1)
-        if data.dtype == torch.bool:
-            data = data.to(torch.uint8)
-        self._open[1].write(memoryview(data.view(torch.uint8).numpy()))
 
     def _start(self, idx: int):
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -211,9 +247,12 @@ class ShardWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        f = open(self.folder / self.names[idx], "wb")
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        f = open(self.folder / self.names[idx], "wb", buffering=0)  # unbuffered: copy_raw writes at the fd's offset
+        try:
+            _write_all(f, len(raw).to_bytes(8, "little") + raw)
+        except BaseException:
+            f.close()
+            raise
         return f
 
     def _close_current(self) -> None:
@@ -223,12 +262,56 @@ class ShardWriter:
             self._open[1].close()
             self._open = None
 
+    def abort(self) -> None:
+        """Close an open shard file without the completeness check (after a failure; the folder is discarded)."""
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
     def close(self) -> None:
         self._close_current()
         if len(self.names) > 1:
             index = {"metadata": {"total_size": self.total_bytes},
                      "weight_map": {t[0]: self.names[i] for i, shard in enumerate(self.shards) for t in shard}}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_all(f, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        view = view[n:]
+
+
+def _copy_range(src: Path, offset: int, nbytes: int, dst) -> None:
+    """Append ``nbytes`` of ``src`` from ``offset`` to the unbuffered file ``dst``, in the kernel when it can
+    (copy_file_range, else sendfile), else through a buffer."""
+    with open(src, "rb", buffering=0) as f:
+        fd_in, fd_out = f.fileno(), dst.fileno()
+        done = 0
+        for fast in ("copy_file_range", "sendfile"):
+            if not hasattr(os, fast):
+                continue
+            try:
+                while done < nbytes:
+                    if fast == "copy_file_range":
+                        n = os.copy_file_range(fd_in, fd_out, min(nbytes - done, 1 << 30), offset + done)
+                    else:
+                        n = os.sendfile(fd_out, fd_in, offset + done, min(nbytes - done, 1 << 30))
+                    if n == 0:
+                        raise KomtError(f"{src} ended before the tensor bytes it declares: re-download it")
+                    done += n
+                return
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM,
+                                     errno.EBADF, errno.ETXTBSY):
+                    raise
+        while done < nbytes:
+            chunk = os.pread(fd_in, min(nbytes - done, 16 << 20), offset + done)
+            if not chunk:
+                raise KomtError(f"{src} ended before the tensor bytes it declares: re-download it")
+            _write_all(dst, chunk)
+            done += len(chunk)
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, *, allow_pickle: bool = False,
@@ -266,17 +349,47 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, allow_pickl
     with atomic_dir(out, force=force, owned_if=(PROVENANCE_FILE,), log=log) as tmp, \
             tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
         writer.folder = tmp
-        for shard in writer.shards:
-            for name, _shape, _dtype, nbytes in shard:
-                tensor = ckpt.get(name)
-                if name in lora.pairs:
-                    tensor = merged_weight(tensor, lora.pairs[name])
-                elif name in lora.replacements:
-                    tensor = lora.replacements[name].to(tensor.dtype)
-                writer.write(name, tensor)
-                del tensor
-                bar.update(nbytes)
-        writer.close()
+        # Tensors the adapter leaves alone are copied byte for byte from a safetensors base (the bytes `write`
+        # would write). The merged ones stream through a bounded pipeline: the next base tensor is read while
+        # this one is merged (torch, all cores) and the previous one is written, in the planned order.
+        buffers = BufferPool(keep=4)
+
+        def read():
+            for shard in writer.shards:
+                for name, _shape, dtype, nbytes in shard:
+                    raw = ckpt.byte_range(name)
+                    if name in lora.pairs:
+                        yield name, nbytes, ckpt.read(name, buffers), lora.pairs[name]
+                    elif name in lora.replacements:
+                        yield name, nbytes, lora.replacements[name].to(dtype), None
+                    elif raw is not None:
+                        yield name, nbytes, raw, None
+                    else:
+                        yield name, nbytes, ckpt.get(name), None
+
+        def merge_one(item):
+            name, nbytes, tensor, pair = item
+            if pair is None:
+                return name, nbytes, tensor
+            merged = merged_weight(tensor, pair, buffers)
+            buffers.give(tensor)
+            return name, nbytes, merged
+
+        def write(result):
+            name, nbytes, data = result
+            if isinstance(data, tuple):
+                writer.copy_raw(name, *data)
+            else:
+                writer.write(name, data)
+                buffers.give(data)
+            bar.update(nbytes)
+
+        try:
+            run_pipeline(read(), merge_one, write, read_ahead=1, write_behind=2, name="merge")
+            writer.close()
+        finally:
+            writer.abort()
+            ckpt.close()
         config.pop("_name_or_path", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for fname in TOKENIZER_FILES:
