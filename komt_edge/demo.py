@@ -82,7 +82,8 @@ def demo(out: str | Path = "dist/demo", *, quants: tuple[str, ...] = ("q4_0", "q
     log(f"[4/5] gguf {' '.join(quants)} → {out}")
     files = convert(merged, quants, out, template="mistral", name=DEMO_NAME, n_threads=n_threads, progress=progress)
     log("[5/5] verify against the merged HF model")
-    verification = verify_files(files, str(merged), template="mistral", n_threads=n_threads, log=log)
+    verification = verify_files(files, str(merged), template="mistral", n_threads=n_threads, log=log,
+                                progress=progress)
     prompt = DEMO_QA[0][0]
     answers = {f.name: chat(f, prompt, n_threads=n_threads) for f in files}
     return DemoResult(merged, files, verification, prompt, answers)

@@ -305,7 +305,8 @@ def _lora_run(ctx: StageContext) -> StageOutput:
     try:
         run = verify_files([base_gguf], str(r.path), adapter=str(r.adapter), allow_pickle=o.allow_pickle,
                            template=ctx.family, n_threads=o.n_threads, overrides=BoundOverrides(mean_kl=o.max_kl),
-                           lora=result.path, log=lambda text: ctx.log("\n".join("  " + x for x in text.splitlines())))
+                           lora=result.path, progress=o.progress,
+                           log=lambda text: ctx.log("\n".join("  " + x for x in text.splitlines())))
     finally:
         base_gguf.unlink(missing_ok=True)
     lg = run.reports[0].logits
@@ -375,6 +376,7 @@ def _verify_run(ctx: StageContext) -> StageOutput:
     report_path = ctx.out / "verify.json"
     run = verify_files(ctx.gguf_models, o.model, adapter=o.adapter, allow_pickle=o.allow_pickle, template=o.template,
                        n_threads=o.n_threads, overrides=BoundOverrides(mean_kl=o.max_kl), json_out=report_path,
+                       progress=o.progress,
                        log=lambda text: ctx.log("\n".join("  " + line for line in text.splitlines())))
     data = {}
     for report in run.reports:

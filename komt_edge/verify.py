@@ -237,29 +237,6 @@ def compare_logits(ref: np.ndarray, test: np.ndarray, bounds: Bounds) -> LogitPa
                        mean_kl=float(kl.mean()), max_kl=float(kl.max()), top1=top1, bounds=bounds)
 
 
-def _hf_model(hf_path: Path, adapter: Path | None, dtype: str, *, merge: bool = True):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if adapter is not None and not merge:
-        # What llama.cpp computes with a LoRA file: the base's weights and the adapter's own path, unmerged.
-        from peft import PeftModel
-
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        base = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch_dtype)
-        return PeftModel.from_pretrained(base, adapter).eval()
-
-    # Merge in the checkpoint's own dtype, as the converter does, then compute in ``dtype``: the reference is
-    # the model that was converted, not a float32 re-merge that no file can contain.
-    model = AutoModelForCausalLM.from_pretrained(hf_path, dtype="auto")
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return model.to(torch_dtype).eval()
-
-
 def greedy(llm, prompt: str, max_new_tokens: int, *, add_bos: bool = True) -> str:
     """Greedy decoding with llama.cpp: argmax of the logits at each step, until eos or the token budget."""
     ids = llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=False)
@@ -289,10 +266,14 @@ class Reference:
 
 
 def load_reference(hf: str, *, adapter: str | None = None, allow_pickle: bool = False, template: str | None = None,
-                   hf_dtype: str = "float32", n_ctx: int = 512, merge_adapter: bool = True) -> Reference:
+                   hf_dtype: str = "float32", n_ctx: int = 512, merge_adapter: bool = True,
+                   progress: bool = True) -> Reference:
     """Tokenize the Korean prompts and run the HF model on them (base + adapter merged in its own dtype, or with
-    ``merge_adapter=False`` the base and peft's unmerged adapter, as llama.cpp applies a LoRA file)."""
-    import torch
+    ``merge_adapter=False`` the base and peft's unmerged adapter, as llama.cpp applies a LoRA file).
+
+    The model runs one decoder layer at a time from the memory-mapped checkpoint (:func:`streamed_logits`), so
+    the reference of a 7B model costs about one layer's memory instead of the whole float32 model."""
+    from .streamed import streamed_logits  # torch: imported when a reference is computed
 
     resolved = resolve(hf, adapter=adapter, allow_pickle=allow_pickle)
     if not merge_adapter and resolved.adapter is None:
@@ -301,14 +282,9 @@ def load_reference(hf: str, *, adapter: str | None = None, allow_pickle: bool = 
     tokenizer = ReferenceTokenizer(resolved.path)
     cfg = json.loads((resolved.path / "config.json").read_text(encoding="utf-8"))
     tmpl = model_template(resolved, template)
-    model = _hf_model(resolved.path, resolved.adapter, hf_dtype, merge=merge_adapter)
-    prompt_ids, logits = [], []
-    for prompt in KOREAN_PROMPTS:
-        ids = tokenizer.encode(tmpl.format(prompt))[:n_ctx]
-        with torch.no_grad():
-            logits.append(model(torch.tensor([ids])).logits[0].to(torch.float32).numpy())
-        prompt_ids.append(ids)
-    del model
+    prompt_ids = [tokenizer.encode(tmpl.format(prompt))[:n_ctx] for prompt in KOREAN_PROMPTS]
+    logits = streamed_logits(resolved.path, prompt_ids, dtype=hf_dtype, adapter=resolved.adapter,
+                             merge_in_base_dtype=merge_adapter, allow_pickle=allow_pickle, progress=progress)
     return Reference(hf, resolved, tokenizer, tmpl, cfg.get("vocab_size"), prompt_ids, logits)
 
 
@@ -416,12 +392,13 @@ class VerifyRun:
 def verify_files(files: Sequence[str | Path], hf: str, *, adapter: str | None = None, allow_pickle: bool = False,
                  template: str | None = None, hf_dtype: str = "float32", n_threads: int | None = None,
                  overrides: BoundOverrides | None = None, json_out: str | Path | None = None,
-                 log: Callable[[str], None] | None = None, lora: str | Path | None = None) -> VerifyRun:
+                 log: Callable[[str], None] | None = None, lora: str | Path | None = None,
+                 progress: bool = True) -> VerifyRun:
     """Verify each GGUF file of a model against one HF forward pass (see :func:`verify`).
 
     Inputs and the ``json_out`` path are checked before the reference is loaded; each report goes to ``log`` as it
     is done; ``json_out`` gets the list of reports (written atomically). Bound failures are in the result:
-    :meth:`VerifyRun.check` turns them into an error."""
+    :meth:`VerifyRun.check` turns them into an error. ``progress``: a bar over the reference's layers."""
     paths = [Path(f) for f in files]
     if not paths:
         raise KomtError("no GGUF file to verify: pass the files `komt-edge gguf` wrote")
@@ -436,7 +413,7 @@ def verify_files(files: Sequence[str | Path], hf: str, *, adapter: str | None = 
         for path in paths:  # before the reference is loaded
             check_lora_fits(Path(lora), path)
     reference = load_reference(hf, adapter=adapter, allow_pickle=allow_pickle, template=template, hf_dtype=hf_dtype,
-                               merge_adapter=lora is None)
+                               merge_adapter=lora is None, progress=progress)
     run = VerifyRun(hf, [])
     for path in paths:
         report = verify(path, hf, n_threads=n_threads, overrides=overrides, reference=reference, lora=lora)
