@@ -145,28 +145,30 @@ def load_adapter(folder: Path, *, allow_pickle: bool = False) -> Adapter:
     return Adapter(folder, config, pairs, replacements, warnings)
 
 
+MERGE_BLOCK_ROWS = 512  # rows of the float32 work per step: a few MB, kept in cache
+
+
 def merged_weight(base: torch.Tensor, pair: LoraPair, buffers: BufferPool | None = None) -> torch.Tensor:
     """base + scale · B @ A, in float32, cast back to the base dtype.
 
-    The float32 work is done in place (the same operations on the same values as ``(base.to(float32) +
-    (B @ A) * scale).to(base.dtype)``, so the same bits), in ``buffers`` when given; the result then comes from
-    ``buffers`` too (give it back when written)."""
-    take = buffers.take if buffers is not None else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
-    delta = take((pair.b.shape[0], pair.a.shape[1]), torch.float32)
-    torch.matmul(pair.b.to(torch.float32), pair.a.to(torch.float32), out=delta)
-    delta.mul_(pair.scale)
-    weight = take(base.shape, torch.float32)
-    weight.copy_(base)
-    weight.add_(delta)
-    if buffers is not None:
-        buffers.give(delta)
-    del delta
-    if base.dtype == torch.float32:
-        return weight
-    out = take(base.shape, base.dtype)
-    out.copy_(weight)
-    if buffers is not None:
-        buffers.give(weight)
+    Each element goes through the same operations as ``(base.to(float32) + (B @ A) * scale).to(base.dtype)``, so
+    the result has the same bits, but a block of rows at a time: the float32 intermediates of a 7B projection
+    (hundreds of MB each) never leave the cache. The result comes from ``buffers`` when given (give it back when
+    written)."""
+    if base.dim() != 2:
+        delta = (pair.b.to(torch.float32) @ pair.a.to(torch.float32)) * pair.scale
+        return (base.to(torch.float32) + delta).to(base.dtype)
+    a, b = pair.a.to(torch.float32), pair.b.to(torch.float32)
+    rows = base.shape[0]
+    out = buffers.take(base.shape, base.dtype) if buffers is not None else torch.empty_like(base)
+    block = torch.empty((min(MERGE_BLOCK_ROWS, rows), a.shape[1]), dtype=torch.float32)
+    for start in range(0, rows, MERGE_BLOCK_ROWS):
+        end = min(start + MERGE_BLOCK_ROWS, rows)
+        work = block[: end - start]
+        torch.matmul(b[start:end], a, out=work)
+        work.mul_(pair.scale)
+        work.add_(base[start:end])  # float32 + the base widened exactly: base.to(float32) + delta
+        out[start:end].copy_(work)
     return out
 
 

@@ -131,3 +131,21 @@ def test_peft_variants_merge_like_peft(variant, tiny_llama, tmp_path):
     if variant == "modules_to_save":
         assert "lm_head.weight" in changed
     assert "model.layers.1.self_attn.q_proj.weight" in changed and "model.layers.0.mlp.down_proj.weight" in changed
+
+
+@pytest.mark.parametrize("rows,cols,dtype", [(1100, 96, torch.bfloat16), (513, 64, torch.float16),
+                                             (600, 40, torch.float32), (7, 33, torch.bfloat16)])
+def test_merged_weight_is_the_plain_formula_bit_for_bit(rows, cols, dtype):
+    """The row-blocked merge (a cache-sized block at a time) gives the bits of the one-shot formula."""
+    from komt_edge.merge import MERGE_BLOCK_ROWS, LoraPair, merged_weight
+    from komt_edge.stream import BufferPool
+
+    assert rows > MERGE_BLOCK_ROWS or rows < 16  # several blocks, a partial last one, or a single short one
+    g = torch.Generator().manual_seed(rows)
+    base = torch.randn(rows, cols, generator=g).to(dtype)
+    pair = LoraPair(a=(torch.randn(8, cols, generator=g) * 0.05).to(dtype),
+                    b=(torch.randn(rows, 8, generator=g) * 0.05).to(dtype), scale=32 / 8 * 0.37)
+    plain = (base.to(torch.float32) + (pair.b.to(torch.float32) @ pair.a.to(torch.float32)) * pair.scale).to(dtype)
+    assert torch.equal(merged_weight(base, pair).view(torch.uint8), plain.view(torch.uint8))
+    pooled = merged_weight(base, pair, BufferPool(min_bytes=0))
+    assert torch.equal(pooled.view(torch.uint8), plain.view(torch.uint8))
