@@ -18,6 +18,8 @@ In the same run, the bounds each is measured against, on the same disk:
   ``conv=fdatasync`` (to the disk) and without (to the page cache, as komt-edge writes: it does not fsync);
 - merge (komt's r=8 adapter on q/k/v/o/gate/up/down): ``cp`` of the checkpoint's shards, then ``sync`` of the
   copies (both times are kept: cp alone is the page-cache bound, cp + sync the disk bound);
+- and the compute floor: llama.cpp's quantizer alone turning as many float32 weights, already in memory, into
+  q4_0 and q8_0 with the same threads (no reading, upcasting or writing);
 
 and the ratios komt-edge / dd, merge / cp and komt-edge / llama.cpp.
 """
@@ -157,6 +159,29 @@ def disk_bound(folder: Path, nbytes: int) -> dict:
     return out
 
 
+def quantize_bound(params: int, n_threads: int) -> dict:
+    """The compute floor of komt-edge's conversion: seconds for llama.cpp's quantizer (``ggml_quantize_chunk``, the
+    same calls and threads komt-edge makes) to turn ``params`` float32 weights already in memory into q4_0 and
+    q8_0, from the best of three passes over one 14336 × 4096 matrix; no reading, upcasting or writing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from komt_edge.converters import quantize as q
+
+    data = np.random.default_rng(0).standard_normal((14336, 4096), dtype=np.float32)
+    best = {}
+    with ThreadPoolExecutor(n_threads) as pool:
+        for qtype in (q.GGMLQuantizationType.Q4_0, q.GGMLQuantizationType.Q8_0):
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                q.quantize(data, qtype, pool)
+                times.append(time.perf_counter() - start)
+            best[qtype.name.lower()] = min(times) * params / data.size
+    return {**{f"{k}_s": v for k, v in best.items()}, "seconds": sum(best.values())}
+
+
 def copy_bound(src: Path, folder: Path) -> dict:
     """Seconds to ``cp`` the checkpoint's shards into ``folder`` (same disk), and to ``sync`` the copies."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -215,7 +240,9 @@ def run_shape(name: str, work: Path, n_threads: int) -> dict:
     merged = measure([exe, "merge", str(src), str(work / "lora"), "-o", str(work / "merged")], env)
     shutil.rmtree(work / "merged")  # free the disk before the copy
     copy = copy_bound(src, work / "copy")
-    ratios = {"komt_edge_over_llama_cpp": ours["seconds"] / theirs_s,
+    compute = quantize_bound(params, n_threads)
+    ratios = {"komt_edge_over_quantize_bound": ours["seconds"] / compute["seconds"],
+              "komt_edge_over_llama_cpp": ours["seconds"] / theirs_s,
               "komt_edge_over_dd_fdatasync": ours["seconds"] / dd["dd_fdatasync_s"],
               "komt_edge_over_dd_page_cache": ours["seconds"] / dd["dd_page_cache_s"],
               "merge_over_cp_sync": merged["seconds"] / copy["cp_sync_s"],
@@ -224,7 +251,26 @@ def run_shape(name: str, work: Path, n_threads: int) -> dict:
             / 1024 ** 3, "generate_s": gen_s,
             "komt_edge": ours, "llama_cpp": {"convert_bf16": conv, **quant, "seconds": theirs_s,
                                              "peak_rss_anon_mib": theirs_mem},
-            "q4_0_identical": identical, "merge": merged, "disk_bound": dd, "copy_bound": copy, "ratios": ratios}
+            "q4_0_identical": identical, "merge": merged, "disk_bound": dd, "copy_bound": copy, "quantize_bound": compute,
+            "ratios": ratios}
+
+
+def merge_rounds(name: str, work: Path, n_threads: int, rounds: int) -> dict:
+    """The merge alone against its copy bound: ``rounds`` times cp (+ sync) then ``komt-edge merge``, alternating on
+    the same checkpoint, so page-cache state and other load weigh on both alike."""
+    src = work / f"{name}-hf"
+    params = write_checkpoint(src, SHAPES[name])
+    write_adapter(work / "lora", src, SHAPES[name])
+    env = {**os.environ, "OMP_NUM_THREADS": str(n_threads)}
+    exe = str(Path(sys.executable).with_name("komt-edge"))
+    copies, merges = [], []
+    for _ in range(rounds):
+        copies.append(copy_bound(src, work / "copy"))
+        merges.append(measure([exe, "merge", str(src), str(work / "lora"), "-o", str(work / "merged")], env))
+        shutil.rmtree(work / "merged")
+    best = min(m["seconds"] for m in merges) / min(c["cp_sync_s"] for c in copies)
+    return {"shape": name, "params": params, "rounds": rounds, "copy_bound": copies, "merge": merges,
+            "merge_over_cp_sync_best": best}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,7 +280,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and GGUF files")
+    ap.add_argument("--merge-rounds", type=int, default=0, metavar="N",
+                    help="measure only the merge against cp, N alternating rounds per shape (written to --json)")
     args = ap.parse_args(argv)
+    if args.merge_rounds:
+        work = args.work or Path(tempfile.mkdtemp(prefix="komt-bench-"))
+        try:
+            out = [merge_rounds(shape, work / shape, args.threads, args.merge_rounds)
+                   for shape in args.shape or ["tiny"]]
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        for r in out:
+            print(f"{r['shape']}: merge " + ", ".join(f"{m['seconds']:.1f} s" for m in r["merge"]) + "; cp + sync "
+                  + ", ".join(f"{c['cp_sync_s']:.1f} s" for c in r["copy_bound"])
+                  + f"; best / best {r['merge_over_cp_sync_best']:.2f}")
+        if args.json:
+            args.json.write_text(json.dumps({"threads": args.threads, "results": out}, indent=2))
+        return
     if not (LLAMA_SRC / "convert_hf_to_gguf.py").is_file():
         sys.exit(f"error: {LLAMA_SRC}/convert_hf_to_gguf.py is missing: run `make install`")
     work = args.work or Path(tempfile.mkdtemp(prefix="komt-bench-"))
@@ -272,11 +334,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"{d['dd_fdatasync_s']:.1f} s / {d['dd_page_cache_s']:.1f} s | "
                     f"{x['komt_edge_over_dd_fdatasync']:.2f} / {x['komt_edge_over_dd_page_cache']:.2f} | "
                     f"{c['bytes'] / 1024 ** 3:.2f} GiB: {c['cp_sync_s']:.1f} s / {c['cp_s']:.1f} s | "
-                    f"{x['merge_over_cp_sync']:.2f} / {x['merge_over_cp']:.2f} |")
+                    f"{x['merge_over_cp_sync']:.2f} / {x['merge_over_cp']:.2f} | "
+                    f"{r['quantize_bound']['seconds']:.1f} s | {x['komt_edge_over_quantize_bound']:.2f} |")
     print()
     print("| shape | komt-edge / llama.cpp | dd of the GGUF bytes (fdatasync / page cache) | komt-edge / dd | "
-          "cp of the shards (+ sync / alone) | merge / cp |")
-    print("|---|---|---|---|---|---|")
+          "cp of the shards (+ sync / alone) | merge / cp | quantize-only floor | komt-edge / floor |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.convert_bench import SHAPES as CONVERT_SHAPES
-from benchmarks.convert_bench import measure, write_checkpoint
+from .convert_bench import SHAPES as CONVERT_SHAPES
+from .convert_bench import measure, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -99,7 +99,7 @@ def run_reference(kind: str, model: Path, work: Path, env: dict) -> tuple[dict, 
     import numpy as np
 
     out = work / f"{kind}.npz"
-    m = measure([sys.executable, "-m", "benchmarks.verify_bench", "--child", kind, "--model", str(model),
+    m = measure([sys.executable, "-m", "komt_edge.benchmarks.verify_bench", "--child", kind, "--model", str(model),
                  "--out", str(out)], env)
     with np.load(out) as data:
         logits = [data[f"logits{i}"] for i in range(len(data.files) - 2)]
