@@ -255,6 +255,27 @@ def run_shape(name: str, work: Path, n_threads: int) -> dict:
             "ratios": ratios}
 
 
+def each_shape(shapes: list[str], work: Path | None, keep: bool, run) -> list[dict]:
+    """``run(shape, folder, ...)`` for each shape in a fresh folder under ``work`` (a temp folder when None); the
+    folders are removed afterwards, even after a failure, unless ``keep``."""
+    root = work or Path(tempfile.mkdtemp(prefix="komt-bench-"))
+    results = []
+    try:
+        for shape in shapes:
+            folder = root / shape
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            try:
+                results.append(run(shape, folder))
+            finally:
+                if not keep:
+                    shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if not keep and work is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
 def merge_rounds(name: str, work: Path, n_threads: int, rounds: int) -> dict:
     """The merge alone against its copy bound: ``rounds`` times cp (+ sync) then ``komt-edge merge``, alternating on
     the same checkpoint, so page-cache state and other load weigh on both alike."""
@@ -284,12 +305,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="measure only the merge against cp, N alternating rounds per shape (written to --json)")
     args = ap.parse_args(argv)
     if args.merge_rounds:
-        work = args.work or Path(tempfile.mkdtemp(prefix="komt-bench-"))
-        try:
-            out = [merge_rounds(shape, work / shape, args.threads, args.merge_rounds)
-                   for shape in args.shape or ["tiny"]]
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        out = each_shape(args.shape or ["tiny"], args.work, args.keep,
+                         lambda shape, folder: merge_rounds(shape, folder, args.threads, args.merge_rounds))
         for r in out:
             print(f"{r['shape']}: merge " + ", ".join(f"{m['seconds']:.1f} s" for m in r["merge"]) + "; cp + sync "
                   + ", ".join(f"{c['cp_sync_s']:.1f} s" for c in r["copy_bound"])
@@ -299,19 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (LLAMA_SRC / "convert_hf_to_gguf.py").is_file():
         sys.exit(f"error: {LLAMA_SRC}/convert_hf_to_gguf.py is missing: run `make install`")
-    work = args.work or Path(tempfile.mkdtemp(prefix="komt-bench-"))
-    results = []
-    try:
-        for shape in args.shape or ["tiny"]:
-            shape_dir = work / shape
-            shutil.rmtree(shape_dir, ignore_errors=True)
-            shape_dir.mkdir(parents=True)
-            results.append(run_shape(shape, shape_dir, args.threads))
-            if not args.keep:
-                shutil.rmtree(shape_dir, ignore_errors=True)
-    finally:
-        if not args.keep and args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
+    results = each_shape(args.shape or ["tiny"], args.work, args.keep,
+                         lambda shape, folder: run_shape(shape, folder, args.threads))
     import llama_cpp
 
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,

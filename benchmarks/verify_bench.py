@@ -31,14 +31,13 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from .convert_bench import SHAPES as CONVERT_SHAPES
-from .convert_bench import measure, write_checkpoint
+from .convert_bench import each_shape, measure, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -156,21 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
         return child(args.child, args.model, args.out)
-    work = args.work or Path(tempfile.mkdtemp(prefix="komt-verify-bench-"))
-    results = []
-    try:
-        for shape in args.shape or ["tiny"]:
-            shape_dir = work / shape
-            shutil.rmtree(shape_dir, ignore_errors=True)
-            shape_dir.mkdir(parents=True)
-            try:
-                results.append(run_shape(shape, shape_dir, args.threads))
-            finally:
-                if not args.keep:
-                    shutil.rmtree(shape_dir, ignore_errors=True)
-    finally:
-        if not args.keep and args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
+    results = each_shape(args.shape or ["tiny"], args.work, args.keep,
+                         lambda shape, folder: run_shape(shape, folder, args.threads))
     import transformers
 
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
