@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import __version__
 from .atomic import atomic_dir, check_dir_target, check_output_dir, ensure_writable_dir
@@ -346,17 +346,44 @@ def perplexity(model, windows: Sequence[Sequence[int]], device: "torch.device | 
     """exp(mean next-token NLL) over ``windows`` (each scored on its own, first token as context only)."""
     import torch
 
-    total, count = 0.0, 0
     with torch.inference_mode():
-        for window in windows:
-            ids = torch.tensor([list(window)], device=device)
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            targets = ids[0, 1:].to(logits.device)
-            total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            count += ids.shape[1] - 1
+        return _perplexity_of(windows, lambda ids: model(input_ids=torch.tensor([ids], device=device)).logits[0])
+
+
+def _perplexity_of(windows: Sequence[Sequence[int]], logits_of: Callable) -> float:
+    """exp(mean next-token NLL), ``logits_of(window)`` giving each window's ``[tokens, vocab]`` logits."""
+    import torch
+
+    total, count = 0.0, 0
+    for window in windows:
+        ids = list(window)
+        logits = torch.as_tensor(logits_of(ids))[:-1].float()
+        targets = torch.tensor(ids[1:], device=logits.device)
+        total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        count += len(ids) - 1
     if count == 0:
         raise KomtError("no held-out tokens to score")
     return math.exp(total / count)
+
+
+def reference_perplexity(folder: Path, windows: Sequence[Sequence[int]], device: "torch.device",
+                         dtype: "torch.dtype") -> float:
+    """The unquantized model's perplexity on ``windows``, in ``dtype``: on CUDA the whole model on the GPU
+    (spilling to CPU memory what does not fit); elsewhere one decoder layer at a time from the memory-mapped
+    checkpoint (:mod:`komt_edge.streamed`), so a 7B reference on a CPU holds about one layer, not the model."""
+    if device.type == "cuda":
+        ref = _load_causal_lm(folder, device, dtype)
+        try:
+            return perplexity(ref, windows, next(ref.parameters()).device)
+        finally:
+            del ref
+            _free(device)
+    from .streamed import DTYPES, streamed_logits
+
+    name = next(k for k, v in DTYPES.items() if v == dtype)
+    logits = iter(streamed_logits(folder, [list(w) for w in windows], dtype=name, loaded_in_dtype=True,
+                                  progress=False))
+    return _perplexity_of(windows, lambda _ids: next(logits))
 
 
 def _load_causal_lm(folder: Path, device: "torch.device", dtype: "torch.dtype"):
@@ -421,10 +448,7 @@ def check_checkpoint(quantized: Path, reference: Path, template: PromptTemplate,
     del model
     _free(device)
 
-    ref = _load_causal_lm(reference, device, dtype)
-    ppl_ref = perplexity(ref, heldout.windows, next(ref.parameters()).device)
-    del ref
-    _free(device)
+    ppl_ref = reference_perplexity(reference, heldout.windows, device, dtype)
     return CheckReport(prompt=prompt, rendered=rendered, template_ok=template_ok, answer=answer,
                        ppl_gptq=ppl_q, ppl_reference=ppl_ref, eval_tokens=heldout.tokens,
                        eval_windows=len(heldout.windows), eval_source=heldout.source)

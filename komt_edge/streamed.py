@@ -206,13 +206,15 @@ def _lora_hook(pair) -> Callable:
 
 def streamed_logits(folder: str | Path, prompts_ids: Sequence[Sequence[int]], *, dtype: str = "float32",
                     adapter: str | Path | None = None, merge_in_base_dtype: bool = True, allow_pickle: bool = False,
-                    progress: bool = True,
+                    progress: bool = True, loaded_in_dtype: bool = False,
                     on_layer: Callable[[int, nn.Module], None] | None = None) -> list[np.ndarray]:
     """Logits of the HF model in ``folder`` (+ LoRA ``adapter``) for each prompt, one decoder layer at a time.
 
     ``prompts_ids``: token ids per prompt. ``dtype``: the compute precision (float32, bfloat16, float16).
     ``merge_in_base_dtype``: merge the adapter in the checkpoint's dtype (the converted model), or apply it
-    unmerged as peft does (see the module docstring). ``on_layer(i, model)`` is called while layer ``i`` is
+    unmerged as peft does (see the module docstring). ``loaded_in_dtype``: the model as
+    ``from_pretrained(dtype=dtype)`` builds it (its buffers computed in ``dtype``), rather than loaded in the
+    checkpoint's dtype and cast with ``.to(dtype)`` (verify's merged reference). ``on_layer(i, model)`` is called while layer ``i`` is
     materialized, before it runs (tests count the real parameters there). Returns one float32 ``[tokens, vocab]``
     array per prompt."""
     from tqdm.auto import tqdm
@@ -238,7 +240,8 @@ def streamed_logits(folder: str | Path, prompts_ids: Sequence[Sequence[int]], *,
     weights = _Weights(ckpt, lora, torch_dtype, merge_in_base_dtype)
 
     with _quiet(), torch.inference_mode():
-        model = _skeleton(folder, ckpt, torch_dtype, merged=lora is None or merge_in_base_dtype)
+        model = _skeleton(folder, ckpt, torch_dtype,
+                          merged=not loaded_in_dtype and (lora is None or merge_in_base_dtype))
         base, layers, layers_prefix = _decoder_layers(model)
         embed, head = model.get_input_embeddings(), model.get_output_embeddings()
         names = {id(m): n for n, m in model.named_modules()}

@@ -431,3 +431,15 @@ def test_acceptance_rule_on_damaged_checkpoints(mistral_run, tiny_mistral, mistr
     (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:4096])
     with pytest.raises(GptqRejected, match="does not reload in transformers"):
         check_checkpoint(broken, reference, MISTRAL, cpu, eval_tokens=256)
+
+
+def test_cpu_reference_perplexity_streams_layers_and_equals_the_whole_model(tiny_mistral, monkeypatch):
+    """On a CPU the unquantized reference runs one layer at a time, with the whole model's perplexity."""
+    import komt_edge.gptq as gptq
+
+    windows = [list(range(5, 69)), list(range(100, 140))]
+    cpu = torch.device("cpu")
+    whole = gptq.perplexity(gptq._load_causal_lm(tiny_mistral, cpu, torch.bfloat16), windows, cpu)
+    monkeypatch.setattr(gptq, "_load_causal_lm", lambda *a: pytest.fail("the CPU reference loaded the whole model"))
+    streamed = gptq.reference_perplexity(tiny_mistral, windows, cpu, torch.bfloat16)
+    assert math.isfinite(streamed) and abs(streamed / whole - 1) < 1e-6, (streamed, whole)
