@@ -203,6 +203,14 @@ def same_tensors(a: Path, b: Path) -> bool:
                                           for n, t in ta.items())
 
 
+def time_merge(src: Path, work: Path, env: dict) -> dict:
+    """``komt-edge merge`` of the adapter in ``work/lora`` into ``src``, timed; the merged copy is removed after."""
+    exe = str(Path(sys.executable).with_name("komt-edge"))
+    merged = measure([exe, "merge", str(src), str(work / "lora"), "-o", str(work / "merged")], env)
+    shutil.rmtree(work / "merged")  # free the disk
+    return merged
+
+
 def run_shape(name: str, work: Path, n_threads: int) -> dict:
     src = work / f"{name}-hf"
     t0 = time.perf_counter()
@@ -237,8 +245,7 @@ def run_shape(name: str, work: Path, n_threads: int) -> dict:
     shutil.rmtree(work / "komt-edge")
     dd = disk_bound(work, out_bytes)
     write_adapter(work / "lora", src, SHAPES[name])
-    merged = measure([exe, "merge", str(src), str(work / "lora"), "-o", str(work / "merged")], env)
-    shutil.rmtree(work / "merged")  # free the disk before the copy
+    merged = time_merge(src, work, env)
     copy = copy_bound(src, work / "copy")
     compute = quantize_bound(params, n_threads)
     ratios = {"komt_edge_over_quantize_bound": ours["seconds"] / compute["seconds"],
@@ -283,12 +290,10 @@ def merge_rounds(name: str, work: Path, n_threads: int, rounds: int) -> dict:
     params = write_checkpoint(src, SHAPES[name])
     write_adapter(work / "lora", src, SHAPES[name])
     env = {**os.environ, "OMP_NUM_THREADS": str(n_threads)}
-    exe = str(Path(sys.executable).with_name("komt-edge"))
     copies, merges = [], []
     for _ in range(rounds):
         copies.append(copy_bound(src, work / "copy"))
-        merges.append(measure([exe, "merge", str(src), str(work / "lora"), "-o", str(work / "merged")], env))
-        shutil.rmtree(work / "merged")
+        merges.append(time_merge(src, work, env))
     best = min(m["seconds"] for m in merges) / min(c["cp_sync_s"] for c in copies)
     return {"shape": name, "params": params, "rounds": rounds, "copy_bound": copies, "merge": merges,
             "merge_over_cp_sync_best": best}

@@ -144,7 +144,7 @@ def llama_imatrix(f16: Path, text: dict, out: Path, chunks: int, threads: int) -
 
 def speed(f16: Path, threads: int, runs: int) -> dict:
     """``komt-edge imatrix --text korean`` against llama-imatrix on the same built-in Korean text."""
-    from komt_edge.importance import korean_calibration_text
+    from komt_edge.importance import Imatrix, korean_calibration_text
     from komt_edge.util import sha256_json
 
     body, dataset = korean_calibration_text(None)  # an F16 GGUF without a komt template: the text as it renders
@@ -159,8 +159,6 @@ def speed(f16: Path, threads: int, runs: int) -> dict:
         run, _ = measured(cli, f"komt-edge imatrix --text korean (run {i + 1} of {runs})")
         ours.append(run)
         log(f"komt-edge imatrix --text korean: {run['seconds']:.1f} s, {run['peak_rss_bytes'] / 2**20:.0f} MiB")
-    from komt_edge.importance import Imatrix
-
     written = Imatrix.read(WORK / "speed.imatrix.gguf")
     if written.metadata.get("text_sha256") != sha256_json(body):
         raise RuntimeError("komt-edge imatrix --text korean used another text than the one given to llama-imatrix")

@@ -205,10 +205,7 @@ def _rope_theta(cfg: dict) -> float | None:
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """HF stores rotary pairs interleaved per head; llama.cpp expects them as two halves."""
-    rows = w.shape[0]
-    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
-             .swapaxes(1, 2)
-             .reshape(w.shape))
+    return _permuted_view(w, n_head).reshape(w.shape)
 
 
 def _permuted_view(w: torch.Tensor, n_head: int) -> torch.Tensor:
