@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import KomtError
 from .gguf import convert
 from .merge import merge
+from .runtime import load
 from .tiny import DEMO_QA, build_tiny_adapter, build_tiny_model
 from .verify import VerifyReport, VerifyRun, verify_files
 
@@ -55,17 +56,14 @@ class DemoResult:
 
 
 def chat(gguf_file: Path, prompt: str, *, n_threads: int | None = None, max_tokens: int = 48) -> str:
-    """One chat turn through llama-cpp-python, which formats it with the GGUF's own chat template."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf_file), n_ctx=512, n_threads=n_threads, n_threads_batch=n_threads,
-                verbose=False, seed=0)
+    """One chat turn as `komt-edge chat` runs it: llama-cpp-python, formatted by the GGUF's own chat template."""
+    model = load(gguf_file, n_ctx=512, n_threads=n_threads, seed=0)
     try:
-        out = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                         temperature=0.0, top_k=1, seed=0)
+        out = model.llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                               temperature=0.0, top_k=1, seed=0, stop=model.stop or None)
         return out["choices"][0]["message"]["content"]
     finally:
-        llm.close()
+        model.close()
 
 
 def demo(out: str | Path = "dist/demo", *, quants: tuple[str, ...] = ("q4_0", "q8_0"),

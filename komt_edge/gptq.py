@@ -438,8 +438,9 @@ def check_checkpoint(quantized: Path, reference: Path, template: PromptTemplate,
 
     first = next(model.parameters()).device
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
-    template_ok = rendered.endswith(template.format(prompt))
-    ids = tokenizer(rendered, return_tensors="pt").input_ids.to(first)
+    template_ok = rendered == (tokenizer.bos_token or "") + template.format(prompt)
+    # the template renders BOS: tokenized as apply_chat_template(tokenize=True) does, without a second one
+    ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt").input_ids.to(first)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

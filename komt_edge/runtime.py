@@ -190,7 +190,11 @@ class LoadedModel:
 
     @cached_property
     def formatter(self):
-        """llama-cpp-python's Jinja2 chat formatter for this template (what create_chat_completion formats with)."""
+        """The chat formatter create_chat_completion formats with: llama-cpp-python's Jinja2 formatter for this
+        template, except that the model's BOS is added when the template renders none.
+
+        llama-cpp-python's formatter never adds BOS itself, and leaves it to the template; komt's templates render
+        ``{{ bos_token }}``, but files written before they did, and other models' templates, may not."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         llm = self.llm
@@ -199,13 +203,26 @@ class LoadedModel:
         def text(token: int) -> str:
             return llm.detokenize([token], special=True).decode("utf-8", errors="ignore") if token >= 0 else ""
 
-        return Jinja2ChatFormatter(template=self.chat_template, eos_token=text(eos), bos_token=text(bos),
-                                   stop_token_ids=[eos])
+        jinja = Jinja2ChatFormatter(template=self.chat_template, eos_token=text(eos), bos_token=text(bos),
+                                    stop_token_ids=[eos])
+        bos_text = text(bos)
+
+        def format_chat(**kwargs):
+            response = jinja(**kwargs)
+            # added_special=False: create_chat_completion tokenizes with add_bos (the model's BOS, if it has one)
+            response.added_special = bool(bos_text) and response.prompt.startswith(bos_text)
+            return response
+
+        return format_chat
+
+    def prompt_token_ids(self, messages: list[dict]) -> list[int]:
+        """The formatted chat, tokenized as create_chat_completion tokenizes it."""
+        response = self.formatter(messages=messages)
+        return self.llm.tokenize(response.prompt.encode("utf-8"), add_bos=not response.added_special, special=True)
 
     def prompt_tokens(self, messages: list[dict]) -> int:
         """How many tokens the formatted chat takes, as create_chat_completion tokenizes it."""
-        prompt = self.formatter(messages=messages).prompt
-        return len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+        return len(self.prompt_token_ids(messages))
 
     def close(self) -> None:
         self.llm.close()
@@ -228,6 +245,7 @@ def load(path: str | Path, *, template: str | None = None, n_ctx: int = DEFAULT_
          lora: str | Path | None = None, seed: int | None = None) -> LoadedModel:
     """Open a GGUF file for chat. ``template``: a komt family to format with instead of the file's own template."""
     from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
     path = Path(path)
     with GgufHeader(path) as h:
@@ -256,5 +274,5 @@ def load(path: str | Path, *, template: str | None = None, n_ctx: int = DEFAULT_
             why = reason(lines) or str(err)
             raise KomtError(f"llama.cpp could not load {path}: {why}") from None
     model = LoadedModel(path, llm, chat_template, family, list(STOP_STRINGS.get(family, ())), lora_path)
-    llm.chat_handler = model.formatter.to_chat_handler()
+    llm.chat_handler = chat_formatter_to_chat_completion_handler(model.formatter)
     return model

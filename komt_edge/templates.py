@@ -7,7 +7,10 @@ komt was trained with two prompt formats, one per model family:
 
 ``PromptTemplate.format`` renders a single-turn prompt; ``PromptTemplate.chat_template`` is the same
 format as a Jinja template, written into GGUF files as ``tokenizer.chat_template`` so that llama.cpp
-and llama-cpp-python apply it themselves.
+and llama-cpp-python apply it themselves. Like Llama 2's and Mistral's own templates it starts with
+``{{ bos_token }}``: llama-cpp-python's chat formatter and transformers' ``apply_chat_template(tokenize=True)``
+add no BOS of their own, and komt answers garbage without one; llama.cpp's ``--jinja`` drops the rendered BOS
+when it adds its own.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ class PromptTemplate:
 
     @property
     def chat_template(self) -> str:
-        """Jinja chat template: system text goes in front, each user turn is wrapped in the komt markers."""
+        """Jinja chat template: BOS, then system text, then each user turn wrapped in the komt markers."""
         p, s = _jinja_str(self.prefix), _jinja_str(self.suffix)
         return (
-            "{% for message in messages %}"
+            "{{ bos_token }}{% for message in messages %}"
             "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
             f"{{% elif message['role'] == 'user' %}}{{{{ {p} + message['content'] + {s} }}}}"
             "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
@@ -66,8 +69,8 @@ def family_for_architecture(architecture: str | None) -> str:
 def family_from_chat_template(stored: str | None) -> str | None:
     """The komt family whose prompt format a chat template (as stored in a GGUF file) uses, else None.
 
-    komt-edge's own files store :attr:`PromptTemplate.chat_template` exactly; files made by other tools are
-    recognised by komt's markers."""
+    komt-edge's own files store :attr:`PromptTemplate.chat_template` exactly; files made by other tools (and by
+    komt-edge before its template rendered BOS) are recognised by komt's markers."""
     if not stored:
         return None
     for family, t in TEMPLATES.items():

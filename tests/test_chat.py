@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import sys
 
@@ -32,12 +33,13 @@ def korean_gguf(tiny_mistral, mistral_adapter, tmp_path_factory):
 
 
 def greedy_reference(path, prompt: str, *, n_ctx: int = 2048) -> str:
-    """llama-cpp-python's greedy completion of a formatted prompt, tokenized as its chat API does."""
+    """llama-cpp-python's greedy completion of a formatted prompt after BOS, as verify and llama-cli run komt."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=N_THREADS, verbose=False)
     try:
-        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        assert tokens[0] == llm.token_bos() and tokens[1] != llm.token_bos()
         return llm.create_completion(tokens, temperature=0, max_tokens=None, stop=KOMT_STOPS)["choices"][0]["text"]
     finally:
         llm.close()
@@ -60,6 +62,22 @@ def test_scripted_chat_is_greedy_llama_cpp_turn_by_turn(korean_gguf, monkeypatch
     assert "\ufffd" not in out
 
 
+def test_chat_prompts_start_with_one_bos_whatever_the_stored_template(korean_gguf):
+    """komt was trained after BOS, and llama-cpp-python's chat formatter adds none: komt's template renders it, and
+    for a template that does not (komt-edge's own before it did, other models' templates) the runtime adds it."""
+    model = load(korean_gguf, n_threads=N_THREADS)
+    try:
+        messages = [{"role": "user", "content": DEMO_QA[0][0]}]
+        want = model.llm.tokenize(MISTRAL.format(DEMO_QA[0][0]).encode("utf-8"), add_bos=True, special=True)
+        assert want[0] == model.llm.token_bos()
+        assert model.prompt_token_ids(messages) == want
+        legacy = dataclasses.replace(model, chat_template=MISTRAL.chat_template.removeprefix("{{ bos_token }}"))
+        assert legacy.formatter(messages=messages).prompt == MISTRAL.format(DEMO_QA[0][0])
+        assert legacy.prompt_token_ids(messages) == want
+    finally:
+        model.close()
+
+
 def test_template_override_and_system_prompt(korean_gguf, monkeypatch, capsys):
     q = DEMO_QA[1][0]
     code, out, err = chat_lines(monkeypatch, capsys, str(korean_gguf), "--template", "llama",
@@ -68,7 +86,7 @@ def test_template_override_and_system_prompt(korean_gguf, monkeypatch, capsys):
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(korean_gguf), n_ctx=2048, n_threads=N_THREADS, verbose=False)
-    tokens = llm.tokenize(("간결하게\n\n### instruction: " + q + "\n\n### Response: ").encode(), add_bos=False,
+    tokens = llm.tokenize(("간결하게\n\n### instruction: " + q + "\n\n### Response: ").encode(), add_bos=True,
                           special=True)
     ref = llm.create_completion(tokens, temperature=0, max_tokens=12, stop=["</s>", "### instruction:"])
     llm.close()

@@ -140,7 +140,9 @@ def test_tokenizer_and_komt_chat_template(mistral_run, llama_run, tiny_mistral, 
         assert cfg["chat_template"] == template.chat_template
         tok = load_tokenizer(folder)
         rendered = tok.apply_chat_template([{"role": "user", "content": CHECK_PROMPT}], tokenize=False)
-        assert rendered == template.format(CHECK_PROMPT)
+        assert rendered == "<s>" + template.format(CHECK_PROMPT)
+        ids = tok.apply_chat_template([{"role": "user", "content": CHECK_PROMPT}], tokenize=True, return_dict=True)
+        assert ids["input_ids"] == tok(template.format(CHECK_PROMPT)).input_ids  # one BOS, as komt was trained
     # komt-llama's quirks survive: [PAD] at 32000 and the special-token map
     assert json.loads((llama_run[1].path / "added_tokens.json").read_text()) == {"[PAD]": 32000}
     assert (llama_run[1].path / "special_tokens_map.json").read_text() == (tiny_llama / "special_tokens_map.json").read_text()
@@ -252,7 +254,7 @@ def test_check_reports_finite_korean_perplexity(mistral_run, llama_run):
     assert check["eval_tokens"] == 2048 and check["eval_windows"] == 4  # 512-token windows of held-out text
     k = llama_run[1].check
     assert k is not None and math.isfinite(k.ppl_gptq) and math.isfinite(k.ppl_reference) and k.eval_tokens == 1024
-    assert k.template_ok and k.rendered == LLAMA.format(CHECK_PROMPT)
+    assert k.template_ok and k.rendered == "<s>" + LLAMA.format(CHECK_PROMPT)
 
 
 # --- Korean calibration is what GPTQModel quantized with ---------------------------------------------
