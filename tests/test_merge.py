@@ -133,14 +133,16 @@ def test_peft_variants_merge_like_peft(variant, tiny_llama, tmp_path):
     assert "model.layers.1.self_attn.q_proj.weight" in changed and "model.layers.0.mlp.down_proj.weight" in changed
 
 
-@pytest.mark.parametrize("rows,cols,dtype", [(1100, 96, torch.bfloat16), (513, 64, torch.float16),
-                                             (600, 40, torch.float32), (7, 33, torch.bfloat16)])
+@pytest.mark.parametrize("rows,cols,dtype", [(6000, 96, torch.bfloat16), (4200, 64, torch.float16),
+                                             (7000, 40, torch.float32), (7, 33, torch.bfloat16),
+                                             (3, 300_000, torch.bfloat16)])
 def test_merged_weight_is_the_plain_formula_bit_for_bit(rows, cols, dtype):
     """The row-blocked merge (a cache-sized block at a time) gives the bits of the one-shot formula."""
-    from komt_edge.merge import MERGE_BLOCK_ROWS, LoraPair, merged_weight
+    from komt_edge.merge import MERGE_BLOCK_ELEMENTS, LoraPair, merged_weight
     from komt_edge.stream import BufferPool
 
-    assert rows > MERGE_BLOCK_ROWS or rows < 16  # several blocks, a partial last one, or a single short one
+    step = max(1, MERGE_BLOCK_ELEMENTS // cols)
+    assert rows > step or rows < 16  # several blocks, a partial last one, a single short one, or a row a block
     g = torch.Generator().manual_seed(rows)
     base = torch.randn(rows, cols, generator=g).to(dtype)
     pair = LoraPair(a=(torch.randn(8, cols, generator=g) * 0.05).to(dtype),
@@ -149,3 +151,16 @@ def test_merged_weight_is_the_plain_formula_bit_for_bit(rows, cols, dtype):
     assert torch.equal(merged_weight(base, pair).view(torch.uint8), plain.view(torch.uint8))
     pooled = merged_weight(base, pair, BufferPool(min_bytes=0))
     assert torch.equal(pooled.view(torch.uint8), plain.view(torch.uint8))
+
+
+def test_merge_threads_keep_the_bits_and_the_callers_setting(tiny_mistral, mistral_adapter, tmp_path):
+    """-t chooses the torch threads of the arithmetic only: the same bytes with 1 or 2, and the caller's torch thread
+    count is back afterwards."""
+    before = torch.get_num_threads()
+    one = merge(tiny_mistral, mistral_adapter, tmp_path / "one", n_threads=1)
+    assert torch.get_num_threads() == before
+    two = merge(tiny_mistral, mistral_adapter, tmp_path / "two", n_threads=2)
+    assert torch.get_num_threads() == before
+    shards = sorted(p.name for p in one.glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in two.glob("*.safetensors"))
+    assert all((one / s).read_bytes() == (two / s).read_bytes() for s in shards)
