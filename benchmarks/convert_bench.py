@@ -15,7 +15,10 @@ memory-mapped checkpoint are file-backed and don't count) are reported for each.
 In the same run, the bounds each is measured against, on the same disk:
 
 - conversion: ``dd if=/dev/zero bs=16M`` writing as many bytes as komt-edge's two GGUF files, with
-  ``conv=fdatasync`` (to the disk) and without (to the page cache, as komt-edge writes: it does not fsync);
+  ``conv=fdatasync`` (to the disk: compared with komt-edge followed by ``sync`` of its files) and without (to the
+  page cache: compared with komt-edge alone, which does not fsync). The disk's speed varies several-fold from
+  minute to minute on a shared machine: ``--rounds N`` repeats komt-edge and dd alternately and reports each
+  pair;
 - merge (komt's r=8 adapter on q/k/v/o/gate/up/down): ``cp`` of the checkpoint's shards, then ``sync`` of the
   copies (both times are kept: cp alone is the page-cache bound, cp + sync the disk bound);
 - and the compute floor: llama.cpp's quantizer alone turning as many float32 weights, already in memory, into
@@ -160,26 +163,32 @@ def disk_bound(folder: Path, nbytes: int) -> dict:
 
 
 def quantize_bound(params: int, n_threads: int) -> dict:
-    """The compute floor of komt-edge's conversion: seconds for llama.cpp's quantizer (``ggml_quantize_chunk``, the
-    same calls and threads komt-edge makes) to turn ``params`` float32 weights already in memory into q4_0 and
-    q8_0, from the best of three passes over one 14336 × 4096 matrix; no reading, upcasting or writing."""
+    """The compute floor of komt-edge's conversion: seconds for ``quantize.quantize_all`` (komt-edge's own calls:
+    bf16 widened a block at a time, llama.cpp's ``ggml_quantize_chunk`` for q4_0 and q8_0, ``n_threads`` threads)
+    to turn ``params`` bf16 weights already in memory into q4_0 and q8_0, from the best of three passes over one
+    14336 × 4096 matrix; no reading or writing. Also each type alone from float32 (``quantize.quantize``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
     from komt_edge.converters import quantize as q
 
-    data = np.random.default_rng(0).standard_normal((14336, 4096), dtype=np.float32)
-    best = {}
+    data = np.random.default_rng(0).standard_normal((14336, 4096), dtype=np.float32) * 0.02
+    bits = (data.view(np.uint32) >> 16).astype(np.uint16)  # bf16 (truncated: any bf16 values do)
+    types = (q.GGMLQuantizationType.Q4_0, q.GGMLQuantizationType.Q8_0)
+
+    def best(run) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times) * params / data.size
+
     with ThreadPoolExecutor(n_threads) as pool:
-        for qtype in (q.GGMLQuantizationType.Q4_0, q.GGMLQuantizationType.Q8_0):
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                q.quantize(data, qtype, pool)
-                times.append(time.perf_counter() - start)
-            best[qtype.name.lower()] = min(times) * params / data.size
-    return {**{f"{k}_s": v for k, v in best.items()}, "seconds": sum(best.values())}
+        alone = {t.name.lower(): best(lambda t=t: q.quantize(data, t, pool)) for t in types}
+        both = best(lambda: q.quantize_all(bits, types, pool, bf16=True))
+    return {**{f"{k}_from_f32_s": v for k, v in alone.items()}, "seconds": both}
 
 
 def copy_bound(src: Path, folder: Path) -> dict:
@@ -214,16 +223,27 @@ def time_merge(src: Path, work: Path, env: dict) -> dict:
     return merged
 
 
-def run_shape(name: str, work: Path, n_threads: int) -> dict:
+def time_convert(src: Path, out: Path, n_threads: int, env: dict) -> dict:
+    """``komt-edge gguf SRC -q q4_0 -q q8_0 -o OUT``, timed, then ``sync`` of the two files (so that the time with
+    the sync compares with ``dd conv=fdatasync``)."""
+    exe = str(Path(sys.executable).with_name("komt-edge"))
+    ours = measure([exe, "gguf", str(src), "-q", "q4_0", "-q", "q8_0", "--template", "mistral",
+                    "--threads", str(n_threads), "-o", str(out)], env)
+    files = sorted(out.glob("*.gguf"))
+    ours["sync_s"] = measure(["sync", *map(str, files)])["seconds"]
+    ours["convert_sync_s"] = ours["seconds"] + ours["sync_s"]
+    ours["bytes"] = sum(f.stat().st_size for f in files)
+    return ours
+
+
+def run_shape(name: str, work: Path, n_threads: int, rounds: int = 1) -> dict:
     src = work / f"{name}-hf"
     t0 = time.perf_counter()
     params = write_checkpoint(src, SHAPES[name])
     gen_s = time.perf_counter() - t0
     env = {**os.environ, "OMP_NUM_THREADS": str(n_threads)}
-    exe = str(Path(sys.executable).with_name("komt-edge"))
-    ours = measure([exe, "gguf", str(src), "-q", "q4_0", "-q", "q8_0", "--template", "mistral",
-                    "--threads", str(n_threads), "-o", str(work / "komt-edge")], env)
-    out_bytes = sum(p.stat().st_size for p in (work / "komt-edge").glob("*.gguf"))
+    ours = time_convert(src, work / "komt-edge", n_threads, env)
+    out_bytes = ours["bytes"]
     for extra in (work / "komt-edge").glob("*Q8_0.gguf"):
         extra.unlink()  # only the q4_0 files are compared: free the disk (a 7B shape needs it)
     # llama.cpp: convert to the source precision, then quantize each type.
@@ -247,13 +267,20 @@ def run_shape(name: str, work: Path, n_threads: int) -> dict:
     shutil.rmtree(work / "llama.cpp")
     shutil.rmtree(work / "komt-edge")
     dd = disk_bound(work, out_bytes)
+    converts, dds = [ours], [dd]
+    for _ in range(rounds - 1):  # komt-edge and dd alternately: the disk's speed weighs on both alike
+        converts.append(time_convert(src, work / "komt-edge", n_threads, env))
+        shutil.rmtree(work / "komt-edge")
+        dds.append(disk_bound(work, out_bytes))
+    paired = [c["convert_sync_s"] / d["dd_fdatasync_s"] for c, d in zip(converts, dds)]
     write_adapter(work / "lora", src, SHAPES[name])
     merged = time_merge(src, work, env)
     copy = copy_bound(src, work / "copy")
     compute = quantize_bound(params, n_threads)
     ratios = {"komt_edge_over_quantize_bound": ours["seconds"] / compute["seconds"],
               "komt_edge_over_llama_cpp": ours["seconds"] / theirs_s,
-              "komt_edge_over_dd_fdatasync": ours["seconds"] / dd["dd_fdatasync_s"],
+              "komt_edge_over_dd_fdatasync": sorted(paired)[len(paired) // 2],  # the median pair (+ sync / dd)
+              "komt_edge_over_dd_fdatasync_rounds": paired,
               "komt_edge_over_dd_page_cache": ours["seconds"] / dd["dd_page_cache_s"],
               "merge_over_cp_sync": merged["merge_sync_s"] / copy["cp_sync_s"],
               "merge_over_cp": merged["seconds"] / copy["cp_s"]}
@@ -262,6 +289,7 @@ def run_shape(name: str, work: Path, n_threads: int) -> dict:
             "komt_edge": ours, "llama_cpp": {"convert_bf16": conv, **quant, "seconds": theirs_s,
                                              "peak_rss_anon_mib": theirs_mem},
             "q4_0_identical": identical, "merge": merged, "disk_bound": dd, "copy_bound": copy, "quantize_bound": compute,
+            "rounds": {"komt_edge": converts, "disk_bound": dds},
             "ratios": ratios}
 
 
@@ -310,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and GGUF files")
+    ap.add_argument("--rounds", type=int, default=1, metavar="N",
+                    help="komt-edge conversion (+ sync) and dd (fdatasync) N times each, alternating")
     ap.add_argument("--merge-rounds", type=int, default=0, metavar="N",
                     help="measure only the merge against cp, N alternating rounds per shape (written to --json)")
     args = ap.parse_args(argv)
@@ -327,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (LLAMA_SRC / "convert_hf_to_gguf.py").is_file():
         sys.exit(f"error: {LLAMA_SRC}/convert_hf_to_gguf.py is missing: run `make install`")
     results = each_shape(args.shape or ["tiny"], args.work, args.keep,
-                         lambda shape, folder: run_shape(shape, folder, args.threads))
+                         lambda shape, folder: run_shape(shape, folder, args.threads, args.rounds))
     import llama_cpp
 
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
@@ -357,6 +387,13 @@ def main(argv: list[str] | None = None) -> None:
           "cp of the shards (+ sync / alone) | merge / cp | quantize-only floor | komt-edge / floor |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    print()
+    print("| shape | round | komt-edge + sync | dd (fdatasync) | ratio |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        for k, (c, d) in enumerate(zip(r["rounds"]["komt_edge"], r["rounds"]["disk_bound"]), 1):
+            print(f"| {r['shape']} | {k} | {c['convert_sync_s']:.1f} s | {d['dd_fdatasync_s']:.1f} s | "
+                  f"{c['convert_sync_s'] / d['dd_fdatasync_s']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 

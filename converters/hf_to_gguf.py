@@ -394,9 +394,10 @@ class Converter:
             w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=t)
         return w
 
-    def read_f32(self, p: _Planned, buffers: BufferPool | None = None) -> np.ndarray:
-        """Tensor ``p`` as written before quantizing: merged with the adapter, upcast to float32, permuted.
-        With ``buffers`` the float32 copy goes into a recycled buffer (give it back with ``buffers.give``)."""
+    def read_source(self, p: _Planned, buffers: BufferPool | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Tensor ``p`` as written, before widening: merged with the adapter, in the checkpoint's dtype, permuted as
+        a strided view (``_permuted_view``, no copy); and the tensors behind it that came from ``buffers``, to give
+        back once it is quantized. ``quantize.quantize_all`` widens it to float32 a cache-sized block at a time."""
         # With buffers, the bytes are read (pread, into a recycled buffer) rather than memory-mapped: no page
         # fault per 4 KiB of the checkpoint.
         t = raw = self.ckpt.read(p.hf_name, buffers) if buffers is not None else self.ckpt.get(p.hf_name)
@@ -412,26 +413,18 @@ class Converter:
             if p.hf_name.endswith("norm.weight"):
                 t = t.to(torch.float32) + 1  # in float32, as convert_hf_to_gguf.py does
         view = t if p.permute_heads is None else _permuted_view(t, p.permute_heads)
-        if t.dtype == torch.float32 and view.is_contiguous():
-            result = np.ascontiguousarray(t.numpy())  # already what is written: no copy
-        else:
-            # One pass over the data, the GIL released: permute and upcast together. A bf16 or f16 value widens to
-            # float32 exactly: the bytes of upcasting and permuting one after the other.
-            out = buffers.take(t.shape, torch.float32) if buffers is not None else torch.empty(t.shape,
-                                                                                               dtype=torch.float32)
-            if t.dtype == torch.bfloat16:
-                # bf16 is the top half of a float32: widening is a 16-bit shift (what torch does, bit for bit),
-                # done by numpy in this thread alone, so it does not compete with the quantizer's threads.
-                np.left_shift(view.view(torch.int16).numpy().view(np.uint16), 16,
-                              out=out.view(view.shape).numpy().view(np.uint32), dtype=np.uint32)
-            else:
-                out.view(view.shape).copy_(view)
-            result = out.numpy()
-        if buffers is not None:
-            for used in {id(x): x for x in (raw, merged) if x is not None}.values():
-                if used.data_ptr() != result.ctypes.data:
-                    buffers.give(used)
-        return result
+        owned = list({id(x): x for x in (raw, merged) if x is not None}.values()) if buffers is not None else []
+        return view, owned
+
+    def encode(self, p: _Planned, source: torch.Tensor, types: list[QT],
+               pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
+        """``source`` (from ``read_source``) in each of ``types``: the bytes to write, widened exactly and
+        quantized by llama.cpp, one pass over it for all the types."""
+        if source.dtype == torch.bfloat16:
+            return q.quantize_all(source.view(torch.int16).numpy().view(np.uint16), types, pool, bf16=True)
+        if source.dtype not in (torch.float32, torch.float16):
+            source = source.to(torch.float32)
+        return q.quantize_all(source.numpy(), types, pool)
 
     def write(self, outputs: dict[str, Path], meta: Metadata, *, n_threads: int | None = None,
               progress: Callable[[int], None] | None = None) -> dict[str, Path]:
@@ -448,28 +441,34 @@ class Converter:
                 w.write_kv_data_to_file()
                 w.write_ti_data_to_file()
                 writers[qt] = w
-            # A bounded pipeline: tensor i+1 is read (and merged, upcast, permuted) while tensor i is quantized for
-            # every output on all cores and tensor i-1 is written to every file. Same order, same bytes.
+            # A bounded pipeline: tensor i+1 is read (and merged) while tensor i is widened and quantized for every
+            # output on all cores, a cache-sized block at a time, and tensor i-1 is written to every file. Same
+            # order, same bytes.
             buffers = BufferPool(keep=2)
 
             def read():
                 for i, p in enumerate(self.tensors):
-                    yield i, p, self.read_f32(p, buffers)
+                    yield i, p, *self.read_source(p, buffers)
 
             def encode(item):
-                i, p, data = item
-                encoded = [(w, q.quantize(data, plans[qt][i], pool)) for qt, w in writers.items()]
-                if not any(np.may_share_memory(arr, data) for _, arr in encoded):  # an F32 output is `data`
-                    buffers.give(data)
-                    data = None
-                return p, encoded, data
+                i, p, source, owned = item
+                arrays = self.encode(p, source, [plans[qt][i] for qt in writers], pool)
+                encoded = list(zip(writers.values(), arrays))
+                # a buffer an output still points into (an F32 output of F32 weights) goes back once written
+                kept, done = [], []
+                for b in owned:
+                    raw = b.view(torch.uint8).numpy()
+                    (kept if any(np.may_share_memory(arr, raw) for arr in arrays) else done).append(b)
+                for b in done:
+                    buffers.give(b)
+                return p, encoded, kept
 
             def write(result):
-                p, encoded, data = result
+                p, encoded, kept = result
                 for w, arr in encoded:
                     w.write_tensor_data(arr.reshape(-1) if arr.dtype == np.uint8 else arr)
-                if data is not None:
-                    buffers.give(data)
+                for b in kept:
+                    buffers.give(b)
                 if progress:
                     progress(int(np.prod(p.shape)))
 

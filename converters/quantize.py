@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -317,6 +318,80 @@ def quantize(data: np.ndarray, ggml_type: GGMLQuantizationType, pool: ThreadPool
     if written != out.nbytes:  # pragma: no cover - would be a llama.cpp bug
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
     return out.reshape(*data.shape[:-1], rsize)
+
+
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def widen(source: np.ndarray, out: np.ndarray | None = None, *, bf16: bool = False) -> np.ndarray:
+    """``source`` as float32 (into ``out`` when given, same shape), exactly: float16 and bfloat16 widen without
+    rounding. ``bf16``: ``source`` is uint16 holding bfloat16 bits (numpy has no bfloat16), the top half of a
+    float32, so widening is a 16-bit shift. Any strides. A contiguous float32 ``source`` is returned as it is when
+    no ``out`` is given."""
+    if out is None:
+        if not bf16 and source.dtype == np.float32 and source.flags.c_contiguous:
+            return source
+        out = np.empty(source.shape, dtype=np.float32)
+    if bf16:
+        np.left_shift(source, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, source, casting="same_kind")
+    return out
+
+
+def quantize_all(source: np.ndarray, types: Sequence[GGMLQuantizationType], pool: ThreadPoolExecutor | None = None,
+                 *, bf16: bool = False) -> list[np.ndarray]:
+    """``quantize(widen(source), t, pool)`` for every ``t`` in ``types``, the same bytes, in one pass over
+    ``source``: a block of about a million weights at a time is widened into a scratch buffer of the worker thread
+    and quantized to every type while it is in the cache, the blocks spread over ``pool``. The float32 copy of the
+    whole tensor is never made (the float types among ``types`` are the exception: they need it).
+
+    ``source``: float32 or float16, or bfloat16 bits with ``bf16`` (see ``widen``), with any strides; its rows are
+    its last axis in row-major order, and blocks are cut along its first axis (so a strided view such as the
+    converter's permuted q/k weights is quantized without a copy)."""
+    n_per_row = source.shape[-1]
+    nrows = source.size // n_per_row
+    # rows under each index of the first axis; the shape returned is the source's, or (rows, n_per_row) when it
+    # splits its rows over more axes (only the bytes are written)
+    rows_per_index = nrows // source.shape[0] if source.ndim > 1 else 1
+    shape = source.shape if rows_per_index == 1 else (nrows, n_per_row)
+    results: list[np.ndarray | None] = [None] * len(types)
+    if any(GGMLQuantizationType(t) in _FLOAT_TYPES for t in types):
+        full = widen(source, bf16=bf16).reshape(shape)
+        for j, t in enumerate(types):
+            if GGMLQuantizationType(t) in _FLOAT_TYPES:
+                results[j] = quantize(full, t, pool)
+    todo = [(j, GGMLQuantizationType(t)) for j, t in enumerate(types) if results[j] is None]
+    if not todo:
+        return results
+    if source.ndim == 1:
+        source = source.reshape(1, -1)
+    outs = [np.empty((nrows, row_size(t, n_per_row)), dtype=np.uint8) for _, t in todo]
+    step = max(1, _CHUNK_ELEMENTS // (n_per_row * rows_per_index))  # first-axis indices per block
+    lib = libs().ggml
+    scratch = threading.local()
+
+    def run(first: int) -> int:
+        block = source[first:first + step]
+        rows = block.size // n_per_row
+        if block.dtype == np.float32 and block.flags.c_contiguous:
+            data = block
+        else:
+            buf = getattr(scratch, "buf", None)
+            if buf is None or buf.size < block.size:
+                buf = scratch.buf = np.empty(step * rows_per_index * n_per_row, dtype=np.float32)
+            data = widen(block, buf[: block.size].reshape(block.shape), bf16=bf16)
+        row0 = first * rows_per_index
+        return sum(lib.ggml_quantize_chunk(int(t), data.ctypes.data, out[row0:row0 + rows].ctypes.data, 0, rows,
+                                           n_per_row, None) for (_, t), out in zip(todo, outs))
+
+    starts = range(0, source.shape[0], step)
+    written = sum(pool.map(run, starts)) if pool is not None and len(starts) > 1 else sum(map(run, starts))
+    if written != sum(out.nbytes for out in outs):  # pragma: no cover - would be a llama.cpp bug
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {sum(o.nbytes for o in outs)}")
+    for (j, _), out in zip(todo, outs):
+        results[j] = out.reshape(*shape[:-1], out.shape[-1])
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------
