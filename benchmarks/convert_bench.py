@@ -129,7 +129,11 @@ def _rss_anon_kib(pid: int) -> int:
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; return its wall time and peak RssAnon (process tree)."""
+    """Run ``cmd``; return its wall time, peak RssAnon (process tree) and CPU time (user, and system: the kernel's
+    copying of file data is counted there)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     peak = 0
@@ -148,7 +152,10 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{err.decode(errors='replace')[-2000:]}")
-    return {"seconds": time.perf_counter() - start, "peak_rss_anon_mib": peak / 1024}
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"seconds": seconds, "peak_rss_anon_mib": peak / 1024, "cpu_user_s": after.ru_utime - before.ru_utime,
+            "cpu_sys_s": after.ru_stime - before.ru_stime}
 
 
 def disk_bound(folder: Path, nbytes: int) -> dict:
@@ -195,10 +202,11 @@ def copy_bound(src: Path, folder: Path) -> dict:
     """Seconds to ``cp`` the checkpoint's shards into ``folder`` (same disk), and to ``sync`` the copies."""
     folder.mkdir(parents=True, exist_ok=True)
     shards = sorted(src.glob("*.safetensors"))
-    cp = measure(["cp", *map(str, shards), str(folder)])["seconds"]
+    cp = measure(["cp", *map(str, shards), str(folder)])
     sync = measure(["sync", *[str(folder / s.name) for s in shards]])["seconds"]
     shutil.rmtree(folder)
-    return {"bytes": sum(s.stat().st_size for s in shards), "cp_s": cp, "sync_s": sync, "cp_sync_s": cp + sync}
+    return {"bytes": sum(s.stat().st_size for s in shards), "cp_s": cp["seconds"], "sync_s": sync,
+            "cp_sync_s": cp["seconds"] + sync, "cp_cpu_sys_s": cp["cpu_sys_s"]}
 
 
 def same_tensors(a: Path, b: Path) -> bool:
