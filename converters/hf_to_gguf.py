@@ -416,8 +416,8 @@ class Converter:
         owned = list({id(x): x for x in (raw, merged) if x is not None}.values()) if buffers is not None else []
         return view, owned
 
-    def encode(self, p: _Planned, source: torch.Tensor, types: list[QT],
-               pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
+    @staticmethod
+    def encode(source: torch.Tensor, types: list[QT], pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
         """``source`` (from ``read_source``) in each of ``types``: the bytes to write, widened exactly and
         quantized by llama.cpp, one pass over it for all the types."""
         if source.dtype == torch.bfloat16:
@@ -452,7 +452,7 @@ class Converter:
 
             def encode(item):
                 i, p, source, owned = item
-                arrays = self.encode(p, source, [plans[qt][i] for qt in writers], pool)
+                arrays = self.encode(source, [plans[qt][i] for qt in writers], pool)
                 encoded = list(zip(writers.values(), arrays))
                 # a buffer an output still points into (an F32 output of F32 weights) goes back once written
                 kept, done = [], []

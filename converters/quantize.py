@@ -321,6 +321,7 @@ def quantize(data: np.ndarray, ggml_type: GGMLQuantizationType, pool: ThreadPool
 
 
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+_SCRATCH = threading.local()  # each worker thread's float32 block, reused from tensor to tensor
 
 
 def widen(source: np.ndarray, out: np.ndarray | None = None, *, bf16: bool = False) -> np.ndarray:
@@ -369,7 +370,6 @@ def quantize_all(source: np.ndarray, types: Sequence[GGMLQuantizationType], pool
     outs = [np.empty((nrows, row_size(t, n_per_row)), dtype=np.uint8) for _, t in todo]
     step = max(1, _CHUNK_ELEMENTS // (n_per_row * rows_per_index))  # first-axis indices per block
     lib = libs().ggml
-    scratch = threading.local()
 
     def run(first: int) -> int:
         block = source[first:first + step]
@@ -377,9 +377,9 @@ def quantize_all(source: np.ndarray, types: Sequence[GGMLQuantizationType], pool
         if block.dtype == np.float32 and block.flags.c_contiguous:
             data = block
         else:
-            buf = getattr(scratch, "buf", None)
+            buf = getattr(_SCRATCH, "buf", None)
             if buf is None or buf.size < block.size:
-                buf = scratch.buf = np.empty(step * rows_per_index * n_per_row, dtype=np.float32)
+                buf = _SCRATCH.buf = np.empty(step * rows_per_index * n_per_row, dtype=np.float32)
             data = widen(block, buf[: block.size].reshape(block.shape), bf16=bf16)
         row0 = first * rows_per_index
         return sum(lib.ggml_quantize_chunk(int(t), data.ctypes.data, out[row0:row0 + rows].ctypes.data, 0, rows,

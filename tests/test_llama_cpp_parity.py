@@ -58,3 +58,30 @@ def test_real_weights_smollm2_match_llama_cpp(smollm2, tmp_path):
         assert_same_tensors(path, llama_cpp_quantize(source, tmp_path / f"llama.cpp-{qtype}.gguf", qtype))
     # 576 is not a multiple of 256, so llama.cpp falls back from Q6_K to Q8_0 for the tied embedding.
     assert gguf_tensors(ours[2])["token_embd.weight"][0] == "Q8_0"
+
+
+def test_quantize_all_is_quantize_of_the_widened_tensor_for_every_type():
+    """The converter's one pass (a block at a time, widened in cache, every type) writes the bytes of widening the
+    whole tensor and quantizing it type by type: bf16 bits, f16 and f32 sources, a permuted strided view, a 1-D
+    tensor and float output types among quantized ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import torch
+
+    from komt_edge.converters import quantize as q
+    from komt_edge.converters.hf_to_gguf import Converter, _permuted_view
+
+    QT = q.GGMLQuantizationType
+    types = [QT.Q4_0, QT.Q8_0, QT.F16, QT.Q6_K, QT.F32]
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(1536, 768, generator=g) * 0.05  # 1.2 M weights: two blocks, the second partial
+    sources = [weight.to(torch.bfloat16), weight.to(torch.float16), weight,
+               _permuted_view(weight.to(torch.bfloat16), 8), torch.randn(3 * 256, generator=g).to(torch.bfloat16)]
+    with ThreadPoolExecutor(2) as pool:
+        for source in sources:
+            flat = source.to(torch.float32).contiguous().reshape(-1, source.shape[-1]).numpy()
+            got = Converter.encode(source, types, pool)
+            for t, arr in zip(types, got):
+                want = q.quantize(flat, t)
+                assert arr.tobytes() == want.tobytes(), (source.dtype, tuple(source.shape), t.name)
