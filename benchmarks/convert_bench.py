@@ -198,15 +198,24 @@ def quantize_bound(params: int, n_threads: int) -> dict:
     return {**{f"{k}_from_f32_s": v for k, v in alone.items()}, "seconds": both}
 
 
+def measure_synced(cmd: list[str], written: Path, pattern: str, env: dict | None = None) -> dict:
+    """``measure(cmd)``, then the seconds to ``sync`` the files matching ``pattern`` it wrote in ``written``
+    (``sync_s``): with them, a command's time compares with a bound that ends on the disk (cp + sync, dd
+    conv=fdatasync). ``bytes``: what those files hold."""
+    result = measure(cmd, env)
+    files = sorted(written.glob(pattern))
+    result["sync_s"] = measure(["sync", *map(str, files)])["seconds"]
+    result["bytes"] = sum(f.stat().st_size for f in files)
+    return result
+
+
 def copy_bound(src: Path, folder: Path) -> dict:
     """Seconds to ``cp`` the checkpoint's shards into ``folder`` (same disk), and to ``sync`` the copies."""
     folder.mkdir(parents=True, exist_ok=True)
-    shards = sorted(src.glob("*.safetensors"))
-    cp = measure(["cp", *map(str, shards), str(folder)])
-    sync = measure(["sync", *[str(folder / s.name) for s in shards]])["seconds"]
+    cp = measure_synced(["cp", *map(str, sorted(src.glob("*.safetensors"))), str(folder)], folder, "*.safetensors")
     shutil.rmtree(folder)
-    return {"bytes": sum(s.stat().st_size for s in shards), "cp_s": cp["seconds"], "sync_s": sync,
-            "cp_sync_s": cp["seconds"] + sync, "cp_cpu_sys_s": cp["cpu_sys_s"]}
+    return {"bytes": cp["bytes"], "cp_s": cp["seconds"], "sync_s": cp["sync_s"],
+            "cp_sync_s": cp["seconds"] + cp["sync_s"], "cp_cpu_sys_s": cp["cpu_sys_s"]}
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -224,8 +233,8 @@ def time_merge(src: Path, work: Path, env: dict) -> dict:
     """``komt-edge merge`` of the adapter in ``work/lora`` into ``src``, timed, then ``sync`` of its shards (as
     ``copy_bound`` syncs the copies: both are then on the disk); the merged copy is removed after."""
     exe = str(Path(sys.executable).with_name("komt-edge"))
-    merged = measure([exe, "merge", str(src), str(work / "lora"), "-o", str(work / "merged")], env)
-    merged["sync_s"] = measure(["sync", *map(str, sorted((work / "merged").glob("*.safetensors")))])["seconds"]
+    merged = measure_synced([exe, "merge", str(src), str(work / "lora"), "-o", str(work / "merged")],
+                            work / "merged", "*.safetensors", env)
     merged["merge_sync_s"] = merged["seconds"] + merged["sync_s"]
     shutil.rmtree(work / "merged")  # free the disk
     return merged
@@ -235,12 +244,9 @@ def time_convert(src: Path, out: Path, n_threads: int, env: dict) -> dict:
     """``komt-edge gguf SRC -q q4_0 -q q8_0 -o OUT``, timed, then ``sync`` of the two files (so that the time with
     the sync compares with ``dd conv=fdatasync``)."""
     exe = str(Path(sys.executable).with_name("komt-edge"))
-    ours = measure([exe, "gguf", str(src), "-q", "q4_0", "-q", "q8_0", "--template", "mistral",
-                    "--threads", str(n_threads), "-o", str(out)], env)
-    files = sorted(out.glob("*.gguf"))
-    ours["sync_s"] = measure(["sync", *map(str, files)])["seconds"]
+    ours = measure_synced([exe, "gguf", str(src), "-q", "q4_0", "-q", "q8_0", "--template", "mistral",
+                           "--threads", str(n_threads), "-o", str(out)], out, "*.gguf", env)
     ours["convert_sync_s"] = ours["seconds"] + ours["sync_s"]
-    ours["bytes"] = sum(f.stat().st_size for f in files)
     return ours
 
 
@@ -339,13 +345,20 @@ def merge_rounds(name: str, work: Path, n_threads: int, rounds: int) -> dict:
             "merge_over_cp_sync_best": best, "merge_over_cp_sync_rounds": paired}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", action="append", choices=sorted(SHAPES), help="repeatable (default: tiny)")
+def shape_parser(description: str, shapes: list[str], keep: str) -> argparse.ArgumentParser:
+    """The arguments every shape benchmark takes: --shape (repeatable), --threads, --work, --json, --keep (``keep``:
+    what it keeps). Run the shapes with ``each_shape(args.shape or ["tiny"], args.work, args.keep, ...)``."""
+    ap = argparse.ArgumentParser(description=description.split("\n\n")[0])
+    ap.add_argument("--shape", action="append", choices=sorted(shapes), help="repeatable (default: tiny)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and GGUF files")
+    ap.add_argument("--keep", action="store_true", help=f"keep {keep}")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = shape_parser(__doc__, list(SHAPES), "the generated checkpoints and GGUF files")
     ap.add_argument("--rounds", type=int, default=1, metavar="N",
                     help="komt-edge conversion (+ sync) and dd (fdatasync) N times each, alternating")
     ap.add_argument("--merge-rounds", type=int, default=0, metavar="N",

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .convert_bench import SHAPES as CONVERT_SHAPES
-from .convert_bench import each_shape, measure, write_checkpoint
+from .convert_bench import each_shape, measure, shape_parser, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -142,12 +142,7 @@ def run_shape(name: str, work: Path, n_threads: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", action="append", choices=sorted(SHAPES), help="repeatable (default: tiny)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
-    ap.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap = shape_parser(__doc__, list(SHAPES), "the generated checkpoints")
     ap.add_argument("--child", choices=["streamed", "whole"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)

@@ -12,9 +12,10 @@ Layout and conventions are llama.cpp's (learned from convert_hf_to_gguf.py and l
 - quantized outputs use llama-quantize's per-tensor mix, computed by llama.cpp itself (converters.quantize),
   and tensors are written in llama.cpp's order, so the k-quant mixes count layers the same way.
 
-Each tensor is read once, upcast to float32 and handed to every output file; quantization runs on all cores
-through llama.cpp's quantizer. Reading, quantizing and writing overlap in a bounded pipeline (komt_edge.stream):
-tensor i+1 is read while tensor i is quantized and tensor i-1 written, a few tensors in memory at a time.
+Each tensor is read once and quantized for every output file in one pass, on all cores through llama.cpp's
+quantizer, widened to float32 a cache-sized block at a time (converters.quantize.quantize_all). Reading,
+quantizing and writing overlap in a bounded pipeline (komt_edge.stream): tensor i+1 is read while tensor i is
+quantized and tensor i-1 written, a few tensors in memory at a time.
 Outputs are written to temporary names and renamed into place only when complete.
 """
 

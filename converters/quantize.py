@@ -324,13 +324,18 @@ _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantiza
 _SCRATCH = threading.local()  # each worker thread's float32 block, reused from tensor to tensor
 
 
+def _is_f32(a: np.ndarray, bf16: bool) -> bool:
+    """Whether ``a`` is already what the quantizer reads: contiguous float32."""
+    return not bf16 and a.dtype == np.float32 and a.flags.c_contiguous
+
+
 def widen(source: np.ndarray, out: np.ndarray | None = None, *, bf16: bool = False) -> np.ndarray:
     """``source`` as float32 (into ``out`` when given, same shape), exactly: float16 and bfloat16 widen without
     rounding. ``bf16``: ``source`` is uint16 holding bfloat16 bits (numpy has no bfloat16), the top half of a
     float32, so widening is a 16-bit shift. Any strides. A contiguous float32 ``source`` is returned as it is when
     no ``out`` is given."""
     if out is None:
-        if not bf16 and source.dtype == np.float32 and source.flags.c_contiguous:
+        if _is_f32(source, bf16):
             return source
         out = np.empty(source.shape, dtype=np.float32)
     if bf16:
@@ -374,7 +379,7 @@ def quantize_all(source: np.ndarray, types: Sequence[GGMLQuantizationType], pool
     def run(first: int) -> int:
         block = source[first:first + step]
         rows = block.size // n_per_row
-        if block.dtype == np.float32 and block.flags.c_contiguous:
+        if _is_f32(block, bf16):
             data = block
         else:
             buf = getattr(_SCRATCH, "buf", None)

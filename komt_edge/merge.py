@@ -209,6 +209,7 @@ class ShardWriter:
         self.names = ["model.safetensors"] if n == 1 else \
             [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._shard_of = {t[0]: i for i, shard in enumerate(self.shards) for t in shard}
+        self._nbytes = {t[0]: t[3] for shard in self.shards for t in shard}
         self._open: tuple[int, object] | None = None
         self._expected: list[str] = []
 
@@ -227,9 +228,8 @@ class ShardWriter:
         """Write tensor ``name`` as the ``nbytes`` bytes at ``offset`` in the file ``src`` (a safetensors shard of
         the same dtype and shape): the bytes ``write`` would write, copied in the kernel without reading them."""
         self._next(name)
-        planned = self.shards[self._open[0]][len(self.shards[self._open[0]]) - len(self._expected) - 1]
-        if planned[3] != nbytes:
-            raise RuntimeError(f"tensor {name} has {nbytes} bytes in {src} but {planned[3]} are planned")
+        if self._nbytes[name] != nbytes:
+            raise RuntimeError(f"tensor {name} has {nbytes} bytes in {src} but {self._nbytes[name]} are planned")
         _copy_range(src, offset, nbytes, self._open[1])
 
     def _next(self, name: str) -> None:
@@ -356,7 +356,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, allow_pickl
         writer.folder = tmp
         # Tensors the adapter leaves alone are copied byte for byte from a safetensors base (the bytes `write`
         # would write). The merged ones stream through a bounded pipeline: the next base tensor is read while
-        # this one is merged (torch, all cores) and the previous one is written, in the planned order.
+        # this one is merged (torch, on all cores but the writer's) and the previous one is written, in order.
         buffers = BufferPool(keep=4)
 
         def read():
