@@ -547,6 +547,12 @@ class ReleaseResult:
             lines.append(f"  manifest: {self.manifest}")
         return "\n".join(lines)
 
+    def to_dict(self) -> dict:
+        o = self.options
+        return {"name": o.name, "model": o.model, "out": str(o.out), "manifest": str(self.manifest),
+                "dry_run": self.dry_run, "quants": list(o.quants), "gguf_repo": o.gguf_repo,
+                "gptq_repo": o.gptq_repo if o.gptq else None, "stages": self.stages, "repos": self.repos}
+
 
 def model_name(model: str, name: str | None = None) -> str:
     """The release name: --name, else the zoo name, the Hub repo's name or the folder's name."""

@@ -344,6 +344,9 @@ class TrainResult:
     data: DataStats
     log_history: list[dict] = field(default_factory=list)
 
+    def to_dict(self) -> dict:
+        return {**asdict(self), "out": str(self.out)}
+
     def summary(self) -> str:
         def f(x):
             return "-" if x is None else f"{x:.4f}"

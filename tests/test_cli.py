@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import click
+import pytest
 
 from komt_edge.cli import cli
+
+from .conftest import run_cli
 
 
 def _commands(group: click.Group, prefix: str = "komt-edge"):
@@ -43,3 +51,100 @@ def test_shared_options_have_one_syntax_everywhere():
     assert seen["--quants"][0] == seen["-q"][0] == "quants"
     templates = {tuple(p.type.choices) for _, cmd in _commands(cli) for p in cmd.params if p.name == "template"}
     assert all(t[:3] == ("auto", "llama", "mistral") for t in templates), templates
+
+
+# --- starting the CLI: no stage module, no torch -------------------------------------------------------------
+
+# What `komt-edge --help` must not pay for: each of these takes from 0.1 s (numpy) to 2 s (torch) to import here.
+HEAVY = ("torch", "transformers", "llama_cpp", "huggingface_hub", "numpy", "gguf", "safetensors", "peft", "fastapi",
+         "uvicorn", "matplotlib")
+
+
+def _heavy_loaded(code: str) -> list[str]:
+    """The HEAVY top-level modules a fresh interpreter holds after running ``code`` (its exit included)."""
+    probe = ("import atexit, json, sys\n"
+             f"atexit.register(lambda: print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & "
+             f"set({HEAVY!r}))), file=sys.stderr))\n" + code)
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stderr.strip().splitlines()[-1])
+
+
+def test_the_probe_sees_a_heavy_import():
+    assert _heavy_loaded("import komt_edge.cli, numpy") == ["numpy"]
+
+
+def test_importing_the_cli_imports_no_heavy_library():
+    """Every command module imports its stage inside the command, so starting komt-edge costs click alone."""
+    assert _heavy_loaded("import komt_edge.cli") == []
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["gguf", "--help"], ["release", "--help"], ["models"],
+                                  ["models", "--json"]])
+def test_help_and_models_run_without_torch(argv):
+    """`komt-edge --help`, a command's help and `komt-edge models` answer without torch, transformers or llama.cpp
+    (`models` asks huggingface_hub's cache which adapter configs it holds: that library, and only it, is loaded)."""
+    run = f"import sys\nsys.argv = ['komt-edge', *{argv!r}]\nfrom komt_edge.cli import main\nmain()\n"
+    allowed = {"huggingface_hub"} if argv[0] == "models" else set()
+    assert set(_heavy_loaded(run)) <= allowed
+
+
+def test_stage_defaults_written_in_the_cli_are_the_stages():
+    """Decorators run at start, so the CLI writes the gguf and release default types out; they must agree."""
+    from komt_edge.cli.gguf import gguf_cmd
+    from komt_edge.cli.hub import release_cmd
+    from komt_edge.gguf import DEFAULT_QUANTS
+    from komt_edge.release import DEFAULT_RELEASE_QUANTS
+
+    def default(cmd):
+        return tuple(next(p for p in cmd.params if p.name == "quants").default)
+
+    assert default(gguf_cmd) == DEFAULT_QUANTS
+    assert default(release_cmd) == DEFAULT_RELEASE_QUANTS
+
+
+# --- one meaning per shared option ---------------------------------------------------------------------------
+
+def test_threads_means_the_cpu_threads_a_command_computes_on_everywhere():
+    helps = {path: p.help for path, cmd in _commands(cli) for p in cmd.params if "-t" in getattr(p, "opts", ())}
+    assert {"komt-edge merge", "komt-edge gguf", "komt-edge verify", "komt-edge imatrix", "komt-edge chat"} <= set(helps)
+    assert all(h.startswith("CPU threads the command computes on") for h in helps.values()), helps
+
+
+def test_every_command_with_a_result_takes_json():
+    """Every command that returns a result (with ``to_dict()``) writes it with --json [FILE]; chat and serve run
+    until stopped and return none."""
+    without = sorted(path for path, cmd in _commands(cli) if "json_out" not in {p.name for p in cmd.params})
+    assert without == ["komt-edge chat", "komt-edge serve"]
+
+
+def test_json_alone_prints_only_the_json(tiny_mistral, tmp_path, monkeypatch, capsys):
+    """`--json` without a FILE: standard output is the JSON and nothing else; with a FILE, the summary prints and
+    the file holds the same JSON."""
+    args = ["gguf", str(tiny_mistral), "-q", "q8_0", "--name", "komt-tiny", "-t", "1", "-o", str(tmp_path)]
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--json")
+    assert code == 0, err
+    path = tmp_path / "komt-tiny-Q8_0.gguf"
+    assert json.loads(out) == {"files": [str(path)]} and path.is_file()
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert out.splitlines() == [str(path)]
+    assert json.loads((tmp_path / "r.json").read_text(encoding="utf-8")) == {"files": [str(path)]}
+
+
+def test_gguf_architectures_agree_in_code_help_and_readme():
+    from komt_edge.cli.gguf import gguf_cmd
+    from komt_edge.converters.hf_to_gguf import ARCHITECTURES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### `komt-edge gguf MODEL")[1].split("\n### ")[0]
+    bullet = section.split("\n- Architectures:")[1].split("\n- ")[0]
+    for arch in ARCHITECTURES:
+        assert arch in gguf_cmd.help, f"{arch}: name it in `komt-edge gguf --help` (komt_edge/cli/gguf.py)"
+        assert f"`{arch}`" in bullet, f"{arch}: name it in README's `komt-edge gguf` Architectures bullet"
+
+
+def test_every_command_quiets_the_libraries_through_its_verbose_option():
+    """Nothing else calls configure_output on the way to a command: -v/--verbose's callback does, for each."""
+    missing = [path for path, cmd in _commands(cli) if "verbose" not in {p.name for p in cmd.params}]
+    assert not missing, missing

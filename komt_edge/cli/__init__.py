@@ -14,7 +14,6 @@ import click
 
 from .. import __version__
 from ..errors import KomtError, handle_termination_signals
-from ..output import configure_output
 from .bench import bench_group
 from .chat import chat_cmd
 from .demo import demo_cmd
@@ -46,7 +45,6 @@ for command in (models_cmd, merge_cmd, gguf_cmd, gguf_lora_cmd, imatrix_cmd, ver
 
 def main() -> None:
     handle_termination_signals()
-    configure_output(verbose=False)  # a command's --verbose turns the libraries' output back on
     try:
         cli.main(standalone_mode=False)
     except KomtError as err:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import options
-from .common import emit_json
+from .common import show
 
 TEXT = click.option("--text", "text", type=click.Path(path_type=Path), default=None,
                     help="Korean UTF-8 text file to evaluate on (default: the held-out split of --source).")
@@ -39,7 +39,7 @@ FILES = click.argument("files", nargs=-1, required=True, type=click.Path(path_ty
 def speed_options(command):
     """What `bench speed` measures with, shared by `bench all` (which exposes all of it)."""
     for option in reversed((options.threads(multiple=True), N_PROMPT, N_GEN, REPETITIONS, NGL, HF, GPTQ, NO_CUDA, TEXT,
-                            SOURCE, OUT, options.verbose())):
+                            SOURCE, OUT, options.json_out("the report"), options.verbose())):
         command = option(command)
     return command
 
@@ -50,10 +50,10 @@ def bench_group() -> None:
     and komt's LLM-judged score."""
 
 
-def _show(report, out: Path | None, title: str) -> None:
+def _show(report, out: Path | None, title: str, json_out: Path | None) -> None:
     from ..bench import write_outputs
 
-    click.echo(report.summary())
+    show(report.summary(), report.to_dict(), json_out)
     if out is not None:
         for p in write_outputs(report, out, title=title):
             click.echo(f"wrote {p}", err=True)
@@ -69,9 +69,11 @@ def _show(report, out: Path | None, title: str) -> None:
 @options.threads()
 @NGL
 @OUT
+@options.json_out("the report")
 @options.verbose()
 def quality_cmd(files: tuple[Path, ...], reference: Path | None, text: Path | None, source: str, n_ctx: int,
-                n_chunks: int, n_threads: int | None, n_gpu_layers: int, out: Path | None) -> None:
+                n_chunks: int, n_threads: int | None, n_gpu_layers: int, out: Path | None,
+                json_out: Path | None) -> None:
     """Korean perplexity of each GGUF FILE and, with --reference, KL divergence against it.
 
     Example: komt-edge bench quality dist/*-Q4_0.gguf dist/*-Q8_0.gguf --reference dist/*-F16.gguf -o dist/bench/q
@@ -80,7 +82,7 @@ def quality_cmd(files: tuple[Path, ...], reference: Path | None, text: Path | No
 
     report = quality(files, reference, text=text, source=source, n_ctx=n_ctx, n_chunks=n_chunks or None,
                      n_threads=n_threads, n_gpu_layers=n_gpu_layers)
-    _show(report, out, "Korean quality")
+    _show(report, out, "Korean quality", json_out)
 
 
 @bench_group.command("speed")
@@ -88,7 +90,7 @@ def quality_cmd(files: tuple[Path, ...], reference: Path | None, text: Path | No
 @speed_options
 def speed_cmd(files: tuple[Path, ...], n_threads: tuple[int, ...], n_prompt: int, n_gen: int, repetitions: int,
               n_gpu_layers: int, hf: str | None, gptq: str | None, no_cuda: bool, text: Path | None, source: str,
-              out: Path | None) -> None:
+              out: Path | None, json_out: Path | None) -> None:
     """Prompt and generation tokens/s of each GGUF FILE (llama-bench's pp512/tg128), Korean characters/s,
     bits per weight and the memory-bandwidth roofline; GPU rows say "no GPU" on CPU-only machines.
 
@@ -98,7 +100,7 @@ def speed_cmd(files: tuple[Path, ...], n_threads: tuple[int, ...], n_prompt: int
 
     report = speed(files, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, n_threads=list(n_threads) or None,
                    n_gpu_layers=n_gpu_layers, text=text, source=source, cuda=not no_cuda, hf=hf, gptq=gptq)
-    _show(report, out, "Speed")
+    _show(report, out, "Speed", json_out)
 
 
 @bench_group.command("all")
@@ -110,7 +112,7 @@ def speed_cmd(files: tuple[Path, ...], n_threads: tuple[int, ...], n_prompt: int
 @speed_options
 def all_cmd(files: tuple[Path, ...], reference: Path | None, n_threads: tuple[int, ...], n_ctx: int, n_chunks: int,
             repetitions: int, n_prompt: int, n_gen: int, n_gpu_layers: int, hf: str | None, gptq: str | None,
-            no_cuda: bool, text: Path | None, source: str, out: Path | None) -> None:
+            no_cuda: bool, text: Path | None, source: str, out: Path | None, json_out: Path | None) -> None:
     """Quality and speed of FILES in one run, one Markdown/JSON/PNG (what `make bench` runs).
 
     Example: komt-edge bench all dist/*.gguf -t 1 -o dist/bench/komt-mistral-7b
@@ -120,7 +122,7 @@ def all_cmd(files: tuple[Path, ...], reference: Path | None, n_threads: tuple[in
     report = bench_all(files, reference=reference, n_threads=list(n_threads) or None, n_ctx=n_ctx,
                        n_chunks=n_chunks or None, repetitions=repetitions, n_prompt=n_prompt, n_gen=n_gen,
                        n_gpu_layers=n_gpu_layers, text=text, source=source, cuda=not no_cuda, hf=hf, gptq=gptq)
-    _show(report, out, "komt-edge benchmark")
+    _show(report, out, "komt-edge benchmark", json_out)
 
 
 @bench_group.command("judge")
@@ -158,5 +160,4 @@ def judge_cmd(model: Path | None, judge_url: str | None, judge_model: str | None
         return
     report = judge(model, judge_url=judge_url, judge_model=judge_model, judge_key=judge_key, judge_gguf=judge_gguf,
                    template=template, n_questions=n_questions, max_tokens=max_tokens, n_threads=n_threads)
-    click.echo(report.summary())
-    emit_json(report.to_dict(), json_out)
+    show(report.summary(), report.to_dict(), json_out)

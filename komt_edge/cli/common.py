@@ -12,6 +12,19 @@ from ..atomic import atomic_file
 STDOUT = Path("-")
 
 
+def show(summary: str, data, target: Path | None) -> None:
+    """A command's result: its summary, and with ``--json`` its JSON (``data``, the result's ``to_dict()``).
+    ``--json`` alone prints the JSON only, so that standard output parses."""
+    if target != STDOUT:
+        click.echo(summary)
+    emit_json(data, target)
+
+
+def progress_log(target: Path | None):
+    """Where a command's progress lines go: standard output, or standard error while the JSON goes there."""
+    return lambda message: click.echo(message, err=target == STDOUT)
+
+
 def emit_json(data, target: Path | None) -> None:
     """``data`` as JSON: to standard output for ``--json`` alone, else atomically to the file."""
     if target is None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from . import options
+from .common import show
 
 
 @click.command("gguf")
@@ -21,11 +22,16 @@ from . import options
                    "llama-imatrix), or 'korean' to compute one on the Korean calibration text (kept in OUT).")
 @options.force("Replace files at the output names even when komt-edge did not write them for this model.")
 @options.threads()
+@options.json_out("the list of files written")
 @options.allow_pickle()
 @options.verbose()
 def gguf_cmd(model: str, quants: tuple[str, ...], out: Path, adapter: str | None, template: str | None,
-             name: str | None, imatrix: str | None, force: bool, n_threads: int | None, allow_pickle: bool) -> None:
+             name: str | None, imatrix: str | None, force: bool, n_threads: int | None, json_out: Path | None,
+             allow_pickle: bool) -> None:
     """Convert MODEL to GGUF, one file per -q type, from one read of the checkpoint.
+
+    Architectures: LlamaForCausalLM and MistralForCausalLM (written as llama, as llama.cpp does) and
+    Gemma3ForCausalLM.
 
     Files are named <name>-<TYPE>.gguf in OUT. A re-run replaces komt-edge's own files of the same model, each
     atomically (the old file stays until the new one is complete); any other file at those names is refused
@@ -36,6 +42,6 @@ def gguf_cmd(model: str, quants: tuple[str, ...], out: Path, adapter: str | None
     """
     from ..gguf import convert
 
-    for path in convert(model, quants, out, adapter=adapter, allow_pickle=allow_pickle, template=template,
-                        name=name, n_threads=n_threads, force=force, imatrix=imatrix):
-        click.echo(str(path))
+    paths = convert(model, quants, out, adapter=adapter, allow_pickle=allow_pickle, template=template, name=name,
+                    n_threads=n_threads, force=force, imatrix=imatrix)
+    show("\n".join(str(p) for p in paths), {"files": [str(p) for p in paths]}, json_out)

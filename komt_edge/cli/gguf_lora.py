@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import options
-from .common import STDOUT, emit_json
+from .common import show
 
 
 @click.command("gguf-lora")
@@ -35,8 +35,4 @@ def gguf_lora_cmd(adapter: str, base: str | None, out: Path, outtype: str, name:
     from ..gguf_lora import gguf_lora
 
     result = gguf_lora(adapter, out, base=base, outtype=outtype, name=name, force=force, allow_pickle=allow_pickle)
-    if json_out == STDOUT:
-        emit_json(result.to_dict(), STDOUT)
-        return
-    click.echo(result.summary())
-    emit_json(result.to_dict(), json_out)
+    show(result.summary(), result.to_dict(), json_out)

@@ -8,6 +8,7 @@ import click
 
 from ..output import is_verbose
 from . import options
+from .common import show
 
 
 @click.command("gptq")
@@ -32,11 +33,12 @@ from . import options
               help="Reject the checkpoint (exit 1, nothing written) when its held-out Korean perplexity exceeds "
                    "this many times the original's (measured: 4-bit costs ×1.12 on SmolLM2).")
 @options.force("Write into an existing checkpoint folder komt-edge did not make (only its own files replaced).")
+@options.json_out()
 @options.allow_pickle()
 @options.verbose()
 def gptq_cmd(model: str, out: Path, bits: int, group_size: int, desc_act: bool, calibration: str, samples: int,
              seq_len: int, device: str, adapter: str | None, name: str | None, check: bool, eval_tokens: int,
-             max_ppl_ratio: float, force: bool, allow_pickle: bool) -> None:
+             max_ppl_ratio: float, force: bool, json_out: Path | None, allow_pickle: bool) -> None:
     """Quantize MODEL to a GPTQ checkpoint (transformers, vLLM), calibrated on Korean text.
 
     The checkpoint is kept only if it reloads, its chat template renders the komt prompt and its Korean
@@ -50,4 +52,4 @@ def gptq_cmd(model: str, out: Path, bits: int, group_size: int, desc_act: bool, 
                   samples=samples, seq_len=seq_len, device=device, adapter=adapter, name=name, check=check,
                   eval_tokens=eval_tokens, max_ppl_ratio=max_ppl_ratio, allow_pickle=allow_pickle,
                   verbose=is_verbose(), force=force)
-    click.echo(result.summary())
+    show(result.summary(), result.to_dict(), json_out)

@@ -6,8 +6,12 @@ from pathlib import Path
 
 import click
 
-from ..release import DEFAULT_RELEASE_QUANTS
 from . import options
+from .common import progress_log, show
+
+# komt_edge.release.DEFAULT_RELEASE_QUANTS, written out so that starting komt-edge imports no stage (nor torch);
+# tests/test_cli.py checks that the two agree.
+RELEASE_QUANTS = ("q4_0", "q4_K_M", "q5_K_M", "q8_0")
 
 
 @click.command("push")
@@ -18,9 +22,10 @@ from . import options
 @click.option("--dry-run", is_flag=True, help="List what would be created and uploaded; send nothing.")
 @options.force("Publish into a repo holding files komt-edge did not make (kept).")
 @click.option("-m", "--message", default=None, help="Commit message.")
+@options.json_out()
 @options.verbose()
 def push_cmd(folder: Path, repo_id: str, private: bool, revision: str | None, dry_run: bool, force: bool,
-             message: str | None) -> None:
+             message: str | None, json_out: Path | None) -> None:
     """Upload FOLDER to a Hub repo, resumably: files the Hub already has are not sent again.
 
     The token comes from HF_TOKEN or `hf auth login`, nowhere else. Example:
@@ -29,14 +34,14 @@ def push_cmd(folder: Path, repo_id: str, private: bool, revision: str | None, dr
     from ..push import push
 
     result = push(folder, repo_id, private=private, revision=revision, dry_run=dry_run, force=force,
-                  commit_message=message, log=click.echo)
-    click.echo(result.summary())
+                  commit_message=message, log=progress_log(json_out))
+    show(result.summary(), result.to_dict(), json_out)
 
 
 @click.command("release")
 @click.argument("model")
 @click.option("--org", required=True, help="Hub user or organization that gets the repos.")
-@options.quants(DEFAULT_RELEASE_QUANTS, "GGUF type")
+@options.quants(RELEASE_QUANTS, "GGUF type")
 @click.option("--gptq/--no-gptq", default=True, show_default=True,
               help="Also build and publish the GPTQ repo (when the GPTQ stage is installed).")
 @click.option("--bench/--no-bench", default=True, show_default=True,
@@ -61,13 +66,14 @@ def push_cmd(folder: Path, repo_id: str, private: bool, revision: str | None, dr
               help="Also publish the adapter as llama.cpp's LoRA GGUF (<name>-LoRA-F16.gguf) in the GGUF repo, "
                    "for use on a GGUF of the base  [default: on when the model has an adapter].")
 @options.threads()
+@options.json_out()
 @options.allow_pickle()
 @options.verbose()
 def release_cmd(model: str, org: str, quants: tuple[str, ...], gptq: bool, bench: bool, dry_run: bool,
                 out: Path | None, adapter: str | None, template: str | None, name: str | None,
                 base_model: str | None, license_: str | None, gguf_repo: str | None, gptq_repo: str | None,
                 private: bool, force: bool, push: bool, keep_merged: bool, imatrix: str, lora: bool | None,
-                n_threads: int | None, allow_pickle: bool) -> None:
+                n_threads: int | None, json_out: Path | None, allow_pickle: bool) -> None:
     """Build, verify, benchmark and publish MODEL's GGUF and GPTQ repos with model cards.
 
     Stages merge → gguf → gptq → verify → lora → bench → card → push, recorded in OUT/release-manifest.json: a re-run
@@ -79,5 +85,6 @@ def release_cmd(model: str, org: str, quants: tuple[str, ...], gptq: bool, bench
     result = release(model, org, quants=quants, gptq=gptq, bench=bench, dry_run=dry_run, out=out, adapter=adapter,
                      template=template, name=name, base_model=base_model, license=license_, gguf_repo=gguf_repo,
                      gptq_repo=gptq_repo, private=private, force=force, push=push, keep_merged=keep_merged,
-                     imatrix=imatrix, lora=lora, allow_pickle=allow_pickle, n_threads=n_threads, log=click.echo)
-    click.echo(result.summary())
+                     imatrix=imatrix, lora=lora, allow_pickle=allow_pickle, n_threads=n_threads,
+                     log=progress_log(json_out))
+    show(result.summary(), result.to_dict(), json_out)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from . import options
+from .common import show
 
 
 @click.command("merge")
@@ -14,13 +15,13 @@ from . import options
 @click.argument("adapter")
 @options.out_dir(None, "Output folder: new, empty, or an earlier merge's output (replaced).", required=True)
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output safetensors shard.")
-@click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), default=None,
-              help="torch threads for the merge arithmetic (default: all cores but one, which writes the output).")
+@options.threads(default="all cores but one, which writes the output")
 @options.force("Write into an existing folder holding other files: only the merge's own files are replaced.")
+@options.json_out("the output folder")
 @options.allow_pickle()
 @options.verbose()
 def merge_cmd(base: str, adapter: str, out: Path, max_shard_size: str, n_threads: int | None, force: bool,
-              allow_pickle: bool) -> None:
+              json_out: Path | None, allow_pickle: bool) -> None:
     """Merge a LoRA ADAPTER into the full-precision BASE, tensor by tensor.
 
     BASE and ADAPTER are local folders, Hub ids or (BASE) a zoo name. OUT must be new, empty or an earlier merge's
@@ -30,6 +31,6 @@ def merge_cmd(base: str, adapter: str, out: Path, max_shard_size: str, n_threads
     """
     from ..merge import merge
 
-    merge(base, adapter, out, allow_pickle=allow_pickle, max_shard_size=max_shard_size, force=force,
-          n_threads=n_threads, progress=True)
-    click.echo(f"merged model written to {out}")
+    merged = merge(base, adapter, out, allow_pickle=allow_pickle, max_shard_size=max_shard_size, force=force,
+                   n_threads=n_threads, progress=True)
+    show(f"merged model written to {merged}", {"out": str(merged)}, json_out)

@@ -1,6 +1,7 @@
 """Options shared by several commands, defined once: one name, one syntax and one meaning everywhere.
 
-- ``-t/--threads N``: CPU threads for llama.cpp; bench speed/all take it repeatedly to compare counts.
+- ``-t/--threads N``: the CPU threads a command computes on (llama.cpp's, the converter's, torch's in merge);
+  bench speed/all take it repeatedly to compare counts.
 - ``-o/--out``: where a command writes (a folder, or a path prefix for bench).
 - ``-q/--quant``: output types, repeated or as one space/comma-separated list (``--quants`` is the same option).
 - ``--template auto|llama|mistral``: the komt prompt format; auto is the model's own.
@@ -20,11 +21,12 @@ from ..output import configure_output
 TEMPLATE_CHOICES = ("auto", "llama", "mistral")
 
 
-def threads(*, multiple: bool = False):
-    help_ = ("CPU threads for llama.cpp; repeat to compare counts (-t 1 -t 2), as llama-bench -t 1,2 "
-             "(default: all cores)." if multiple else "CPU threads for llama.cpp (default: all cores).")
+def threads(*, multiple: bool = False, default: str = "all cores"):
+    """``-t/--threads N``: the CPU threads the command computes on, whatever computes (llama.cpp, komt-edge's
+    quantizers, torch); ``default`` says what the command uses without it."""
+    repeat = "; repeat to compare counts (-t 1 -t 2), as llama-bench -t 1,2" if multiple else ""
     return click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), multiple=multiple,
-                        default=None, help=help_)
+                        default=None, help=f"CPU threads the command computes on{repeat} (default: {default}).")
 
 
 def out_dir(default: Path | None, help_: str, *, required: bool = False):
@@ -71,6 +73,9 @@ def force(help_: str):
 
 
 def verbose():
+    """Every command has it: its callback, run whether or not the flag is given (and before the command imports a
+    library), is what quiets the libraries, or with the flag lets them speak. `komt-edge --help` and a command's
+    --help exit before it, importing none of them."""
     return click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True,
                         callback=lambda _ctx, _param, value: configure_output(verbose=value),
                         help="Also show the logs, banners and warnings of the libraries komt-edge uses.")

@@ -8,6 +8,7 @@ import click
 
 from ..train import RECIPE
 from . import options
+from .common import progress_log, show
 
 
 @click.command("train")
@@ -63,9 +64,11 @@ from . import options
 @click.option("--deepspeed", default=None,
               help="DeepSpeed JSON config, or 'zero3' for the shipped ZeRO-3 CPU-offload config.")
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard logs to OUT/logs/tensorboard.")
+@options.json_out()
 @options.allow_pickle()
 @options.verbose()
-def train_cmd(model: str, data: Path, out: Path, bits: str | None, target_modules: str, **kwargs) -> None:
+def train_cmd(model: str, data: Path, out: Path, bits: str | None, target_modules: str, json_out: Path | None,
+              **kwargs) -> None:
     """Train a komt-style LoRA adapter on Korean instruction data (komt's QLoRA recipe by default).
 
     Example: komt-edge train --model komt-mistral-7b --data ko.jsonl -o out/my-lora, then
@@ -75,6 +78,6 @@ def train_cmd(model: str, data: Path, out: Path, bits: str | None, target_module
     from ..train import train
 
     result = train(model, data, out, bits=int(bits) if bits else None, target_modules=target_modules.split(","),
-                   log=click.echo, **kwargs)
-    click.echo(result.summary())
-    click.echo(f"next: komt-edge gguf {model} --adapter {out} --template {result.template} -q q4_0 -q q8_0 -o dist")
+                   log=progress_log(json_out), **kwargs)
+    show(f"{result.summary()}\nnext: komt-edge gguf {model} --adapter {out} --template {result.template} -q q4_0 "
+         "-q q8_0 -o dist", result.to_dict(), json_out)
