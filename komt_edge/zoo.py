@@ -36,6 +36,12 @@ class ZooModel:
         (no network), else None."""
         if not self.adapter:
             return None
+        from huggingface_hub import constants
+
+        # No folder in huggingface_hub's cache layout (<cache>/models--ORG--NAME): never downloaded, as most adapters
+        # are when `komt-edge models` runs; answered without importing the download machinery (0.3 s).
+        if not (Path(constants.HF_HUB_CACHE) / f"models--{self.adapter.replace('/', '--')}").is_dir():
+            return None
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(self.adapter, "adapter_config.json")

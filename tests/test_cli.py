@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,18 @@ def test_every_command_quiets_the_libraries_through_its_verbose_option():
     """Nothing else calls configure_output on the way to a command: -v/--verbose's callback does, for each."""
     missing = [path for path, cmd in _commands(cli) if "verbose" not in {p.name for p in cmd.params}]
     assert not missing, missing
+
+
+def test_models_reads_no_download_machinery_for_adapters_never_downloaded(tmp_path):
+    """With no adapter in huggingface_hub's cache, `komt-edge models` says "not downloaded yet" without importing
+    huggingface_hub's download module (a third of a second); a cached adapter is read through it
+    (tests/test_zoo_download.py)."""
+    code = ("import sys\nsys.argv = ['komt-edge', 'models']\nfrom komt_edge.cli import cli\n"
+            "cli.main(standalone_mode=False)\nprint('file_download' in str(sorted(sys.modules)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    from komt_edge.zoo import ZOO
+
+    assert proc.stdout.count("not downloaded yet") == sum(1 for m in ZOO if m.adapter)
+    assert proc.stdout.splitlines()[-1] == "False"
