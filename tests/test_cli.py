@@ -164,3 +164,20 @@ def test_models_reads_no_download_machinery_for_adapters_never_downloaded(tmp_pa
 
     assert proc.stdout.count("not downloaded yet") == sum(1 for m in ZOO if m.adapter)
     assert proc.stdout.splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("argv", [["merge", "BASE", "ADAPTER", "-o", "OUT", "-t", "1"],
+                                  ["verify", "F.gguf", "--hf", "M", "-t", "1"],
+                                  ["bench", "speed", "F.gguf", "-t", "1"]])
+def test_threads_caps_torch_too(argv):
+    """-t N, parsed in a fresh komt-edge, caps the threads of torch imported afterwards (verify's Hugging Face
+    reference, gguf's converter, merge): not only llama.cpp's. (torch never uses more than the cores: 1 it is.)"""
+    code = ("import click\nfrom komt_edge.cli import cli\n"
+            f"cmd, args = cli, {argv!r}\n"
+            "while isinstance(cmd, click.Group):\n    cmd = cmd.commands[args.pop(0)]\n"
+            "cmd.make_context(cmd.name, args)\n"
+            "import torch\nprint(torch.get_num_threads())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1"]

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -21,12 +23,28 @@ from ..output import configure_output
 TEMPLATE_CHOICES = ("auto", "llama", "mistral")
 
 
+# What torch, numpy's BLAS and OpenMP read, once, when first imported, for the threads they compute on.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _cap_threads(_ctx, _param, value):
+    """-t N reaches every library the command computes with, not only the one it is passed to (llama.cpp, the
+    converter, merge's torch): torch and the BLAS libraries, imported only once the command runs (starting
+    komt-edge imports none of them: tests/test_cli.py), read these variables then. With torch already imported
+    (a command run in-process, as the tests do) the variables would change nothing, and are left alone."""
+    n = max(value, default=None) if isinstance(value, tuple) else value
+    if n is not None and "torch" not in sys.modules:
+        os.environ.update({name: str(n) for name in THREAD_VARIABLES})
+    return value
+
+
 def threads(*, multiple: bool = False, default: str = "all cores"):
     """``-t/--threads N``: the CPU threads the command computes on, whatever computes (llama.cpp, komt-edge's
     quantizers, torch); ``default`` says what the command uses without it."""
     repeat = "; repeat to compare counts (-t 1 -t 2), as llama-bench -t 1,2" if multiple else ""
     return click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), multiple=multiple,
-                        default=None, help=f"CPU threads the command computes on{repeat} (default: {default}).")
+                        default=None, callback=_cap_threads,
+                        help=f"CPU threads the command computes on{repeat} (default: {default}).")
 
 
 def out_dir(default: Path | None, help_: str, *, required: bool = False):
