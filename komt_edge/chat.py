@@ -1,14 +1,15 @@
 """`komt-edge chat MODEL`: a Korean chat in the terminal, on llama-cpp-python.
 
-Each turn goes through ``Llama.create_chat_completion(stream=True)``: the history is formatted by the chat
-template stored in the file (or ``--template``'s), stopped at the template's stop strings and EOS, and printed
-piece by piece. llama-cpp-python holds back a token that ends inside a UTF-8 sequence (byte-fallback tokens of
-rare Hangul and emoji) until the character is complete, so no printed piece holds half a character; the tests
-check that the pieces add up to the non-streamed reply.
+Each turn is generated as ``Llama.create_chat_completion`` would generate it (the history formatted by the chat
+template stored in the file, or ``--template``'s, stopped at the template's stop strings and EOS), but streamed
+through :mod:`komt_edge.generation`, whose cost per token does not grow with the reply, and printed piece by
+piece. A piece never holds half a character (byte-fallback tokens of rare Hangul and emoji) or the start of a stop
+string; the tests check that the pieces add up to llama-cpp-python's non-streamed reply.
 
 Interactive (a terminal): ``/reset`` clears the conversation, ``/exit`` or Ctrl-D quits, Ctrl-C stops the reply
-being written and keeps the session. Not a terminal (a pipe, a file): each input line is one user turn and only
-the replies are printed, one after the other, each followed by a newline.
+being written and keeps the session. Not a terminal (a pipe, a file): each input line is one user turn (blank
+lines are skipped; the input must be UTF-8) and only the replies are printed, one after the other, each followed
+by a newline.
 
 When the conversation no longer fits the context (``--ctx``), the oldest turns are dropped (the system prompt
 stays), with one notice.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, TextIO
 
 from .errors import KomtError
-from .runtime import DEFAULT_CTX, LoadedModel, load, resolve_gguf
+from .runtime import LoadedModel, load, resolve_gguf
 
 # A reply keeps at least this much of the context free, when --max-tokens does not say.
 MIN_REPLY_TOKENS = 256
@@ -80,20 +81,13 @@ class ChatSession:
     def reply(self, text: str, *, stop_requested: Callable[[], bool] = lambda: False) -> Iterator[str]:
         """Stream the answer to ``text``; the turn (with what was written, if stopped) joins the history."""
         turns = self._fit(self.history + [{"role": "user", "content": text}])
-        stream = self.model.llm.create_chat_completion(messages=self.messages(turns), stream=True,
-                                                       stop=self.model.stop or None, **self.sampling.kwargs())
-        answer: list[str] = []
+        generation = self.model.chat(self.messages(turns), stop=self.model.stop, cancelled=stop_requested,
+                                     **self.sampling.kwargs())
         try:
-            for chunk in stream:
-                piece = chunk["choices"][0]["delta"].get("content")
-                if piece:
-                    answer.append(piece)
-                    yield piece
-                if stop_requested():
-                    break
+            yield from generation
         finally:
-            stream.close()
-            self.history[:] = turns + [{"role": "assistant", "content": "".join(answer)}]
+            generation.close()
+            self.history[:] = turns + [{"role": "assistant", "content": generation.text}]
 
 
 @contextlib.contextmanager
@@ -128,18 +122,22 @@ def run_session(session: ChatSession, stdin: TextIO, stdout: TextIO, *, interact
                 stdout.write(f"\n({HELP})\n")
                 continue
         else:
-            line = stdin.readline()
+            try:
+                line = stdin.readline()
+            except UnicodeDecodeError as err:
+                raise KomtError(f"standard input is not UTF-8 text ({err.reason} at byte {err.start} of a line): "
+                                "give the turns as UTF-8 lines") from None
             if not line:
                 return replies
         text = line.rstrip("\n")
         command = text.strip()
+        if not command:  # a blank line is no turn
+            continue
         if interactive and command in ("/exit", "/quit"):
             return replies
         if interactive and command == "/reset":
             session.reset()
             stdout.write("(conversation cleared)\n")
-            continue
-        if interactive and not command:
             continue
         stop = threading.Event()
         try:
@@ -160,7 +158,7 @@ def run_session(session: ChatSession, stdin: TextIO, stdout: TextIO, *, interact
 def chat(model: str, *, quant: str | None = None, org: str | None = None, revision: str | None = None,
          template: str | None = None, system: str | None = None, temperature: float | None = None,
          top_p: float | None = None, top_k: int | None = None, repeat_penalty: float | None = None,
-         max_tokens: int | None = None, seed: int | None = None, n_ctx: int = DEFAULT_CTX,
+         max_tokens: int | None = None, seed: int | None = None, n_ctx: int | None = None,
          n_threads: int | None = None, lora: str | None = None, stdin: TextIO | None = None,
          stdout: TextIO | None = None, log: Callable[[str], None] | None = None) -> int:
     """Chat with MODEL in the terminal (see the module docstring); returns the number of replies."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .chat import ChatSession, Sampling
 from .errors import KomtError
 from .gguf import convert
 from .merge import merge
@@ -59,9 +60,8 @@ def chat(gguf_file: Path, prompt: str, *, n_threads: int | None = None, max_toke
     """One chat turn as `komt-edge chat` runs it: llama-cpp-python, formatted by the GGUF's own chat template."""
     model = load(gguf_file, n_ctx=512, n_threads=n_threads, seed=0)
     try:
-        out = model.llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                               temperature=0.0, top_k=1, seed=0, stop=model.stop or None)
-        return out["choices"][0]["message"]["content"]
+        session = ChatSession(model, sampling=Sampling(temperature=0.0, top_k=1, max_tokens=max_tokens, seed=0))
+        return "".join(session.reply(prompt))
     finally:
         model.close()
 

@@ -24,10 +24,12 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 from .card import STOP_STRINGS
 from .converters.gguf_file import GgufHeader, is_gguf
 from .errors import KomtError
+from .generation import CHAT_DEFAULTS, COMPLETION_DEFAULTS, Generation, generate
 from .llama_log import load_errors, reason
 from .push import is_unreachable, probe, unreachable_message
 from .templates import family_from_chat_template, template_for
@@ -224,44 +226,89 @@ class LoadedModel:
         """How many tokens the formatted chat takes, as create_chat_completion tokenizes it."""
         return len(self.prompt_token_ids(messages))
 
+    def chat(self, messages: list[dict], *, stop: list[str] | None = None,
+             cancelled: Callable[[], bool] = lambda: False, **fields) -> Generation:
+        """The reply to ``messages``, generated as ``llm.create_chat_completion`` would (the file's template, its
+        stop strings after ``stop``, create_chat_completion's defaults for the ``fields`` left out), streaming in
+        linear time (:mod:`komt_edge.generation`)."""
+        response = self.formatter(messages=messages)
+        prompt = self.llm.tokenize(response.prompt.encode("utf-8"), add_bos=not response.added_special, special=True)
+        stops = list(stop or []) + [s for s in (response.stop or []) if s]
+        return generate(self.llm, prompt, stop=stops, stop_token_ids=[self.llm.token_eos()], cancelled=cancelled,
+                        **{**CHAT_DEFAULTS, **fields})
+
+    def complete(self, prompt: str, *, cancelled: Callable[[], bool] = lambda: False, **fields) -> Generation:
+        """The completion of the text ``prompt`` (BOS first when the model adds one), as ``llm.create_completion``
+        would, with its defaults for the ``fields`` left out."""
+        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        return generate(self.llm, tokens, cancelled=cancelled, **{**COMPLETION_DEFAULTS, **fields})
+
     def close(self) -> None:
         self.llm.close()
 
 
-def check_lora(lora: str | Path | None) -> Path | None:
+def check_lora(lora: str | Path | None, base: Path) -> Path | None:
+    """The LoRA adapter GGUF ``--lora`` names, refused before llama.cpp loads it unless it fits ``base`` (llama.cpp
+    would crash on an adapter made for another base)."""
+    from .converters.lora_to_gguf import check_lora_fits
+
     if lora is None:
         return None
     path = Path(lora).expanduser()
+    if not path.exists():
+        raise KomtError(f"--lora {lora} does not exist: give the LoRA adapter GGUF (`komt-edge gguf-lora` makes one)")
     if not path.is_file() or not is_gguf(path):
-        raise KomtError(f"--lora {lora}: not a GGUF file (convert the adapter to a GGUF LoRA first)")
+        raise KomtError(f"--lora {lora} is not a GGUF file: convert the adapter with `komt-edge gguf-lora` first")
     with GgufHeader(path) as h:
         kind = h.string("general.type")
     if kind != "adapter":
         raise KomtError(f"--lora {lora} is not a LoRA adapter GGUF (general.type is {kind!r}); give the model as MODEL")
+    check_lora_fits(path, base)
     return path
 
 
-def load(path: str | Path, *, template: str | None = None, n_ctx: int = DEFAULT_CTX, n_threads: int | None = None,
+def context_size(n_ctx: int | None, trained: int | None, path: Path) -> int:
+    """The context to open ``path`` with: ``n_ctx`` (None: DEFAULT_CTX or the training context if smaller; 0: the
+    training context), within what llama.cpp accepts and the model was trained for, padded as llama.cpp pads it."""
+    if n_ctx is None:
+        n_ctx = min(DEFAULT_CTX, trained or DEFAULT_CTX)
+    elif n_ctx == 0:
+        n_ctx = trained or DEFAULT_CTX
+    if n_ctx < CTX_PAD:
+        raise KomtError(f"--ctx {n_ctx} is below llama.cpp's smallest context, {CTX_PAD} tokens: give {CTX_PAD} or "
+                        "more")
+    if trained and n_ctx > trained:
+        raise KomtError(f"--ctx {n_ctx} is more than {path.name} was trained for ({trained} tokens): give at most "
+                        f"{trained} (or 0 for exactly that)")
+    # llama.cpp pads the context to a multiple of 256, but llama-cpp-python sizes its token buffer by the value
+    # asked for and checks prompts against the padded one: a prompt in between crashes it. Ask for the padded size.
+    return -(-n_ctx // CTX_PAD) * CTX_PAD
+
+
+def load(path: str | Path, *, template: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
          lora: str | Path | None = None, seed: int | None = None) -> LoadedModel:
-    """Open a GGUF file for chat. ``template``: a komt family to format with instead of the file's own template."""
+    """Open a GGUF file for chat. ``template``: a komt family to format with instead of the file's own template;
+    ``n_ctx``: see :func:`context_size`."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
     path = Path(path)
     with GgufHeader(path) as h:
         kind, stored = h.string("general.type"), h.string("tokenizer.chat_template")
+        trained = h.u32(f"{h.string('general.architecture')}.context_length")
     if kind == "adapter":
         raise KomtError(f"{path} is a LoRA adapter: give the model it applies to as MODEL and this file as --lora")
+    if kind == "imatrix":
+        raise KomtError(f"{path} is an importance matrix, not a model: give a model GGUF (the matrix is used by "
+                        "`komt-edge gguf --imatrix`)")
     if template:
         chat_template, family = template_for(template).chat_template, template
     elif stored:
         chat_template, family = stored, family_from_chat_template(stored)
     else:
         raise KomtError(f"{path} stores no chat template: choose komt's with --template llama or --template mistral")
-    lora_path = check_lora(lora)
-    # llama.cpp pads the context to a multiple of 256, but llama-cpp-python sizes its token buffer by the value
-    # asked for and checks prompts against the padded one: a prompt in between crashes it. Ask for the padded size.
-    n_ctx = -(-n_ctx // CTX_PAD) * CTX_PAD
+    lora_path = check_lora(lora, path)
+    n_ctx = context_size(n_ctx, trained, path)
     kwargs = dict(n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
     if lora_path is not None:
         kwargs["lora_path"] = str(lora_path)

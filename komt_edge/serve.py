@@ -10,13 +10,15 @@ keeps one model per process in module globals behind one lock, and needs pydanti
 starlette-context on top of FastAPI. komt-edge needs the template from the file or a komt family's (a handler
 object, :func:`komt_edge.runtime.load`), the template's stop strings, ``--parallel`` copies of the model served
 side by side, a static page at ``/``, OpenAI-shaped JSON for every 4xx, and a stream that stops generating when
-its client goes away (the page's stop button). Here each request formats nothing itself: it calls
-``create_chat_completion`` / ``create_completion`` on a model copy taken from a pool (one request per copy at a
-time; the others wait their turn, in order), so a reply is exactly what llama-cpp-python gives for the same
-messages and fields. Fields a request leaves out take llama-cpp-python's defaults (for chat: temperature 0.2,
-top_p 0.95, top_k 40, min_p 0.05, repeat_penalty 1.0 — so ``temperature: 0`` is greedy with no repeat penalty).
-llama-cpp-python's streaming holds back a token that ends inside a UTF-8 character until it is complete (and the
-page decodes the byte stream with a streaming TextDecoder), so no piece carries U+FFFD or half a Hangul syllable.
+its client goes away (the page's stop button). Each request runs on a model copy taken from a pool (one request per copy at a time; the others wait their turn,
+in order) through :meth:`LoadedModel.chat` / :meth:`LoadedModel.complete`, which generate exactly the text
+llama-cpp-python's unstreamed ``create_chat_completion`` / ``create_completion`` give for the same messages and
+fields, but stream it in linear time (:mod:`komt_edge.generation`; llama-cpp-python's own streaming re-decodes the
+whole reply for every token). Fields a request leaves out take llama-cpp-python's defaults (for chat: temperature
+0.2, top_p 0.95, top_k 40, min_p 0.05, repeat_penalty 1.0 — so ``temperature: 0`` is greedy with no repeat
+penalty). No streamed piece carries U+FFFD or half a Hangul syllable (the page also decodes the byte stream with a
+streaming TextDecoder). A client that leaves — a dropped stream, an unanswered request, the page's stop button —
+ends its generation within one token, and its model copy serves the next request at once.
 
 Loopback by default; ``--api-key`` makes every ``/v1`` route require ``Authorization: Bearer KEY``.
 """
@@ -36,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from .errors import KomtError
-from .runtime import DEFAULT_CTX, LoadedModel, load, resolve_gguf
+from .generation import Generation
+from .runtime import LoadedModel, load, resolve_gguf
 
 STATIC = Path(__file__).parent / "static"
 _END = object()
@@ -54,6 +57,11 @@ class ModelPool:
     @property
     def first(self) -> LoadedModel:
         return self.models[0]
+
+    @property
+    def busy(self) -> int:
+        """How many copies are generating now."""
+        return len(self.models) - self._idle.qsize()
 
     @contextlib.contextmanager
     def take(self) -> Iterator[LoadedModel]:
@@ -103,14 +111,17 @@ def _request_models():
         seed: int | None = None
         stop: str | list[str] | None = None
         n: int = Field(default=1, ge=1, le=1)
+        logit_bias: dict[str, float] | None = None
 
-        def kwargs(self, extra_stop: list[str]) -> dict:
+        def kwargs(self, extra_stop: list[str], n_vocab: int) -> dict:
+            """The generation fields; the stop strings are the request's, then ``extra_stop``."""
             fields = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "frequency_penalty",
                       "presence_penalty", "seed")
             out = {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
             stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-            if stop or extra_stop:
-                out["stop"] = stop + [s for s in extra_stop if s not in stop]
+            out["stop"] = stop + [s for s in extra_stop if s not in stop]
+            if self.logit_bias:
+                out["logit_bias"] = token_bias(self.logit_bias, n_vocab)
             return out
 
     class ChatRequest(Sampling):
@@ -129,17 +140,32 @@ def _request_models():
     return ChatRequest, CompletionRequest
 
 
+def token_bias(bias: dict[str, float], n_vocab: int) -> dict[int, float]:
+    """OpenAI's ``logit_bias`` (token id → bias from -100 to 100) with integer ids; anything else is a ValueError."""
+    out = {}
+    for key, value in bias.items():
+        if not (key.strip().isdigit() and int(key) < n_vocab):
+            raise ValueError(f"logit_bias: {key!r} is not a token id of this model (0 to {n_vocab - 1})")
+        if not -100 <= value <= 100:
+            raise ValueError(f"logit_bias: the bias of token {key} is {value}; give a number from -100 to 100")
+        out[int(key)] = float(value)
+    return out
+
+
 @dataclass
 class Job:
-    """One request's generation, run in its own thread on a pooled model; events go to the event loop."""
+    """One request's generation, run in its own thread on a pooled model; its pieces (streamed) or its finished
+    :class:`Generation` go to the event loop. ``cancelled`` ends it within one token."""
 
-    run: Callable[[LoadedModel], Any]  # returns a dict (non-streamed) or an iterator of chunk dicts
+    start: Callable[[LoadedModel, Callable[[], bool]], Generation]  # (model, cancelled) → generation
+    stream: bool
     pool: ModelPool
     loop: asyncio.AbstractEventLoop
 
     def __post_init__(self):
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.generation: Generation | None = None
         threading.Thread(target=self._work, daemon=True).start()
 
     def _put(self, item) -> None:
@@ -150,24 +176,46 @@ class Job:
             with self.pool.take() as model:
                 if self.cancelled.is_set():
                     return
-                result = self.run(model)
-                if isinstance(result, dict):
-                    self._put(result)
-                    return
+                self.generation = generation = self.start(model, self.cancelled.is_set)
                 try:
-                    for chunk in result:
-                        self._put(chunk)
-                        if self.cancelled.is_set():
-                            break
+                    if self.stream:
+                        self._put(generation)  # the reply has begun: the response can start
+                        for piece in generation:
+                            self._put(piece)
+                    else:
+                        generation.run()
+                        self._put(generation)
                 finally:
-                    result.close()
+                    generation.close()
         except Exception as err:  # noqa: BLE001 — reported to the client, not the server's end
             self._put(err)
         finally:
             self._put(_END)
 
-    async def next(self):
-        return await self.events.get()
+    async def next(self, request=None):
+        """The next event; with ``request``, a client that leaves meanwhile cancels the job (and raises)."""
+        if request is None:
+            return await self.events.get()
+        event, gone = asyncio.ensure_future(self.events.get()), asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if event not in done:
+            event.cancel()
+            self.cancelled.set()
+            raise ClientGone
+        return event.result()
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+async def _disconnected(request) -> None:
+    """Returns when the client of ``request`` (whose body has been read) closes its connection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _status_of(err: Exception) -> int:
@@ -190,8 +238,11 @@ def create_app(pool: ModelPool, *, model_id: str, api_key: str | None = None):
     stop_strings = pool.first.stop
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request, exc: RequestValidationError):
+    async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if tuple(first.get("loc", ())) == ("body",) and kind and not kind.endswith("json"):
+            return _error(415, f"the request body is {kind}: send it as JSON, with Content-Type: application/json")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else
                       str(first.get("msg", "invalid request")))
@@ -211,7 +262,8 @@ def create_app(pool: ModelPool, *, model_id: str, api_key: str | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "parallel": len(pool.models), "auth": api_key is not None}
+        return {"status": "ok", "model": model_id, "parallel": len(pool.models), "busy": pool.busy,
+                "auth": api_key is not None}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -222,31 +274,35 @@ def create_app(pool: ModelPool, *, model_id: str, api_key: str | None = None):
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": int(time.time()),
                                             "owned_by": "komt-edge"}]}
 
-    async def respond(run: Callable[[LoadedModel], Any], stream: bool):
-        job = Job(run, pool, asyncio.get_running_loop())
+    async def respond(request: Request, start: Callable[[LoadedModel, Callable[[], bool]], Generation],
+                      stream: bool, shape: type[ChatShape] | type[CompletionShape]):
+        """Run ``start`` on a pooled model; answer with ``shape``'s JSON, or stream it as server-sent events."""
+        job = Job(start, stream, pool, asyncio.get_running_loop())
         try:
-            first = await job.next()
-        except BaseException:  # the client left while waiting for its turn or its first token
+            first = await job.next(request)
+        except (ClientGone, asyncio.CancelledError):  # the client left while waiting for its turn or its answer
             job.cancelled.set()
             raise
         if first is _END:
             return _error(503, "the request ended before any answer", "server_error")
         if isinstance(first, Exception):
-            return _error(_status_of(first), str(first), "invalid_request_error" if _status_of(first) < 500
-                          else "server_error")
+            status = _status_of(first)
+            return _error(status, str(first), "invalid_request_error" if status < 500 else "server_error")
         if not stream:
-            return _with_model(first, model_id)
+            return shape.whole(first, model_id)
 
         async def events():
-            item = first
+            generation = first
             try:
-                while item is not _END:
+                for chunk in shape.head(generation, model_id):
+                    yield _sse(chunk)
+                while (item := await job.next()) is not _END:
                     if isinstance(item, Exception):
-                        error = {"error": {"message": str(item), "type": "server_error"}}
-                        yield f"data: {json.dumps(error, ensure_ascii=False)}\n\n"
+                        yield _sse({"error": {"message": str(item), "type": "server_error"}})
                         break
-                    yield f"data: {json.dumps(_with_model(item, model_id), ensure_ascii=False)}\n\n"
-                    item = await job.next()
+                    yield _sse(shape.piece(generation, model_id, item))
+                else:
+                    yield _sse(shape.end(generation, model_id))
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancelled.set()  # the client left (or the reply ended): stop generating
@@ -254,28 +310,87 @@ def create_app(pool: ModelPool, *, model_id: str, api_key: str | None = None):
         return StreamingResponse(events(), media_type="text/event-stream; charset=utf-8",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(body: ChatRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        kwargs = body.kwargs(stop_strings)
-        return await respond(lambda m: m.llm.create_chat_completion(messages=messages, stream=body.stream,
-                                                                    **kwargs), body.stream)
+    def vocabulary() -> int:
+        return pool.first.llm.n_vocab()
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(body: CompletionRequest):
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatRequest, request: Request):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            prompt = body.text()
+            fields = body.kwargs(stop_strings, vocabulary())
         except ValueError as err:
             return _error(400, str(err))
-        kwargs = body.kwargs([])
-        return await respond(lambda m: m.llm.create_completion(prompt=prompt, stream=body.stream, **kwargs),
-                             body.stream)
+        return await respond(request, lambda m, cancelled: m.chat(messages, cancelled=cancelled, **fields),
+                             body.stream, ChatShape)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest, request: Request):
+        try:
+            prompt = body.text()
+            fields = body.kwargs([], vocabulary())
+        except ValueError as err:
+            return _error(400, str(err))
+        return await respond(request, lambda m, cancelled: m.complete(prompt, cancelled=cancelled, **fields),
+                             body.stream, CompletionShape)
 
     return app
 
 
-def _with_model(data: dict, model_id: str) -> dict:
-    return {**data, "model": model_id}
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class ChatShape:
+    """OpenAI's chat.completion of a finished generation, and the chunks of a streamed one."""
+
+    @staticmethod
+    def whole(g: Generation, model_id: str) -> dict:
+        message = {"role": "assistant", "content": g.text}
+        return {"id": "chat" + g.id, "object": "chat.completion", "created": g.created, "model": model_id,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": g.finish_reason}],
+                "usage": g.usage()}
+
+    @staticmethod
+    def chunk(g: Generation, model_id: str, delta: dict, finish_reason: str | None = None) -> dict:
+        return {"id": "chat" + g.id, "object": "chat.completion.chunk", "created": g.created, "model": model_id,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    @classmethod
+    def head(cls, g: Generation, model_id: str) -> list[dict]:
+        return [cls.chunk(g, model_id, {"role": "assistant"})]
+
+    @classmethod
+    def piece(cls, g: Generation, model_id: str, text: str) -> dict:
+        return cls.chunk(g, model_id, {"content": text})
+
+    @classmethod
+    def end(cls, g: Generation, model_id: str) -> dict:
+        return cls.chunk(g, model_id, {}, g.finish_reason)
+
+
+class CompletionShape:
+    """OpenAI's text_completion of a finished generation, and the chunks of a streamed one."""
+
+    @staticmethod
+    def chunk(g: Generation, model_id: str, text: str, finish_reason: str | None = None) -> dict:
+        return {"id": g.id, "object": "text_completion", "created": g.created, "model": model_id,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}]}
+
+    @classmethod
+    def whole(cls, g: Generation, model_id: str) -> dict:
+        return {**cls.chunk(g, model_id, g.text, g.finish_reason), "usage": g.usage()}
+
+    @staticmethod
+    def head(g: Generation, model_id: str) -> list[dict]:
+        return []
+
+    @classmethod
+    def piece(cls, g: Generation, model_id: str, text: str) -> dict:
+        return cls.chunk(g, model_id, text)
+
+    @classmethod
+    def end(cls, g: Generation, model_id: str) -> dict:
+        return cls.chunk(g, model_id, "", g.finish_reason)
 
 
 def is_loopback(host: str) -> bool:
@@ -341,7 +456,7 @@ class Server:
 
 def start(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, parallel: int = 1,
           quant: str | None = None, org: str | None = None, revision: str | None = None, template: str | None = None,
-          n_ctx: int = DEFAULT_CTX, n_threads: int | None = None, lora: str | None = None, verbose: bool = False,
+          n_ctx: int | None = None, n_threads: int | None = None, lora: str | None = None, verbose: bool = False,
           log: Callable[[str], None] = print) -> Server:
     """Resolve MODEL, load ``parallel`` copies and start serving them; returns the running server."""
     from .output import is_verbose

@@ -95,16 +95,32 @@ def test_template_override_and_system_prompt(korean_gguf, monkeypatch, capsys):
 
 def test_context_overflow_drops_the_oldest_turns_once(korean_gguf, monkeypatch, capsys):
     questions = [DEMO_QA[0][0], DEMO_QA[2][0], DEMO_QA[0][0], DEMO_QA[2][0]]
-    code, out, err = chat_lines(monkeypatch, capsys, str(korean_gguf), "--ctx", "200", "--max-tokens", "48",
-                                "--temperature", "0", lines=questions)  # --ctx 200 is llama.cpp's 256
+    code, out, err = chat_lines(monkeypatch, capsys, str(korean_gguf), "--ctx", "256", "--max-tokens", "48",
+                                "--temperature", "0", lines=questions)
     assert code == 0, err
     assert out.count("\n") == 4  # one reply per line (a reply may hold a \r)
     assert err.count("oldest turns are dropped") == 1, err
 
 
 def test_a_message_longer_than_the_context_is_one_error_line(korean_gguf, monkeypatch, capsys):
-    code, _out, err = chat_lines(monkeypatch, capsys, str(korean_gguf), "--ctx", "32", lines=["한국어 " * 200])
+    code, _out, err = chat_lines(monkeypatch, capsys, str(korean_gguf), "--ctx", "256", lines=["한국어 " * 200])
     assert_one_line_error(code, err, "does not fit the context", "--ctx")
+
+
+@pytest.mark.parametrize("ctx, needles", [("100", ("--ctx 100", "smallest context, 256")),
+                                          ("4096", ("--ctx 4096", "trained for (2048 tokens)", "at most 2048"))])
+def test_a_context_llama_cpp_would_change_or_overrun_is_refused(korean_gguf, monkeypatch, capsys, ctx, needles):
+    code, _out, err = chat_lines(monkeypatch, capsys, str(korean_gguf), "--ctx", ctx, lines=["안녕"])
+    assert_one_line_error(code, err, *needles)
+
+
+def test_blank_lines_are_no_turns_and_stdin_must_be_utf8(korean_gguf, monkeypatch, capsys):
+    code, out, err = chat_lines(monkeypatch, capsys, str(korean_gguf), "--temperature", "0", "--max-tokens", "8",
+                                lines=["", DEMO_QA[0][0], "   "])
+    assert code == 0 and out.count("\n") == 1, (out, err)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xed\x95\n"), encoding="utf-8"))
+    code, _out, err = run_cli(monkeypatch, capsys, "chat", str(korean_gguf), "-t", str(N_THREADS))
+    assert_one_line_error(code, err, "standard input is not UTF-8", "UTF-8 lines")
 
 
 def test_stream_pieces_are_whole_characters_and_stop_keeps_the_session(korean_gguf):
@@ -193,7 +209,7 @@ def test_interactive_ctrl_c_stops_a_reply_and_keeps_the_session(tiny_mistral, tm
     pid, fd = pty.fork()
     if pid == 0:  # the child: komt-edge chat on the pty
         os.execv(sys.executable, [sys.executable, "-m", "komt_edge.cli", "chat", str(model), "--temperature", "0",
-                                  "--ctx", "4096", "-t", str(N_THREADS)])
+                                  "--ctx", "2048", "-t", str(N_THREADS)])
     seen = b""
 
     def read_until(needle: bytes, timeout: float = 120) -> None:
@@ -252,3 +268,22 @@ def test_lora_gguf_applies_on_top_of_the_base(tiny_mistral, mistral_adapter, kor
     code, merged, err = chat_lines(monkeypatch, capsys, str(korean_gguf), "--temperature", "0", "--max-tokens", "12",
                                    lines=[DEMO_QA[0][0]])
     assert out == merged
+
+
+def test_an_adapter_for_another_base_is_refused_before_loading(tiny_mistral, tiny_llama, llama_adapter, tmp_path,
+                                                               monkeypatch, capsys):
+    """llama.cpp would crash (SIGSEGV) on an adapter whose shapes do not fit: chat and serve refuse it first."""
+    from komt_edge.gguf import convert
+    from komt_edge.gguf_lora import gguf_lora
+    from komt_edge.serve import start
+
+    base = convert(tiny_mistral, ["q8_0"], tmp_path, template="mistral", name="base", n_threads=N_THREADS,
+                   progress=False)[0]
+    other = gguf_lora(llama_adapter, tmp_path, base=str(tiny_llama), progress=False, log=lambda _m: None).path
+    code, _out, err = chat_lines(monkeypatch, capsys, str(base), "--lora", str(other), lines=["안녕"])
+    assert_one_line_error(code, err, other.name, "does not fit", "blk.0.attn_k.weight", "--base")
+    with pytest.raises(KomtError, match="does not fit"):
+        start(str(base), port=0, n_threads=N_THREADS, lora=str(other), log=lambda _m: None)
+    code, _out, err = chat_lines(monkeypatch, capsys, str(base), "--lora", str(tmp_path / "missing.gguf"),
+                                 lines=["안녕"])
+    assert_one_line_error(code, err, "missing.gguf does not exist", "gguf-lora")

@@ -126,6 +126,59 @@ def test_two_concurrent_clients_get_their_own_answers(server, reference):
     assert results == {0: reference(questions[0]), 1: reference(questions[1])}
 
 
+@pytest.fixture(scope="module")
+def random_server(tiny_mistral, tmp_path_factory):
+    """Random weights: greedy replies run to max_tokens without EOS, long enough to leave in the middle of."""
+    from komt_edge.gguf import convert
+
+    path = convert(tiny_mistral, ["q8_0"], tmp_path_factory.mktemp("random"), template="mistral", name="random",
+                   n_threads=N_THREADS, progress=False)[0]
+    with start(str(path), port=0, n_threads=N_THREADS, log=lambda _m: None) as srv:
+        yield srv
+
+
+def health(server) -> dict:
+    with urllib.request.urlopen(server.url + "/health", timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_slot_at_once(random_server, stream):
+    """A real dropped connection, in the middle of a 1,800-token reply: the generation ends (a few tokens later, not
+    1,800), the only model copy is free again and the next request is answered."""
+    import socket
+    from urllib.parse import urlsplit
+
+    model = random_server.pool.first
+    body = json.dumps({"prompt": "안녕하세요", "temperature": 0, "max_tokens": 1800, "stream": stream}).encode()
+    url = urlsplit(random_server.url)
+    sock = socket.create_connection((url.hostname, url.port), timeout=60)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    if stream:
+        seen = b""
+        while seen.count(b"data: ") < 3:  # the reply is streaming
+            seen += sock.recv(4096)
+    else:
+        wait_until(lambda: health(random_server)["busy"] == 1, "the request never started")
+        wait_until(lambda: model.llm.n_tokens > 20, "no tokens were generated")
+    sock.close()
+    wait_until(lambda: health(random_server)["busy"] == 0, "the slot was not freed")
+    generated = model.llm.n_tokens - len(model.llm.tokenize("안녕하세요".encode(), add_bos=True, special=True))
+    assert generated < 600, generated  # cancelled within a few tokens of the drop, not at the end of the reply
+    status, raw = post(random_server, "/v1/completions", {"prompt": "서울", "temperature": 0, "max_tokens": 5})
+    assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 5
+
+
 def test_korean_never_breaks_in_a_stream(server, reference):
     """Every cut of the greedy answer (max_tokens 1..N) crosses byte-fallback tokens somewhere: each SSE event
     decodes strictly, holds no U+FFFD, and the pieces add up to the non-streamed reply."""
@@ -154,12 +207,27 @@ def test_korean_never_breaks_in_a_stream(server, reference):
     ({"messages": [{"role": "user", "content": "안녕"}], "temperature": "hot"}, "temperature"),
     ({"messages": [{"role": "user", "content": "안녕"}], "n": 2}, "n"),
     ({"messages": [{"role": "user", "content": "한국어 " * 3000}]}, "context window"),
+    ({"messages": [{"role": "user", "content": "안녕"}], "logit_bias": {"안녕": 5}}, "not a token id"),
+    ({"messages": [{"role": "user", "content": "안녕"}], "logit_bias": {"99999999": 5}}, "not a token id"),
+    ({"messages": [{"role": "user", "content": "안녕"}], "logit_bias": {"5": 500}}, "from -100 to 100"),
 ])
 def test_malformed_requests_get_a_4xx_json_error(server, body, needle):
     status, raw = post(server, "/v1/chat/completions", body)
     assert 400 <= status < 500, raw
     error = json.loads(raw)["error"]
     assert needle in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_a_body_that_is_not_json_is_named(server):
+    """curl -d and urllib send form-encoded bodies by default: the error says to send JSON."""
+    req = urllib.request.Request(server.url + "/v1/chat/completions", method="POST",
+                                 data=b'{"messages": [{"role": "user", "content": "hi"}]}',
+                                 headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(req, timeout=60)
+    error = json.loads(caught.value.read())["error"]
+    assert caught.value.code == 415 and "Content-Type: application/json" in error["message"]
+    assert "application/x-www-form-urlencoded" in error["message"]
 
 
 def test_api_key_is_required_on_v1_routes(server):

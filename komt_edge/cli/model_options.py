@@ -22,8 +22,9 @@ def local_model(func):
         options.template(),
         click.option("--lora", default=None, type=click.Path(dir_okay=False),
                      help="A LoRA adapter GGUF (general.type = adapter) to apply on top of MODEL."),
-        click.option("--ctx", "n_ctx", type=click.IntRange(min=0), default=2048, show_default=True,
-                     help="Context size in tokens (0: the model's training context)."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=0), default=None,
+                     help="Context size in tokens, from 256 to the model's training context (0: that context) "
+                          "[default: 2048, or the training context if smaller]."),
         options.threads(),
         options.verbose(),
     ]
