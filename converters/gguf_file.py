@@ -76,6 +76,36 @@ def check_gguf_file(path: Path) -> None:
             raise KomtError(f"{path} is not a GGUF file (no GGUF magic): pass a file written by `komt-edge gguf`")
 
 
+def gguf_type(path: Path) -> str | None:
+    """``general.type`` of a readable GGUF file ("model", "adapter", "imatrix"), or None (absent or unreadable)."""
+    try:
+        with GgufHeader(path) as h:
+            return h.string("general.type")
+    except KomtError:
+        return None
+
+
+def not_a_model(path: Path, what: str = "MODEL") -> str | None:
+    """The one-line error for a GGUF file that holds no model (``general.type`` imatrix or adapter): what the file
+    is and what to give instead; None for a model (or an unreadable file, which the loader explains)."""
+    kind = gguf_type(path)
+    if kind == "imatrix":
+        return (f"{path} is an importance matrix (general.type = imatrix), not a model: pass a model as {what}; "
+                f"an imatrix is for quantizing, `komt-edge gguf HF_MODEL -q TYPE --imatrix {path}`")
+    if kind == "adapter":
+        return (f"{path} is a LoRA adapter GGUF (general.type = adapter), not a model: pass its base model as "
+                f"{what}; llama.cpp applies the adapter on top of a base GGUF (--lora of chat, serve and verify)")
+    return None
+
+
+def check_model_gguf(path: Path, what: str = "MODEL") -> None:
+    """``check_gguf_file``, then a one-line error when the file is an importance matrix or a LoRA adapter."""
+    check_gguf_file(path)
+    message = not_a_model(path, what)
+    if message is not None:
+        raise KomtError(message)
+
+
 class GgufHeader:
     """A GGUF file's metadata and tensor infos (no tensor data), open for the duration of a ``with`` block."""
 

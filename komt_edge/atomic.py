@@ -2,8 +2,11 @@
 not write is ever replaced.
 
 - Output paths are checked before any work (``check_output_dir``, ``check_output_file``, ``check_free_space``):
-  a folder that is a file, an unwritable or read-only location, or a disk without room for the estimated output
-  is a one-line error before a model is read.
+  a folder that is a file, an unwritable or read-only location, the kernel's /proc or /sys, or a disk without room
+  for the estimated output is a one-line error before a model is read.
+- An output file (``check_output_file``) is never one of the command's inputs, never anything but a regular file
+  (a device such as /dev/null, a named pipe, a symbolic link: the rename would put a file in its place), and
+  replaces an existing file only when komt-edge wrote it (the caller says how to tell), or with ``force``.
 - Every output is first written to a hidden ``.NAME.partial-PID`` beside (or inside) its final path and renamed
   into place when complete. Interrupted by an exception, Ctrl-C, SIGTERM or SIGHUP (``komt_edge.cli`` turns those
   into ``KeyboardInterrupt``), the partial is removed. Killed with SIGKILL, it stays, and the next write into the
@@ -21,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -50,20 +54,44 @@ def _read_only(path: Path) -> bool:
         return False
 
 
-def explain_oserror(err: OSError, path: Path) -> KomtError:
-    """The real cause of a failed write, with the fix: disk full (and how much is free), read-only, permission."""
+def explain_oserror(err: OSError, path: Path, *, option: str = "-o") -> KomtError:
+    """The real cause of a failed write, with the fix: disk full (and how much is free), read-only, permission;
+    ``option`` is the command-line option that chose the path."""
     path = Path(path)
     # numpy's tofile reports a short write on a full disk as "N requested and M written", without an errno.
     short_write = err.errno is None and "requested and" in str(err)
     if err.errno in (errno.ENOSPC, errno.EDQUOT) or short_write:
         return KomtError(f"the disk is full while writing {path} ({fmt_bytes(free_bytes(path))} free): free some "
-                         "space or choose another -o folder")
+                         f"space or choose another {option} folder")
     if err.errno == errno.EROFS or _read_only(path):
         return KomtError(f"{_existing_ancestor(path.parent)} is on a read-only filesystem: choose a writable "
-                         "-o folder")
+                         f"{option} folder")
     if err.errno in (errno.EACCES, errno.EPERM):
-        return KomtError(f"cannot write to {path.parent}: permission denied; choose a writable -o folder")
-    return KomtError(f"cannot write {path}: {err.strerror or err}; choose a writable -o folder")
+        return KomtError(f"cannot write to {path.parent}: permission denied; choose a writable {option} folder")
+    return KomtError(f"cannot write {path}: {err.strerror or err}; choose a writable {option} folder")
+
+
+# The kernel's pseudo filesystems: their folders look writable to root, but hold no files anyone can create.
+_KERNEL_FILESYSTEMS = {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "configfs", "pstore",
+                       "bpf", "efivarfs", "fusectl", "binfmt_misc", "devpts", "mqueue"}
+
+
+def _kernel_filesystem(path: Path) -> str | None:
+    """The type of the kernel pseudo filesystem (proc, sysfs, ...) that holds ``path``, if it is on one (Linux)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, kind = "", None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind if kind in _KERNEL_FILESYSTEMS else None
 
 
 def check_output_dir(folder: Path, *, option: str = "-o") -> Path:
@@ -76,18 +104,84 @@ def check_output_dir(folder: Path, *, option: str = "-o") -> Path:
         raise KomtError(f"cannot create the output folder {folder}: {base} is a file; choose another {option} folder")
     if _read_only(base):
         raise KomtError(f"{base} is on a read-only filesystem: choose a writable {option} folder")
+    kernel = _kernel_filesystem(base)
+    if kernel is not None:
+        raise KomtError(f"{base} is on the kernel's {kernel} filesystem, which holds no files: choose a folder on a "
+                        f"disk for {option}")
     if not os.access(base, os.W_OK | os.X_OK):
         raise KomtError(f"cannot write to {base}: permission denied; choose a writable {option} folder")
     return folder
 
 
-def check_output_file(path: Path, *, option: str) -> Path:
-    """Before any work: ``path`` can be written as a file (not a folder; its folder exists or can be created)."""
+def _not_regular(path: Path) -> str | None:
+    """What ``path`` is when it exists but is not a regular file or a folder (a symbolic link counts, whatever it
+    points to: the rename that finishes a write replaces the link itself)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None
+
+
+def _is_input(path: Path, source: Path) -> bool:
+    """Whether writing ``path`` would replace ``source`` (a file) or a file inside ``source`` (a folder)."""
+    source = Path(source).expanduser()
+    if not source.exists():
+        return False
+    if source.is_dir():
+        here, there = os.path.realpath(path), os.path.realpath(source)
+        return path.exists() and here.startswith(there.rstrip(os.sep) + os.sep)
+    try:
+        return path.exists() and os.path.samefile(path, source)
+    except OSError:
+        return os.path.realpath(path) == os.path.realpath(source)
+
+
+def check_output_file(path: Path, *, option: str, inputs: Iterable[str | Path] = (), force: bool = False,
+                      ours: Callable[[Path], bool] | None = None, ours_kind: str = "a file komt-edge wrote",
+                      can_force: bool = True) -> Path:
+    """Before any work: ``path`` can be written as a file, and komt-edge may replace what is there.
+
+    Never a folder; its folder exists or can be created, on a disk (see ``check_output_dir``). Never one of
+    ``inputs`` (a file, or a file inside an input folder), even with ``force``. Never anything but a regular file:
+    /dev/null, a named pipe or a symbolic link would be replaced by a file. An existing file only when
+    ``ours(path)`` says it is ``ours_kind``, what komt-edge wrote there before (a re-run replaces it), or with
+    ``force`` (``can_force``: whether the command has --force, for the message)."""
     path = Path(path)
+    kind = _not_regular(path)
+    if kind is not None:
+        raise KomtError(f"{option} {path} is {kind}, not a regular file: komt-edge writes a new file and renames it "
+                        "into place, which would replace it; give the path of a regular file")
     if path.is_dir():
         raise KomtError(f"{option} {path} is a folder: give a file name, e.g. {path / 'report.json'}")
+    clash = next((Path(s) for s in inputs if s is not None and _is_input(path, Path(s))), None)
+    if clash is not None:
+        what = "is" if not clash.is_dir() else "is a file of"
+        raise KomtError(f"{option} {path} {what} an input ({clash}): komt-edge never overwrites its inputs; choose "
+                        f"another {option} file")
     check_output_dir(path.parent, option=option)
+    if path.exists() and ours is not None and not force and not ours(path):
+        fix = "choose another file, or pass --force to replace it" if can_force else "choose another file"
+        raise KomtError(f"{option} {path} exists and is not {ours_kind}: {fix}")
     return path
+
+
+JSON_REPORT = "a JSON report (the only file --json replaces)"
+
+
+def holds_json(path: Path, *, limit: int = 256 * 1024 * 1024) -> bool:
+    """Whether ``path`` holds one JSON document (a report komt-edge wrote earlier; a re-run replaces it)."""
+    try:
+        if Path(path).stat().st_size > limit:
+            return False
+        json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def check_free_space(folder: Path, needed: int, what: str) -> None:
@@ -167,8 +261,9 @@ def _absolute(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it into place only if the block succeeds."""
+def atomic_file(final: Path, *, option: str = "-o") -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it into place only if the block succeeds. ``option`` is the
+    command-line option that chose ``final``, for the message of a failed write."""
     final = _absolute(final)
     remove_stale_partials(final.parent, final.name)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
@@ -177,7 +272,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise explain_oserror(err, final) from None
+        raise explain_oserror(err, final, option=option) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -16,16 +16,14 @@ from typing import Iterator
 import torch
 
 from .errors import KomtError
+from .util import read_json_object
 
 
 def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise KomtError(f"{folder} has no config.json: it is not a Hugging Face model folder")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise KomtError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}): fix or re-download it") from None
+    return read_json_object(path)
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,7 @@ def _quantize_with_imatrix(source: Path, targets: dict[str, Path], imatrix, reso
                            progress: bool) -> None:
     """llama-quantize --imatrix for each target type, from the float ``source``."""
     matrix, matrix_file = _importance(imatrix, source, resolved, template, out, display, n_threads, progress)
+    matrix.check_finite()  # the Korean one too: a model whose activations overflow gives NaN sums
     weights = {n: matrix.weights(n) for n in matrix.entries}
     provenance = {"quantize.imatrix.file": str(matrix_file), "quantize.imatrix.entries_count": len(weights)}
     if matrix.datasets:

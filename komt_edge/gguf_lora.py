@@ -15,7 +15,7 @@ peft types).
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,11 +25,13 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from . import __version__
-from .atomic import check_free_space, check_output_dir, output_dir
+from .atomic import (JSON_REPORT, check_free_space, check_output_dir, check_output_file, holds_json,
+                     output_dir)
 from .converters.lora_to_gguf import LORA_TYPES, LoraConverter
 from .errors import KomtError
 from .gguf import check_target, output_name
-from .merge import load_adapter
+from .merge import load_adapter, read_adapter_config
+from .util import read_json_object
 from .zoo import ZOO, adapter_base, check_not_a_file, download, lookup, resolve_adapter
 
 
@@ -61,7 +63,7 @@ class GgufLoraResult:
 
 def check_expressible(folder: Path) -> None:
     """Refuse, before the weights are read, the peft adapters llama.cpp's LoRA GGUF cannot hold."""
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_adapter_config(folder)
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise KomtError(f"{folder} is a {peft_type} adapter, not LoRA: llama.cpp's adapter GGUF holds LoRA "
@@ -107,6 +109,7 @@ def _resolve(adapter: str, base: str | None) -> tuple[Path, str, str, str | None
         hub_id = None if Path(adapter).expanduser().is_dir() else adapter
         name = folder.resolve().name if hub_id is None else hub_id.split("/")[1]
         entry = next((m for m in ZOO if hub_id and m.adapter and m.adapter.lower() == hub_id.lower()), None)
+    read_adapter_config(folder)  # a malformed config is named as such, not as a config without a base
     if base is not None:
         return folder, base, name, hub_id, None
     choice = adapter_base(folder, entry)
@@ -121,12 +124,13 @@ def _resolve(adapter: str, base: str | None) -> tuple[Path, str, str, str | None
 
 def gguf_lora(adapter: str | Path, out: str | Path = "dist", *, base: str | None = None, outtype: str = "f16",
               name: str | None = None, force: bool = False, allow_pickle: bool = False, progress: bool = True,
-              log: Callable[[str], None] | None = None) -> GgufLoraResult:
+              report: str | Path | None = None, log: Callable[[str], None] | None = None) -> GgufLoraResult:
     """Write ADAPTER as llama.cpp's LoRA adapter GGUF ``OUT/<name>-LoRA-<TYPE>.gguf``.
 
     Everything is checked before a byte is written: the type, the adapter (a LoRA llama.cpp can express), the
     base (resolved without its weights; its architecture and every adapted weight's shape), the output file (only
-    komt-edge's own file of the same adapter is replaced without ``force``) and the free space."""
+    komt-edge's own file of the same adapter is replaced without ``force``) and the free space. ``report``: where
+    the caller writes the result's JSON, checked with the rest (never the output GGUF, never an input file)."""
     outtype = outtype.lower()
     if outtype not in LORA_TYPES:
         raise KomtError(f"--outtype {outtype}: llama.cpp LoRA adapters are {', '.join(LORA_TYPES)}")
@@ -147,10 +151,15 @@ def gguf_lora(adapter: str | Path, out: str | Path = "dist", *, base: str | None
     config_path = base_dir / "config.json"
     if not config_path.is_file():
         raise KomtError(f"{base} has no config.json: pass the base model's folder with --base")
-    conv = LoraConverter(lora, json.loads(config_path.read_text(encoding="utf-8")), base)
+    conv = LoraConverter(lora, read_json_object(config_path), base)
     display = name or display
     target = out / output_name(f"{display}-LoRA", outtype)
     check_target(target, display, force=force)
+    if report is not None:
+        if os.path.abspath(report) == os.path.abspath(target):
+            raise KomtError(f"--json {report} is the adapter GGUF this run writes: give the JSON report another name")
+        check_output_file(Path(report), option="--json", inputs=[folder, base_dir], force=force, ours=holds_json,
+                          ours_kind=JSON_REPORT)
     check_free_space(out, conv.output_bytes(outtype), target.name)
     base_models = [base] if not Path(base).expanduser().exists() else []
     start = time.perf_counter()

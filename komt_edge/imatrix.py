@@ -7,16 +7,17 @@ made and removed). The statistics, the file format and the Korean calibration te
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .atomic import check_output_file, output_dir
-from .converters.gguf_file import file_info, is_gguf
+from .atomic import JSON_REPORT, check_output_file, holds_json, output_dir
+from .converters.gguf_file import check_model_gguf, file_info, is_gguf
 from .errors import KomtError
 from .gguf import convert
-from .importance import DEFAULT_N_CTX, KOREAN, MIN_BATCH_ROWS, compute, korean_calibration_text
+from .importance import DEFAULT_N_CTX, KOREAN, MIN_BATCH_ROWS, Imatrix, compute, korean_calibration_text
 from .templates import family_from_chat_template, template_for
 from .util import fmt_size, read_user_text, sha256_json
 from .zoo import model_family, resolve
@@ -46,12 +47,23 @@ FLOAT_INPUT_TYPES = ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16", "MOSTLY_Q8_0")
 def imatrix(model: str, out: str | Path, *, text: str = KOREAN, adapter: str | None = None,
             template: str | None = None, n_ctx: int = DEFAULT_N_CTX, n_chunks: int | None = None,
             n_threads: int | None = None, process_output: bool = False, allow_pickle: bool = False,
-            progress: bool = True, log: Callable[[str], None] | None = None) -> ImatrixResult:
+            force: bool = False, report: str | Path | None = None, progress: bool = True,
+            log: Callable[[str], None] | None = None) -> ImatrixResult:
     """Compute MODEL's importance matrix on ``text`` ("korean" or a UTF-8 file) and write it to ``out``.
 
     MODEL is a GGUF file (f32, f16, bf16 or q8_0), or anything ``komt-edge gguf`` converts: a temporary f16 GGUF
-    is made for the run and removed afterwards."""
-    out = check_output_file(Path(out), option="-o")
+    is made for the run and removed afterwards. ``out`` follows komt-edge's output rule (``atomic.check_output_file``):
+    never an input, never a device or a link, and an existing file only when it is an imatrix komt-edge wrote, or
+    with ``force``. ``report``: where the caller writes the result's JSON, checked here with the rest."""
+    path = Path(model).expanduser()
+    inputs = [path, adapter, None if text == KOREAN else text]
+    out = check_output_file(Path(out), option="-o", inputs=inputs, force=force, ours=Imatrix.written_by_komt_edge,
+                            ours_kind="an importance matrix komt-edge wrote")
+    if report is not None:
+        if os.path.abspath(report) == os.path.abspath(out):
+            raise KomtError(f"--json {report} is the -o imatrix file: give the JSON report another name")
+        check_output_file(Path(report), option="--json", inputs=inputs, force=force, ours=holds_json,
+                          ours_kind=JSON_REPORT)
     if out.suffix.lower() == ".dat":
         raise KomtError(f"-o {out}: komt-edge writes the GGUF imatrix format; name the file *.imatrix.gguf")
     if n_ctx < MIN_BATCH_ROWS:
@@ -59,18 +71,21 @@ def imatrix(model: str, out: str | Path, *, text: str = KOREAN, adapter: str | N
     user_text = None
     if text != KOREAN:
         user_text = read_user_text(Path(text), missing=f"--text {text}: no such file; pass 'korean' or a UTF-8 "
-                                                      "text file")
+                                                      "text file",
+                                   folder=f"--text {text} is a folder: pass 'korean' or one UTF-8 text file")
         if not user_text.strip():
             raise KomtError(f"--text {text} is empty: pass a text with at least {2 * n_ctx} tokens")
-    path = Path(model).expanduser()
+    info = None
+    if path.suffix.lower() == ".gguf" or is_gguf(path):  # a GGUF MODEL: checked before any folder is made
+        if adapter:
+            raise KomtError("--adapter goes with a Hugging Face MODEL; a GGUF file already holds its weights")
+        check_model_gguf(path)
+        info = file_info(path)
+        if info.file_type not in FLOAT_INPUT_TYPES:
+            raise KomtError(f"{path.name} is {info.file_type}: compute the imatrix on an f32, f16, bf16 or q8_0 "
+                            "GGUF (the quantized file is what the imatrix is for)")
     with output_dir(out.parent), tempfile.TemporaryDirectory(prefix=".komt-edge-imatrix-", dir=out.parent) as work:
-        if path.suffix.lower() == ".gguf" or is_gguf(path):
-            if adapter:
-                raise KomtError("--adapter goes with a Hugging Face MODEL; a GGUF file already holds its weights")
-            info = file_info(path)
-            if info.file_type not in FLOAT_INPUT_TYPES:
-                raise KomtError(f"{path.name} is {info.file_type}: compute the imatrix on an f32, f16, bf16 or q8_0 "
-                                "GGUF (the quantized file is what the imatrix is for)")
+        if info is not None:
             gguf_file, family = path, _stored_family(info.chat_template, template)
         else:
             gguf_file, family = _float_gguf(model, Path(work), adapter=adapter, template=template,

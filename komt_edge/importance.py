@@ -86,6 +86,19 @@ class Imatrix:
             writer.close()
         return path
 
+    @staticmethod
+    def written_by_komt_edge(path: Path) -> bool:
+        """Whether ``path`` is an importance matrix komt-edge wrote (a GGUF imatrix with komt-edge's provenance
+        keys): the one existing file `komt-edge imatrix -o` replaces without --force."""
+        from .converters.gguf_file import GgufHeader
+
+        try:
+            with GgufHeader(Path(path)) as h:
+                return h.string("general.type") == "imatrix" and any(f"komt_edge.imatrix.{key}" in h
+                                                                     for key in ("tokens", "text_sha256", "model"))
+        except KomtError:
+            return False
+
     @classmethod
     def read(cls, path: Path) -> "Imatrix":
         """A GGUF imatrix (llama-imatrix's or komt-edge's) or a legacy ``.dat`` file."""
@@ -193,6 +206,18 @@ class Imatrix:
             raise KomtError(f"the imatrix has no entry for {missing[0]} (and {len(missing) - 1} more weights of "
                             f"{source}): it was computed for another model; compute one for this model with "
                             "`komt-edge imatrix`")
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """One-line error naming the first weight whose statistics hold NaN or infinity: llama.cpp's quantizer
+        refuses such a matrix, and says so only in its log."""
+        for name, (sums, counts) in sorted(self.entries.items()):
+            if not (np.isfinite(sums).all() and np.isfinite(counts).all()):
+                bad = int(np.size(sums) - np.isfinite(sums).sum()) + int(np.size(counts) - np.isfinite(counts).sum())
+                where = f"{self.path} " if self.path is not None else ""
+                raise KomtError(f"the imatrix {where}has {bad} NaN or infinite value(s) for {name}, which llama.cpp's "
+                                "quantizer refuses: the file is damaged, or was computed on a model whose activations "
+                                "overflow; compute it again with `komt-edge imatrix` (on an f32 or f16 GGUF)")
 
 
 # --- collecting, through llama.cpp's eval callback ------------------------------------------------------------

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_dir, check_dir_target, check_free_space
 from .checkpoint import Checkpoint, read_config
 from .errors import KomtError
+from .util import read_json_object
 from .stream import BufferPool, run_pipeline
 
 PROVENANCE_FILE = "komt_edge_merge.json"
@@ -65,12 +66,17 @@ def _strip_prefix(key: str) -> str:
     return key[len("base_model.model."):] if key.startswith("base_model.model.") else key
 
 
-def load_adapter(folder: Path, *, allow_pickle: bool = False) -> Adapter:
-    folder = Path(folder)
-    cfg_path = folder / "adapter_config.json"
+def read_adapter_config(folder: Path) -> dict:
+    """A peft adapter folder's adapter_config.json, or a one-line error (missing, not UTF-8, not a JSON object)."""
+    cfg_path = Path(folder) / "adapter_config.json"
     if not cfg_path.is_file():
         raise KomtError(f"{folder} is not a LoRA adapter folder: adapter_config.json is missing")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    return read_json_object(cfg_path, fix="fix it, or save the adapter again with peft")
+
+
+def load_adapter(folder: Path, *, allow_pickle: bool = False) -> Adapter:
+    folder = Path(folder)
+    config = read_adapter_config(folder)
     if config.get("peft_type", "LORA") != "LORA":
         raise KomtError(f"{folder} is a {config.get('peft_type')} adapter: komt-edge merges LoRA adapters only")
     if config.get("use_dora"):

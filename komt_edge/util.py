@@ -71,9 +71,11 @@ def _fmt(n: float, base: int, units: tuple[str, ...]) -> str:
     raise AssertionError("unreachable")
 
 
-def read_user_text(path: Path, *, missing: str, encoding: str = "utf-8") -> str:
-    """A user's text file, or a KomtError: ``missing`` when it is not a file, the byte offset when it is not
-    UTF-8, the OS's reason when it cannot be read."""
+def read_user_text(path: Path, *, missing: str, encoding: str = "utf-8", folder: str | None = None) -> str:
+    """A user's text file, or a KomtError: ``folder`` (or a default) when it is a folder, ``missing`` when it is
+    not a file, the byte offset when it is not UTF-8, the OS's reason when it cannot be read."""
+    if path.is_dir():
+        raise KomtError(folder or f"{path} is a folder, where a UTF-8 text file is expected: pass the file itself")
     if not path.is_file():
         raise KomtError(missing)
     try:
@@ -82,6 +84,22 @@ def read_user_text(path: Path, *, missing: str, encoding: str = "utf-8") -> str:
         raise KomtError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     except OSError as err:
         raise KomtError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def read_json_object(path: Path, *, fix: str = "fix or re-download it") -> dict:
+    """A JSON object komt-edge reads (a config.json, an adapter_config.json), or a one-line KomtError naming the
+    file and what is wrong with it (not UTF-8, not JSON, not an object, unreadable) and ``fix``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise KomtError(f"{path} is not UTF-8 text (byte {err.start}): {fix}") from None
+    except json.JSONDecodeError as err:
+        raise KomtError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}): {fix}") from None
+    except OSError as err:
+        raise KomtError(f"cannot read {path}: {err.strerror or err}") from None
+    if not isinstance(data, dict):
+        raise KomtError(f"{path} holds a JSON {type(data).__name__}, not an object: {fix}")
+    return data
 
 
 def package_dir(module: str, *, missing: str) -> Path:

@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .atomic import atomic_file, check_output_file
-from .converters.gguf_file import file_info
+from .atomic import JSON_REPORT, atomic_file, check_output_file, ensure_writable_dir, holds_json
+from .converters.gguf_file import check_model_gguf, file_info
 from .converters.lora_to_gguf import check_lora_fits
 from .errors import KomtError
 from .llama_log import load_errors, reason
@@ -405,8 +405,11 @@ def verify_files(files: Sequence[str | Path], hf: str, *, adapter: str | None = 
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise KomtError(f"{missing[0]} does not exist: run `komt-edge gguf` first")
-    if json_out is not None:
-        json_out = check_output_file(Path(json_out), option="--json")
+    for path in paths:  # an importance matrix or a LoRA GGUF among FILES: say so before the reference is loaded
+        check_model_gguf(path, "FILE")
+    if json_out is not None:  # never an input (the GGUF files, a local --hf, --adapter or --lora), nor a foreign file
+        json_out = check_output_file(Path(json_out), option="--json", inputs=[*paths, hf, adapter, lora],
+                                     ours=holds_json, ours_kind=JSON_REPORT, can_force=False)
     if lora is not None:
         if not Path(lora).is_file():
             raise KomtError(f"--lora {lora} does not exist: run `komt-edge gguf-lora` first")
@@ -421,7 +424,7 @@ def verify_files(files: Sequence[str | Path], hf: str, *, adapter: str | None = 
             log(report.summary())
         run.reports.append(report)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(json_out) as tmp:
+        ensure_writable_dir(json_out.parent, option="--json")
+        with atomic_file(json_out, option="--json") as tmp:
             tmp.write_text("[" + ",\n".join(r.to_json() for r in run.reports) + "]\n", encoding="utf-8")
     return run

@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .converters.gguf_file import is_gguf
+from .converters.gguf_file import is_gguf, not_a_model
 from .errors import KomtError
 from .templates import PromptTemplate, family_for_architecture, template_for
 
@@ -246,6 +246,8 @@ def adapter_base(adapter_dir: Path, entry: ZooModel | None = None) -> AdapterBas
 def check_not_a_file(model: str, what: str = "MODEL") -> None:
     """A file (or a path that looks like one) where a model folder or a Hub id is expected: say what to pass."""
     local = Path(model).expanduser()
+    if local.is_file() and is_gguf(local) and (message := not_a_model(local, f"{what} (a Hugging Face model)")):
+        raise KomtError(message)
     if local.suffix.lower() == ".gguf" or (local.is_file() and is_gguf(local)):
         raise KomtError(f"{model} is a GGUF file, where {what} is a Hugging Face model (folder, Hub id or zoo name): "
                         "pass the Hugging Face folder it came from" if local.exists() else

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, ensure_writable_dir
 
 STDOUT = Path("-")
 
@@ -33,6 +33,6 @@ def emit_json(data, target: Path | None) -> None:
     if target == STDOUT:
         click.echo(text, nl=False)
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(target) as tmp:
+    ensure_writable_dir(target.parent, option="--json")
+    with atomic_file(target, option="--json") as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import options
-from .common import show
+from .common import STDOUT, show
 
 
 @click.command("gguf-lora")
@@ -34,5 +34,6 @@ def gguf_lora_cmd(adapter: str, base: str | None, out: Path, outtype: str, name:
     """
     from ..gguf_lora import gguf_lora
 
-    result = gguf_lora(adapter, out, base=base, outtype=outtype, name=name, force=force, allow_pickle=allow_pickle)
+    result = gguf_lora(adapter, out, base=base, outtype=outtype, name=name, force=force, allow_pickle=allow_pickle,
+                       report=None if json_out == STDOUT else json_out)
     show(result.summary(), result.to_dict(), json_out)

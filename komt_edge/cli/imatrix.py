@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import options
-from .common import progress_log, show
+from .common import STDOUT, progress_log, show
 
 
 @click.command("imatrix")
@@ -26,11 +26,12 @@ from .common import progress_log, show
 @options.template()
 @options.threads()
 @options.json_out()
+@options.force("Replace a file at -o even when it is not an importance matrix komt-edge wrote (never an input).")
 @options.allow_pickle()
 @options.verbose()
 def imatrix_cmd(model: str, out: Path, text: str, n_ctx: int, n_chunks: int, process_output: bool,
                 adapter: str | None, template: str | None, n_threads: int | None, json_out: Path | None,
-                allow_pickle: bool) -> None:
+                force: bool, allow_pickle: bool) -> None:
     """Compute MODEL's importance matrix on Korean text, for llama.cpp's low-bit quantization types.
 
     MODEL is a GGUF file (f32, f16, bf16 or q8_0) or a zoo name, Hub id or folder (converted to a temporary f16
@@ -42,5 +43,6 @@ def imatrix_cmd(model: str, out: Path, text: str, n_ctx: int, n_chunks: int, pro
 
     result = imatrix(model, out, text=text, adapter=adapter, template=template, n_ctx=n_ctx,
                      n_chunks=n_chunks or None, n_threads=n_threads, process_output=process_output,
-                     allow_pickle=allow_pickle, log=progress_log(json_out))
+                     allow_pickle=allow_pickle, force=force, report=None if json_out == STDOUT else json_out,
+                     log=progress_log(json_out))
     show(result.summary(), result.to_dict(), json_out)

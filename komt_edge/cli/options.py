@@ -69,10 +69,18 @@ def template(*, allow_none: bool = False):
                              f"architecture's, or the one a GGUF file stores){extra}.")
 
 
-def _json_target(_ctx, _param, value: Path | None) -> Path | None:
-    from ..atomic import check_output_file
+def _json_target(ctx, _param, value: Path | None) -> Path | None:
+    """Before any work, the --json FILE follows the output rule (``atomic.check_output_file``): no device or link,
+    no folder, an existing file only when it holds JSON (an earlier report) or with the command's --force (eager,
+    so that it is known here). The command's library checks it against its own inputs and outputs."""
+    from ..atomic import JSON_REPORT, check_output_file, holds_json
 
-    return value if value is None or value == Path("-") else check_output_file(value, option="--json")
+    if value is None or value == Path("-"):
+        return value
+    can_force = any(p.name == "force" for p in ctx.command.params)
+    return check_output_file(value, option="--json", ours=holds_json, ours_kind=JSON_REPORT,
+                             force=bool(ctx.params.get("force")),
+                             can_force=can_force)
 
 
 def json_out(what: str = "the result"):
@@ -87,7 +95,8 @@ def allow_pickle():
 
 
 def force(help_: str):
-    return click.option("--force", is_flag=True, help=help_)
+    # eager: known to the other options' checks (--json) whatever the order on the command line
+    return click.option("--force", is_flag=True, is_eager=True, help=help_)
 
 
 def verbose():
