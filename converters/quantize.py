@@ -404,13 +404,18 @@ def quantize_all(source: np.ndarray, types: Sequence[GGMLQuantizationType], pool
 # ---------------------------------------------------------------------------------------------------
 
 def quantize_file(src: Path, dst: Path, qtype: str, *, imatrix: dict[str, np.ndarray],
-                  metadata: dict[str, str | int], n_threads: int | None = None) -> None:
+                  metadata: dict[str, str | int], n_threads: int | None = None, model: str | None = None) -> None:
     """Quantize the float GGUF ``src`` to ``qtype`` at ``dst`` with llama.cpp's ``llama_model_quantize``, the
     function llama-quantize calls: the importance matrix reaches each tensor's quantizer as llama-quantize passes
     it (``imatrix``: weight name → per-column importance, flattened over a 3-D weight's matrices), and the type
     mix is the one llama-quantize chooses with an imatrix. ``metadata`` is written as llama-quantize's KV
-    overrides (its ``quantize.imatrix.*`` provenance keys)."""
+    overrides (its ``quantize.imatrix.*`` provenance keys). ``model``: its name, for the error message (``src`` is
+    a hidden temporary file). llama.cpp's log goes through komt-edge's (``komt_edge.llama_log``): its per-tensor
+    lines only with --verbose, its reason for failing in the one-line error."""
     import llama_cpp
+
+    from komt_edge.errors import raise_pending
+    from komt_edge.llama_log import load_errors, reason
 
     names = sorted(imatrix)
     arrays = [np.ascontiguousarray(imatrix[n], dtype=np.float32) for n in names]  # alive during the call
@@ -434,7 +439,10 @@ def quantize_file(src: Path, dst: Path, qtype: str, *, imatrix: dict[str, np.nda
     params.nthread = n_threads or os.cpu_count() or 1
     params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)) if names else None
     params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with load_errors() as errors:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    raise_pending()  # a signal that arrived in llama.cpp's log callback during the call
     if rc != 0:
-        raise KomtError(f"llama.cpp could not quantize {Path(src).name} to {display_name(qtype)} (code {rc}); "
-                        "run with --verbose to see llama.cpp's reason")
+        why = reason(errors)
+        raise KomtError(f"llama.cpp could not quantize {model or Path(src).name} to {display_name(qtype)}: "
+                        + (why or f"code {rc}; run with --verbose to see llama.cpp's log"))

@@ -179,7 +179,8 @@ def _quantize_with_imatrix(source: Path, targets: dict[str, Path], imatrix, reso
     for t, target in tqdm(targets.items(), desc=f"{display}: llama_model_quantize with the imatrix", unit="file",
                           disable=not progress):
         with atomic_file(target) as tmp:
-            q.quantize_file(source, tmp, t, imatrix=weights, metadata=provenance, n_threads=n_threads)
+            q.quantize_file(source, tmp, t, imatrix=weights, metadata=provenance, n_threads=n_threads,
+                            model=display)
 
 
 def imatrix_name(display: str) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_file
-from .errors import KomtError
+from .errors import KomtError, c_callback, interrupt_pending
 
 DEFAULT_N_CTX = 512
 MIN_BATCH_ROWS = 16  # llama-imatrix ignores matrix products of fewer tokens (the ones of a generation step)
@@ -287,7 +287,10 @@ class Collector:
     def wants(self, name: str) -> bool:
         return name.startswith("blk.") or (self.process_output and name == "output.weight")
 
+    @c_callback
     def _callback(self, tensor_ptr: int, ask: bool, _user_data) -> bool:
+        if interrupt_pending():  # SIGTERM/Ctrl-C: want this node, then stop the graph (raised after the decode)
+            return ask
         try:
             t = _GgmlTensor.from_address(tensor_ptr)
             op = _op_name(t.op)

@@ -14,6 +14,7 @@ import ctypes
 import sys
 from typing import Iterator
 
+from .errors import c_callback
 from .output import is_verbose
 
 # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (llama-cpp-python's own map predates CONT)
@@ -25,6 +26,7 @@ _collectors: list[list[str]] = []
 _installed = []  # the ctypes thunk, kept alive while llama.cpp may call it
 
 
+@c_callback  # a signal arriving in here is raised after llama.cpp returns (komt_edge.errors)
 def _handle(level: int, text: bytes, _user_data) -> None:
     if level != _GGML_LOG_LEVEL_CONT:
         _last_level[0] = level

@@ -19,8 +19,8 @@ from typing import Callable, Self, Sequence
 
 import numpy as np
 
-from ..converters.gguf_file import check_gguf_file
-from ..errors import KomtError
+from ..converters.gguf_file import check_model_gguf
+from ..errors import KomtError, raise_pending
 from ..llama_log import load_errors, reason, route_llama_log
 from ..util import dist_version
 
@@ -77,16 +77,17 @@ class LlamaModel(_Closing):
     def __init__(self, path: str | Path, *, n_gpu_layers: int = 0):
         llama_cpp = _llama()
         path = Path(path)
-        check_gguf_file(path)
+        check_model_gguf(path, "a GGUF FILE")
         self.path = path
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        self._lib = llama_cpp
         with load_errors() as errors:
             self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        raise_pending()  # a signal that arrived in llama.cpp's log callback while the model loaded
         if not self.model:
             raise KomtError(f"llama.cpp could not load {path}: " + (reason(errors) or "the file is damaged, not a "
                             "model, or of an architecture this llama.cpp does not know"))
-        self._lib = llama_cpp
 
     def close(self) -> None:
         if getattr(self, "model", None):
@@ -176,6 +177,7 @@ class LlamaRunner(_Closing):
             n_out += want
         b.n_tokens = n
         rc = self._lib.llama_decode(self.ctx, b)
+        raise_pending()  # a signal that arrived in a callback (the imatrix collector's, the log's) ends the run
         if rc != 0:
             raise KomtError(f"llama.cpp failed to decode a batch of {n} tokens in {self.path.name} (code {rc})")
         return n_out
