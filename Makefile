@@ -93,10 +93,12 @@ demo: install
 test: install browser
 	$(PY) -m pytest -q tests
 
-# The serve tests drive a real headless browser: Debian's chromium + chromium-driver (apt-get as root), once.
+# The serve tests drive a real headless browser: Debian's chromium + chromium-driver (apt-get as root), once, and
+# a Korean font (fonts-noto-cjk), without which the page's Hangul is drawn as empty boxes.
 browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && test -d /usr/share/fonts/opentype/noto || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+			fonts-noto-cjk; }
 
 # Laptop inference on a GGUF file (dist/...gguf), a Hub GGUF repo (ORG/NAME-GGUF) or a zoo name; QUANT picks the file.
 QUANT ?=

@@ -286,7 +286,7 @@ def browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-def test_chat_page_streams_the_greedy_answer_in_a_real_browser(server, reference):
+def test_chat_page_streams_the_greedy_answer_in_a_real_browser(server, reference, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -309,5 +309,56 @@ def test_chat_page_streams_the_greedy_answer_in_a_real_browser(server, reference
         assert int(answer.get_attribute("data-chunks")) > 10  # it arrived piece by piece
         assert driver.find_element(By.CSS_SELECTOR, ".msg.user").get_attribute("textContent") == question
         assert "\ufffd" not in driver.find_element(By.ID, "log").get_attribute("textContent")
+        # as a Korean reader sees it: every Hangul syllable of the answer is drawn, in the answer's own font, as a
+        # glyph of its own; a missing font draws them all as the same empty box
+        syllables = sorted({c for c in text if "가" <= c <= "힣"})
+        assert len(syllables) >= 10
+        assert distinct_glyphs(driver, answer, syllables) == len(syllables)
+        driver.save_screenshot(str(tmp_path / "chat-page.png"))
+    finally:
+        driver.quit()
+
+
+def distinct_glyphs(driver, element, chars: list[str]) -> int:
+    """How many different pictures ``chars`` make when drawn in ``element``'s computed font."""
+    return driver.execute_script("""
+        const [element, chars] = arguments;
+        const style = getComputedStyle(element), canvas = document.createElement("canvas");
+        canvas.width = canvas.height = 64;
+        const ctx = canvas.getContext("2d");
+        ctx.font = `${style.fontWeight} 40px ${style.fontFamily}`;
+        const seen = new Set();
+        for (const c of chars) {
+          ctx.clearRect(0, 0, 64, 64);
+          ctx.fillText(c, 4, 48);
+          seen.add(Array.from(ctx.getImageData(0, 0, 64, 64).data).join(","));
+        }
+        return seen.size;""", element, chars)
+
+
+def test_the_page_stop_button_ends_the_generation(random_server):
+    """Stop, in the browser: the reply stops where it was, and the server stops generating (a real aborted fetch)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    model = random_server.pool.first
+    driver = browser()
+    try:
+        driver.get(random_server.url + "/")
+        for field, value in (("temperature", "0"), ("max-tokens", "1800")):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        driver.find_element(By.ID, "input").send_keys("안녕하세요")
+        driver.find_element(By.ID, "send").click()
+        answer = WebDriverWait(driver, 120).until(lambda d: next(
+            (e for e in d.find_elements(By.CSS_SELECTOR, ".msg.assistant") if int(e.get_attribute("data-chunks")) > 5),
+            None))
+        driver.find_element(By.ID, "stop").click()
+        WebDriverWait(driver, 60).until(lambda _d: answer.get_attribute("data-state") == "stopped")
+        wait_until(lambda: health(random_server)["busy"] == 0, "the slot was not freed")
+        prompt = len(model.llm.tokenize(b"x", add_bos=True, special=True))
+        assert model.llm.n_tokens - prompt < 1200  # stopped well before the 1,800 tokens it was asked for
+        assert driver.find_element(By.ID, "send").is_enabled()
     finally:
         driver.quit()
