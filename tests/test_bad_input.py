@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -80,6 +81,7 @@ class Case:
     code: int = 1
     absent: tuple[str, ...] = ("o",)  # paths under the row's folder that must not exist afterwards
     signal: int | None = None  # sent once the command has started writing its output
+    ready: str | None = None  # with signal: send it once this file (under the row's folder) exists instead
 
 
 # --- setups ---------------------------------------------------------------------------------------------------
@@ -418,6 +420,86 @@ def _lora_base_offline(env: Env) -> list[str]:
     return ["gguf-lora", str(_lora_copy(env, base_model_name_or_path="someorg/some-base")), "-o", env.o]
 
 
+def _lora_config_bytes(env: Env, raw: bytes) -> Path:
+    adapter = _lora_copy(env)
+    (adapter / "adapter_config.json").write_bytes(raw)
+    return adapter
+
+
+def _lora_gguf(env: Env) -> Path:
+    from komt_edge.gguf_lora import gguf_lora
+
+    return gguf_lora(env.fixture("mistral_adapter"), env.tmp / "lora", progress=False).path
+
+
+def _nan_imatrix(env: Env) -> Path:
+    """The tiny model's imatrix with one value of blk.1.ffn_down.weight poisoned."""
+    from komt_edge.importance import Imatrix
+
+    matrix = Imatrix.read(_imatrix_of(env, "tiny_mistral"))
+    matrix.entries["blk.1.ffn_down.weight"][0][0, 3] = float("nan")
+    return matrix.write(env.tmp / "nan.imatrix.gguf")
+
+
+def _device_stays(env: Env, path: str) -> None:
+    env.checks.append(lambda: stat.S_ISCHR(os.lstat(path).st_mode) or pytest.fail(f"{path} was replaced"))
+
+
+def _imatrix_out(env: Env, out: Path | str, *args: str) -> list[str]:
+    return ["imatrix", str(_f32_of(env)), "--ctx", "32", "--chunks", "2", "-t", "1", "-o", str(out), *args]
+
+
+def _imatrix_out_is_model(env: Env) -> list[str]:
+    model = _f32_of(env)
+    env.untouched(model)
+    return ["imatrix", str(model), "-o", str(model), "--force"]
+
+
+def _imatrix_out_foreign(env: Env) -> list[str]:
+    notes = env.tmp / "notes.imatrix.gguf"
+    notes.write_text("내 메모\n", encoding="utf-8")
+    env.untouched(notes)
+    return _imatrix_out(env, notes)
+
+
+def _json_foreign(env: Env) -> list[str]:
+    notes = env.tmp / "notes.txt"
+    notes.write_text("내 메모\n", encoding="utf-8")
+    env.untouched(notes)
+    return ["models", "--json", str(notes)]
+
+
+def _verify_json_input(env: Env) -> list[str]:
+    model = env.model_copy()
+    env.untouched(model)
+    return ["verify", str(_f32_of(env, "f16")), "--hf", str(model), "--json", str(model / "config.json")]
+
+
+# Run by the command's process (PYTHONPATH): the first time llama.cpp's eval callback runs, it marks a file and
+# pauses there, so that the row's signal arrives inside the callback, where ctypes would swallow an exception.
+_IN_CALLBACK = '''
+import os, pathlib, time
+from komt_edge import importance
+marker, check = os.environ["KOMT_TEST_IN_CALLBACK"], importance.interrupt_pending
+def pause_once():  # the callback's first call, made inside llama.cpp's llama_decode
+    if not os.path.exists(marker):
+        pathlib.Path(marker).touch()
+        time.sleep(2)
+    return check()
+importance.interrupt_pending = pause_once
+'''
+
+
+def _imatrix_in_callback(env: Env) -> list[str]:
+    hook = env.tmp / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_IN_CALLBACK, encoding="utf-8")
+    env.monkeypatch.setenv("PYTHONPATH", str(hook))
+    env.monkeypatch.setenv("KOMT_TEST_IN_CALLBACK", str(env.tmp / "in-callback"))
+    env.checks.append(lambda: (env.tmp / "in-callback").exists() or pytest.fail("the callback never ran"))
+    return _imatrix_out(env, f"{env.o}/x.imatrix.gguf")
+
+
 CASES = [
     # gguf: the model
     Case("unknown-model", "gguf", "an unknown model name", lambda e: ["gguf", "komt-nonexistent-99b", "-o", e.o],
@@ -463,6 +545,37 @@ CASES = [
                     "-o", f"{e.o}/x.imatrix.gguf"], ("needs at least", "--ctx")),
     Case("imatrix-quantized", "imatrix", "a quantized GGUF as MODEL",
          lambda e: ["imatrix", str(_f32_of(e, "q4_0")), "-o", f"{e.o}/x.imatrix.gguf"], ("MOSTLY_Q4_0", "f16")),
+    Case("imatrix-imatrix-as-model", "imatrix", "an importance matrix as MODEL",
+         lambda e: ["imatrix", str(_imatrix_of(e, "tiny_mistral")), "-o", f"{e.o}/x.imatrix.gguf"],
+         ("is an importance matrix", "not a model", "--imatrix")),
+    Case("imatrix-lora-as-model", "imatrix", "a LoRA adapter GGUF as MODEL",
+         lambda e: ["imatrix", str(_lora_gguf(e)), "-o", f"{e.o}/x.imatrix.gguf"],
+         ("is a LoRA adapter GGUF", "its base model", "--lora")),
+    Case("imatrix-text-folder", "imatrix", "a folder as --text",
+         lambda e: _imatrix_out(e, f"{e.o}/x.imatrix.gguf", "--text", str(e.tmp)), ("--text", "is a folder")),
+    Case("imatrix-out-is-model", "imatrix", "-o MODEL, even with --force", _imatrix_out_is_model,
+         ("is an input", "never overwrites")),
+    Case("imatrix-out-foreign", "imatrix", "-o: an existing file komt-edge did not write", _imatrix_out_foreign,
+         ("is not an importance matrix komt-edge wrote", "--force")),
+    Case("imatrix-out-device", "imatrix", "-o /dev/null (root would get a regular file there)",
+         lambda e: (_device_stays(e, "/dev/null"), _imatrix_out(e, "/dev/null"))[1],
+         ("-o /dev/null is a device", "not a regular file")),
+    Case("imatrix-out-proc", "imatrix", "-o /proc/x", lambda e: _imatrix_out(e, "/proc/x"),
+         ("kernel's proc filesystem", "-o")),
+    Case("imatrix-json-is-out", "imatrix", "--json naming the -o file",
+         lambda e: _imatrix_out(e, f"{e.o}/x.imatrix.gguf", "--json", f"{e.o}/x.imatrix.gguf"),
+         ("--json", "is the -o imatrix file")),
+    Case("imatrix-sigterm-in-callback", "imatrix", "SIGTERM inside llama.cpp's eval callback (ctypes swallows "
+         "exceptions there)", _imatrix_in_callback, ("interrupted (SIGTERM)",), code=128 + signal.SIGTERM,
+         signal=signal.SIGTERM, ready="in-callback"),
+    Case("imatrix-sigint-in-callback", "imatrix", "Ctrl-C (SIGINT) inside llama.cpp's eval callback",
+         _imatrix_in_callback, ("interrupted (SIGINT)",), code=128 + signal.SIGINT, signal=signal.SIGINT,
+         ready="in-callback"),
+    Case("gguf-imatrix-as-model", "gguf", "an importance matrix as MODEL",
+         lambda e: ["gguf", str(_imatrix_of(e, "tiny_mistral")), "-o", e.o], ("is an importance matrix", "--imatrix")),
+    Case("imatrix-nan", "gguf", "an importance matrix holding NaN (named before quantizing)",
+         lambda e: ["gguf", str(e.fixture("tiny_mistral")), "-q", "q4_K_M", "--imatrix", str(_nan_imatrix(e)),
+                    "-t", "1", "-o", e.o], ("NaN", "blk.1.ffn_down.weight", "komt-edge imatrix")),
     # gguf: the output
     Case("out-under-file", "gguf", "an -o folder below a file", _out_under_a_file,
          ("cannot create the output folder", "-o")),
@@ -529,6 +642,27 @@ CASES = [
          ("base", "unknown", "--base")),
     Case("lora-base-offline", "gguf-lora", "a base that cannot be resolved offline", _lora_base_offline,
          ("someorg/some-base",)),
+    Case("lora-config-malformed", "gguf-lora", "a malformed adapter_config.json, with --base",
+         lambda e: ["gguf-lora", str(_lora_config_bytes(e, b'{"r": 8,,}')), "--base", str(e.fixture("tiny_mistral")),
+                    "-o", e.o], ("adapter_config.json is not valid JSON", "line 1")),
+    Case("lora-config-not-utf8", "gguf-lora", "an adapter_config.json that is not UTF-8",
+         lambda e: ["gguf-lora", str(_lora_config_bytes(e, b'{"r": 8, "x": "\xff"}')), "-o", e.o],
+         ("adapter_config.json is not UTF-8", "byte 15")),
+    Case("lora-out-proc", "gguf-lora", "-o /proc/x",
+         lambda e: ["gguf-lora", str(e.fixture("mistral_adapter")), "-o", "/proc/x"], ("kernel's proc filesystem",)),
+    Case("lora-json-is-output", "gguf-lora", "--json naming the adapter GGUF it writes",
+         lambda e: ["gguf-lora", str(e.fixture("mistral_adapter")), "-o", e.o, "--json",
+                    f"{e.o}/mistral-lora-LoRA-F16.gguf"], ("is the adapter GGUF this run writes",)),
+    # --json, every command
+    Case("json-proc", "models", "--json /proc/x", lambda e: ["models", "--json", "/proc/x"],
+         ("kernel's proc filesystem", "--json")),
+    Case("json-device", "models", "--json /dev/null",
+         lambda e: (_device_stays(e, "/dev/null"), ["models", "--json", "/dev/null"])[1],
+         ("--json /dev/null is a device",)),
+    Case("json-foreign", "models", "--json: an existing file that is not a JSON report", _json_foreign,
+         ("is not a JSON report", "choose another file")),
+    Case("json-input", "verify", "--json naming a file of an input (--hf's config.json)", _verify_json_input,
+         ("is a file of an input", "never overwrites")),
     # chat / serve
     Case("chat-not-gguf", "chat", "a file that is not a GGUF model",
          lambda e: ["chat", str(_text(e, "안녕하세요")), "-t", "1"], ("is not a GGUF file", "Hub GGUF repo")),
@@ -556,6 +690,12 @@ CASES = [
          lambda e: _verify_lora(e, other_base=True), ("does not fit", "blk.0.attn_k.weight", "gguf-lora --base")),
     Case("verify-lora-no-adapter", "verify", "--lora without the peft --adapter for the reference",
          lambda e: _verify_lora(e, other_base=False), ("--lora needs the peft adapter", "--adapter")),
+    Case("verify-lora-as-file", "verify", "a LoRA adapter GGUF as FILE (before the reference is loaded)",
+         lambda e: ["verify", str(_lora_gguf(e)), "--hf", str(e.fixture("tiny_mistral")), "-t", "1"],
+         ("is a LoRA adapter GGUF", "its base model")),
+    Case("bench-imatrix-as-file", "bench", "an importance matrix as FILE",
+         lambda e: ["bench", "quality", str(_imatrix_of(e, "tiny_mistral")), "-t", "1"],
+         ("is an importance matrix", "not a model")),
     # push / release
     Case("push-unreachable", "push", "a Hub that refuses connections (fails in seconds)",
          lambda e: ["push", _unreachable_hub(e), "--repo", "komt-test/x"], ("cannot reach the Hub", "HF_ENDPOINT")),
@@ -568,13 +708,16 @@ def _leftovers(root: Path) -> list[str]:
     return [str(p.relative_to(root)) for p in root.rglob("*") if ".partial-" in p.name and not p.is_symlink()]
 
 
-def _run_with_signal(argv: list[str], out: Path, signum: int) -> tuple[int, str]:
-    """Start `komt-edge ARGV`, wait until it writes its first output, send ``signum``; (exit code, stderr)."""
+def _run_with_signal(argv: list[str], out: Path, signum: int, ready: Path | None = None) -> tuple[int, str]:
+    """Start `komt-edge ARGV`, wait until it writes its first output (or ``ready`` exists), send ``signum``;
+    (exit code, stderr)."""
     proc = subprocess.Popen([sys.executable, "-m", "komt_edge.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if out.is_dir() and any(".partial-" in p.name for p in out.iterdir()):
+        if ready is not None and ready.exists():
+            break
+        if ready is None and out.is_dir() and any(".partial-" in p.name for p in out.iterdir()):
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the command ended before it was interrupted: make the conversion slower"
@@ -589,7 +732,7 @@ def test_bad_input(case: Case, request, monkeypatch, capsys, tmp_path):
     argv = case.setup(env)
     capsys.readouterr()  # what building the bad input printed (fixtures' progress bars) is not the command's
     if case.signal is not None:
-        code, err = _run_with_signal(argv, Path(env.o), case.signal)
+        code, err = _run_with_signal(argv, Path(env.o), case.signal, tmp_path / case.ready if case.ready else None)
     else:
         code, _, err = run_cli(monkeypatch, capsys, *argv)
     assert_one_line_error(code, err, *case.says, exit_code=case.code)

@@ -227,3 +227,29 @@ def test_imatrix_command_on_a_gguf_and_on_a_hf_folder(monkeypatch, capsys, tiny_
     name = "blk.1.ffn_down.weight"
     a, b = from_gguf.weights(name), from_hf.weights(name)
     assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.999
+
+
+def test_reruns_replace_their_own_files_and_llama_cpps_log_stays_behind_verbose(monkeypatch, capsys, tiny_mistral,
+                                                                                   mistral_f32, mistral_imatrix,
+                                                                                   tmp_path):
+    """`imatrix -o` replaces the importance matrix (and --json the report) an earlier run wrote, as `gguf` replaces
+    its own files; `gguf --imatrix FILE` prints none of llama.cpp's quantize log without -v, all of it with -v."""
+    import json
+
+    out, report = tmp_path / "m.imatrix.gguf", tmp_path / "m.json"
+    args = ["imatrix", str(mistral_f32), "-o", str(out), "--ctx", "32", "--chunks", "2", "-t", "1", "--json",
+            str(report)]
+    for _ in range(2):
+        code, _, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 0, err
+    assert Imatrix.read(out).chunk_count == 2 and json.loads(report.read_text(encoding="utf-8"))["chunks"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.imatrix.gguf", "m.json"]
+
+    args = ["gguf", str(tiny_mistral), "-q", "q4_K_M", "--imatrix", str(mistral_imatrix), "--name", "komt-tiny",
+            "-t", "1", "-o", str(tmp_path / "g")]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line] == []
+    code, _, err = run_cli(monkeypatch, capsys, *args, "-v")
+    assert code == 0, err
+    assert "llama_model_quantize" in err
