@@ -146,7 +146,8 @@ def test_gguf_architectures_agree_in_code_help_and_readme():
 
 
 def test_every_command_quiets_the_libraries_through_its_verbose_option():
-    """Nothing else calls configure_output on the way to a command: -v/--verbose's callback does, for each."""
+    """Nothing else calls configure_output on the way to a command: -v/--verbose's callback does, for each
+    (`models`, which drives no library, only with -v)."""
     missing = [path for path, cmd in _commands(cli) if "verbose" not in {p.name for p in cmd.params}]
     assert not missing, missing
 

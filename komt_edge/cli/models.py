@@ -12,7 +12,7 @@ from .common import STDOUT, emit_json
 
 @click.command("models")
 @options.json_out("the zoo")
-@options.verbose()
+@options.verbose(drives_libraries=False)
 def models_cmd(json_out: Path | None) -> None:
     """List the published komt models, their Hub ids and prompt templates.
 
