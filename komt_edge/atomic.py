@@ -141,6 +141,16 @@ def _is_input(path: Path, source: Path) -> bool:
         return os.path.realpath(path) == os.path.realpath(source)
 
 
+def check_not_an_input(path: Path, inputs: Iterable[str | Path | None], *, option: str) -> None:
+    """One-line error when writing ``path`` would replace one of ``inputs`` (a file, or a file inside an input
+    folder); inputs that are not local paths (Hub ids, zoo names) are skipped."""
+    clash = next((Path(s) for s in inputs if s is not None and _is_input(Path(path), Path(s))), None)
+    if clash is not None:
+        what = "is" if not clash.is_dir() else "is a file of"
+        raise KomtError(f"{option} {path} {what} an input ({clash}): komt-edge never overwrites its inputs; choose "
+                        f"another {option} file")
+
+
 def check_output_file(path: Path, *, option: str, inputs: Iterable[str | Path] = (), force: bool = False,
                       ours: Callable[[Path], bool] | None = None, ours_kind: str = "a file komt-edge wrote",
                       can_force: bool = True) -> Path:
@@ -158,11 +168,7 @@ def check_output_file(path: Path, *, option: str, inputs: Iterable[str | Path] =
                         "into place, which would replace it; give the path of a regular file")
     if path.is_dir():
         raise KomtError(f"{option} {path} is a folder: give a file name, e.g. {path / 'report.json'}")
-    clash = next((Path(s) for s in inputs if s is not None and _is_input(path, Path(s))), None)
-    if clash is not None:
-        what = "is" if not clash.is_dir() else "is a file of"
-        raise KomtError(f"{option} {path} {what} an input ({clash}): komt-edge never overwrites its inputs; choose "
-                        f"another {option} file")
+    check_not_an_input(path, inputs, option=option)
     check_output_dir(path.parent, option=option)
     if path.exists() and ours is not None and not force and not ours(path):
         fix = "choose another file, or pass --force to replace it" if can_force else "choose another file"

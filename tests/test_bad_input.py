@@ -469,6 +469,12 @@ def _json_foreign(env: Env) -> list[str]:
     return ["models", "--json", str(notes)]
 
 
+def _gguf_json_input(env: Env) -> list[str]:
+    model = env.model_copy()
+    env.untouched(model)
+    return ["gguf", str(model), "-q", "q8_0", "-o", env.o, "--json", str(model / "config.json")]
+
+
 def _verify_json_input(env: Env) -> list[str]:
     model = env.model_copy()
     env.untouched(model)
@@ -663,6 +669,8 @@ CASES = [
          ("is not a JSON report", "choose another file")),
     Case("json-input", "verify", "--json naming a file of an input (--hf's config.json)", _verify_json_input,
          ("is a file of an input", "never overwrites")),
+    Case("json-input-any-command", "gguf", "--json naming a file of an input (MODEL's config.json)",
+         _gguf_json_input, ("is a file of an input", "never overwrites")),
     # chat / serve
     Case("chat-not-gguf", "chat", "a file that is not a GGUF model",
          lambda e: ["chat", str(_text(e, "안녕하세요")), "-t", "1"], ("is not a GGUF file", "Hub GGUF repo")),

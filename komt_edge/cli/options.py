@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -83,10 +84,31 @@ def _json_target(ctx, _param, value: Path | None) -> Path | None:
                              can_force=can_force)
 
 
+# The parameters that name what a command reads (files, folders): --json never overwrites one, or a file in one.
+INPUT_PARAMS = ("model", "base", "adapter", "files", "hf", "lora", "reference", "text", "data", "folder",
+                "imatrix", "calibration", "judge_gguf", "deepspeed")
+
+
 def json_out(what: str = "the result"):
-    return click.option("--json", "json_out", type=click.Path(path_type=Path, allow_dash=True), default=None,
-                        is_flag=False, flag_value="-", metavar="[FILE]", callback=_json_target,
-                        help=f"Write {what} as JSON to FILE, or to standard output when no FILE is given.")
+    option = click.option("--json", "json_out", type=click.Path(path_type=Path, allow_dash=True), default=None,
+                          is_flag=False, flag_value="-", metavar="[FILE]", callback=_json_target,
+                          help=f"Write {what} as JSON to FILE, or to standard output when no FILE is given.")
+
+    def decorate(command):
+        @functools.wraps(command)
+        def checked(*args, **params):
+            # Once every option is parsed (the option's callback sees only those before it) and before any work:
+            # the report is not one of the inputs (--json MODEL/config.json), whatever the command.
+            target = params.get("json_out")
+            if target is not None and target != Path("-"):
+                from ..atomic import check_not_an_input
+
+                given = [params.get(name) for name in INPUT_PARAMS]
+                check_not_an_input(target, [p for v in given for p in (v if isinstance(v, tuple) else (v,))],
+                                   option="--json")
+            return command(*args, **params)
+        return option(checked)
+    return decorate
 
 
 def allow_pickle():
