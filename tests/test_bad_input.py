@@ -782,6 +782,44 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(deep_tiny, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["deep-Q8_0.gguf"]
 
 
+_SIGNAL_IN_C_CALLBACK = '''
+import ctypes, os, signal, sys, time
+from komt_edge.errors import Interrupted, c_callback, handle_termination_signals
+
+handle_termination_signals()
+calls = []
+
+@c_callback
+def compare(a, b):  # called by C's qsort, as llama.cpp calls komt-edge's log and eval callbacks
+    if not calls:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs here, inside the callback
+    calls.append(1)
+    return a[0] - b[0]
+
+values = (ctypes.c_int * 64)(*range(64, 0, -1))
+compare_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int))
+ctypes.CDLL(None).qsort(values, 64, ctypes.sizeof(ctypes.c_int), compare_type(compare))
+print("sorted" if list(values) == sorted(values) else "unsorted", len(calls) > 1, flush=True)
+try:
+    time.sleep(5)  # back in Python, outside every callback, with no raise_pending() call: the re-check raises
+except Interrupted as err:
+    print("raised", signal.Signals(err.signum).name)
+'''
+
+
+def test_a_signal_inside_any_c_callback_is_raised_once_c_returns():
+    """The mechanism behind the in-callback rows, on C code komt-edge does not wrap (llama-cpp-python's calls): the
+    signal does not escape the callback (ctypes would swallow it), the C call completes, and the signal is raised
+    within the re-check interval once Python runs outside the callback."""
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_IN_C_CALLBACK], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.split() == ["sorted", "True", "raised", "SIGTERM"], proc.stdout
+    assert time.monotonic() - started < 4.5  # not the 5 s sleep: raised by the re-check
+
+
 def test_pickle_weights_load_with_the_flag(monkeypatch, capsys, request, tmp_path):
     model = _pickled(Env(request, tmp_path, monkeypatch))
     code, out, err = run_cli(monkeypatch, capsys, "gguf", str(model), "-q", "q8_0", "--allow-pickle", "-t", "1",
