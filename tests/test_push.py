@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -114,6 +115,10 @@ def test_dry_run_lists_what_would_happen_and_sends_nothing(hub, tmp_path):
     assert res.exit_code == 0, res.output
     assert "dry run, nothing sent" in res.output and "notes.txt" in res.output
     assert f"{ORG}/dry-GGUF" not in hub.repos
+    res = CliRunner().invoke(cli, ["push", str(folder), "--repo", f"{ORG}/dry-GGUF", "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)  # --json alone: standard output is the JSON, the plan went to standard error
+    assert data["repo"] == f"{ORG}/dry-GGUF" and data["dry_run"] is True and data["uploaded"] == []
 
 
 def test_private_repo_on_a_branch(hub, tmp_path):

@@ -367,6 +367,12 @@ def test_cli_dry_run_and_make_target(hub, tiny_mistral, tmp_path):
     assert "dry run" in res.output and "gguf    would run" in res.output
     assert f"{GGUF_REPO}: would publish {NAME}-Q4_0.gguf, {NAME}-Q8_0.gguf and README.md" in res.output
     assert not out.exists() and not [r for r in hub.log if r[0] in ("POST", "PUT")]
+    res = CliRunner().invoke(cli, ["release", str(tiny_mistral), "--org", ORG, "--quants", "q4_0,q8_0", "--name",
+                                   NAME, "--no-gptq", "--dry-run", "-o", str(out), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert data["dry_run"] is True and data["gguf_repo"] == GGUF_REPO and data["gptq_repo"] is None
+    assert data["quants"] == ["q4_0", "q8_0"] and data["stages"]["gguf"] == "would run" and not out.exists()
 
     make = subprocess.run(["make", "-n", "release", "MODEL=komt-mistral-7b", "ORG=my-org", "QUANTS=q4_0 q8_0"],
                           cwd=ROOT, capture_output=True, text=True)
