@@ -102,6 +102,27 @@ def test_context_overflow_drops_the_oldest_turns_once(korean_gguf, monkeypatch, 
     assert err.count("oldest turns are dropped") == 1, err
 
 
+def test_the_system_prompt_stays_when_old_turns_are_dropped(korean_gguf):
+    """The prompts actually generated from, turn by turn: the oldest turns go, the system prompt never does."""
+    from komt_edge.chat import ChatSession, Sampling
+
+    model = load(korean_gguf, n_ctx=256, n_threads=N_THREADS)
+    sent, chat = [], model.chat
+    model.chat = lambda messages, **kw: (sent.append(messages), chat(messages, **kw))[1]
+    notices = []
+    try:
+        session = ChatSession(model, system="간결하게 대답하세요.", sampling=Sampling(temperature=0, max_tokens=48),
+                              log=notices.append)
+        for question in [DEMO_QA[0][0], DEMO_QA[2][0], DEMO_QA[0][0], DEMO_QA[2][0]]:
+            assert "".join(session.reply(question))
+        assert len(notices) == 1 and "dropped" in notices[0]
+        assert all(m[0] == {"role": "system", "content": "간결하게 대답하세요."} for m in sent)
+        assert len(sent[-1]) < 1 + 2 * 4 - 1  # some turns were dropped from the last prompt, not the system prompt
+        assert sent[-1][-1] == {"role": "user", "content": DEMO_QA[2][0]}
+    finally:
+        model.close()
+
+
 def test_a_message_longer_than_the_context_is_one_error_line(korean_gguf, monkeypatch, capsys):
     code, _out, err = chat_lines(monkeypatch, capsys, str(korean_gguf), "--ctx", "256", lines=["한국어 " * 200])
     assert_one_line_error(code, err, "does not fit the context", "--ctx")

@@ -137,6 +137,47 @@ def random_server(tiny_mistral, tmp_path_factory):
         yield srv
 
 
+def test_parallel_2_answers_two_overlapping_streams_each_its_own(random_server):
+    """--parallel 2: two streams generate at the same time (both copies busy at once, their pieces interleaved in
+    time), and each gets exactly llama-cpp-python's unstreamed completion of its own prompt."""
+    import time
+
+    from llama_cpp import Llama
+
+    prompts = ["한국의 수도는", "봄에는 꽃이"]
+    path = random_server.pool.first.path
+    ref = Llama(model_path=str(path), n_ctx=2048, n_threads=N_THREADS, verbose=False)
+    want = [ref.create_completion(ref.tokenize(p.encode(), add_bos=True, special=True), temperature=0,
+                                  max_tokens=400)["choices"][0]["text"] for p in prompts]
+    ref.close()
+    with start(str(path), port=0, n_threads=N_THREADS, parallel=2, log=lambda _m: None) as srv:
+        got: dict[int, list[tuple[float, str]]] = {0: [], 1: []}
+        busy = []
+
+        def ask(i: int) -> None:
+            req = urllib.request.Request(srv.url + "/v1/completions", method="POST", headers={
+                "Content-Type": "application/json"}, data=json.dumps(
+                {"prompt": prompts[i], "temperature": 0, "max_tokens": 400, "stream": True}).encode())
+            with urllib.request.urlopen(req, timeout=300) as resp:
+                for line in resp:
+                    if line.startswith(b"data: {"):
+                        text = json.loads(line[6:])["choices"][0]["text"]
+                        if text:
+                            got[i].append((time.monotonic(), text))
+                            if len(got[i]) == 50:
+                                busy.append(health(srv)["busy"])
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    assert ["".join(p for _t, p in got[i]) for i in range(2)] == want
+    assert 2 in busy  # both copies were generating at once
+    (start0, end0), (start1, end1) = [(got[i][0][0], got[i][-1][0]) for i in range(2)]
+    assert start0 < end1 and start1 < end0  # the two streams overlapped in time
+
+
 def health(server) -> dict:
     with urllib.request.urlopen(server.url + "/health", timeout=60) as resp:
         return json.loads(resp.read())
