@@ -20,6 +20,7 @@ from .common import STDOUT, show
               help="Type of the adapter's tensors (q8_0 keeps rank-wide lora_b rows in f16, as llama.cpp does).")
 @options.name("Adapter name for general.name and the file name (default: the zoo name or the adapter's).")
 @options.force("Replace a file at the output name even when komt-edge did not write it for this adapter.")
+@options.threads(passed=False)
 @options.json_out()
 @options.allow_pickle()
 @options.verbose()

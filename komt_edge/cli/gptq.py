@@ -33,6 +33,7 @@ from .common import show
               help="Reject the checkpoint (exit 1, nothing written) when its held-out Korean perplexity exceeds "
                    "this many times the original's (measured: 4-bit costs ×1.12 on SmolLM2).")
 @options.force("Write into an existing checkpoint folder komt-edge did not make (only its own files replaced).")
+@options.threads(passed=False)
 @options.json_out()
 @options.allow_pickle()
 @options.verbose()

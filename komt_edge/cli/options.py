@@ -39,12 +39,13 @@ def _cap_threads(_ctx, _param, value):
     return value
 
 
-def threads(*, multiple: bool = False, default: str = "all cores"):
+def threads(*, multiple: bool = False, default: str = "all cores", passed: bool = True):
     """``-t/--threads N``: the CPU threads the command computes on, whatever computes (llama.cpp, komt-edge's
-    quantizers, torch); ``default`` says what the command uses without it."""
+    quantizers, torch); ``default`` says what the command uses without it. ``passed=False``: the command's library
+    takes no count (train, gptq and gguf-lora compute with torch alone), the capped variables are the whole effect."""
     repeat = "; repeat to compare counts (-t 1 -t 2), as llama-bench -t 1,2" if multiple else ""
     return click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), multiple=multiple,
-                        default=None, callback=_cap_threads,
+                        default=None, callback=_cap_threads, expose_value=passed,
                         help=f"CPU threads the command computes on{repeat} (default: {default}).")
 
 

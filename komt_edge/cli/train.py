@@ -64,6 +64,7 @@ from .common import progress_log, show
 @click.option("--deepspeed", default=None,
               help="DeepSpeed JSON config, or 'zero3' for the shipped ZeRO-3 CPU-offload config.")
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard logs to OUT/logs/tensorboard.")
+@options.threads(passed=False)
 @options.json_out()
 @options.allow_pickle()
 @options.verbose()
