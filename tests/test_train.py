@@ -360,10 +360,12 @@ def test_train_merge_gguf_verify(monkeypatch, capsys, tiny_mistral, tmp_path):
     code, out, err = run_cli(monkeypatch, capsys, "train", "--model", str(tiny_mistral), "--data", str(DATA),
                              "-o", str(adapter), "--max-steps", "8", "--lr", "3e-3", "--batch-size", "4",
                              "--max-length", "96", "--eval-split", "0.25", "--save-steps", "4",
-                             "--warmup-steps", "1")
+                             "--warmup-steps", "1", "--json", str(tmp_path / "train.json"))
     assert code == 0, err
     assert "CPU: full-precision (float32) LoRA" in out  # the fallback is announced
     assert f"komt-edge gguf {tiny_mistral} --adapter {adapter} --template mistral" in out
+    reported = json.loads((tmp_path / "train.json").read_text(encoding="utf-8"))  # TrainResult.to_dict()
+    assert reported["out"] == str(adapter) and reported["steps"] == 8 and reported["data"]["eval"] == 3
 
     record = json.loads((adapter / "komt_edge_train.json").read_text())
     res = record["results"]
