@@ -22,7 +22,7 @@ from .common import show
                    "llama-imatrix), or 'korean' to compute one on the Korean calibration text (kept in OUT).")
 @options.force("Replace files at the output names even when komt-edge did not write them for this model.")
 @options.threads()
-@options.json_out("the list of files written")
+@options.json_out("the paths of the files written")
 @options.allow_pickle()
 @options.verbose()
 def gguf_cmd(model: str, quants: tuple[str, ...], out: Path, adapter: str | None, template: str | None,

@@ -17,7 +17,7 @@ from .common import show
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output safetensors shard.")
 @options.threads(default="all cores but one, which writes the output")
 @options.force("Write into an existing folder holding other files: only the merge's own files are replaced.")
-@options.json_out("the output folder")
+@options.json_out("the merged folder's path")
 @options.allow_pickle()
 @options.verbose()
 def merge_cmd(base: str, adapter: str, out: Path, max_shard_size: str, n_threads: int | None, force: bool,
