@@ -165,7 +165,6 @@ class Job:
     def __post_init__(self):
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
-        self.generation: Generation | None = None
         threading.Thread(target=self._work, daemon=True).start()
 
     def _put(self, item) -> None:
@@ -176,7 +175,7 @@ class Job:
             with self.pool.take() as model:
                 if self.cancelled.is_set():
                     return
-                self.generation = generation = self.start(model, self.cancelled.is_set)
+                generation = self.start(model, self.cancelled.is_set)
                 try:
                     if self.stream:
                         self._put(generation)  # the reply has begun: the response can start
@@ -280,7 +279,9 @@ def create_app(pool: ModelPool, *, model_id: str, api_key: str | None = None):
         job = Job(start, stream, pool, asyncio.get_running_loop())
         try:
             first = await job.next(request)
-        except (ClientGone, asyncio.CancelledError):  # the client left while waiting for its turn or its answer
+        except ClientGone:  # the client left while waiting for its turn or its answer: no one reads this
+            return _error(499, "the client closed the connection", "client_closed_request")
+        except asyncio.CancelledError:
             job.cancelled.set()
             raise
         if first is _END:
