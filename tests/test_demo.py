@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from komt_edge.demo import demo
 from komt_edge.tiny import DEMO_QA
 
@@ -14,3 +16,6 @@ def test_demo_end_to_end(tmp_path):
     # it the q4_0 answer was noise)
     for name in ("komt-tiny-mistral-Q4_0.gguf", "komt-tiny-mistral-Q8_0.gguf"):
         assert result.answers[name].startswith(DEMO_QA[0][1][:20]), (name, result.answers[name])
+    # what `komt-edge demo --json` writes
+    data = json.loads(json.dumps(result.to_dict(), ensure_ascii=False))
+    assert data["passed"] is True and len(data["verification"]["reports"]) == 2 and data["answers"] == result.answers
