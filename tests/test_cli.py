@@ -184,3 +184,12 @@ def test_threads_caps_torch_too(argv):
                           env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1"]
+
+
+def test_merge_takes_the_shared_threads_and_json(tiny_mistral, mistral_adapter, tmp_path, monkeypatch, capsys):
+    """merge's -t is the shared option (torch threads for its arithmetic) and its --json names the merged folder."""
+    out = tmp_path / "merged"
+    code, stdout, err = run_cli(monkeypatch, capsys, "merge", str(tiny_mistral), str(mistral_adapter), "-o", str(out),
+                                "-t", "1", "--json")
+    assert code == 0, err
+    assert json.loads(stdout) == {"out": str(out)} and (out / "config.json").is_file()
