@@ -186,6 +186,33 @@ def test_recipe_is_the_one_table_of_defaults():
         assert options[field.name] == (",".join(value) if field.name == "target_modules" else value), field.name
 
 
+
+# komt's recipe as davidkim205/komt publishes it (finetune_with_lora.sh: --learning_rate 1e-5 --warmup_steps 2
+# --save_steps 1000 --num_train_epochs 1 --per_device_train_batch_size 1 --gradient_accumulation_steps 1
+# --model_max_length 2048 --logging_steps 1 --lr_scheduler_type cosine --gradient_checkpointing True;
+# finetune_with_lora.py: LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, the seven projections), nf4 double
+# quantization with bfloat16 compute). Written out here, not read from RECIPE, so that a changed default fails.
+KOMT_RECIPE = dict(lora_r=8, lora_alpha=32, lora_dropout=0.05,
+                   target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                   epochs=1.0, max_steps=None, lr=1e-5, batch_size=1, grad_accum=1, max_length=2048, warmup_steps=2,
+                   save_steps=1000, logging_steps=1)
+# komt-edge's own choices where komt's script has none that fits (README's table says so): komt evaluates nothing
+# (--evaluation_strategy no) and keeps 100 checkpoints; komt-edge holds out 5% for eval at every save and keeps 3.
+KOMT_EDGE_CHOICES = dict(eval_split=0.05, eval_steps=None, save_total_limit=3, seed=42, bits=None, optim=None,
+                         gradient_checkpointing=None)
+
+
+def test_recipe_defaults_are_komts_values_written_out():
+    import dataclasses
+
+    from komt_edge.train import RECIPE
+
+    expected = {**KOMT_RECIPE, **KOMT_EDGE_CHOICES}
+    assert set(expected) == {f.name for f in dataclasses.fields(RECIPE)}  # every default is pinned here
+    for name, value in expected.items():
+        assert getattr(RECIPE, name) == value and type(getattr(RECIPE, name)) is type(value), name
+
+
 # -- the CUDA plan, checked without a GPU ----------------------------------------------------------------
 
 def test_cuda_plan_is_komts_qlora_recipe(tmp_path):
