@@ -158,9 +158,10 @@ def check_output_file(path: Path, *, option: str, inputs: Iterable[str | Path] =
 
     Never a folder; its folder exists or can be created, on a disk (see ``check_output_dir``). Never one of
     ``inputs`` (a file, or a file inside an input folder), even with ``force``. Never anything but a regular file:
-    /dev/null, a named pipe or a symbolic link would be replaced by a file. An existing file only when
-    ``ours(path)`` says it is ``ours_kind``, what komt-edge wrote there before (a re-run replaces it), or with
-    ``force`` (``can_force``: whether the command has --force, for the message)."""
+    /dev/null, a named pipe or a symbolic link would be replaced by a file. An existing file only when it is
+    empty (``--json "$(mktemp)"``: nothing to lose), when ``ours(path)`` says it is ``ours_kind``, what komt-edge
+    wrote there before (a re-run replaces it), or with ``force`` (``can_force``: whether the command has --force,
+    for the message)."""
     path = Path(path)
     kind = _not_regular(path)
     if kind is not None:
@@ -170,13 +171,23 @@ def check_output_file(path: Path, *, option: str, inputs: Iterable[str | Path] =
         raise KomtError(f"{option} {path} is a folder: give a file name, e.g. {path / 'report.json'}")
     check_not_an_input(path, inputs, option=option)
     check_output_dir(path.parent, option=option)
-    if path.exists() and ours is not None and not force and not ours(path):
+    if path.exists() and path.stat().st_size > 0 and ours is not None and not force and not ours(path):
         fix = "choose another file, or pass --force to replace it" if can_force else "choose another file"
         raise KomtError(f"{option} {path} exists and is not {ours_kind}: {fix}")
     return path
 
 
 JSON_REPORT = "a JSON report (the only file --json replaces)"
+
+
+def file_state(path: Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime in ns) of ``path``, or None when there is nothing: what tells, at the end of a
+    run, whether something wrote the path since it was checked (the run's own outputs)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def holds_json(path: Path, *, limit: int = 256 * 1024 * 1024) -> bool:

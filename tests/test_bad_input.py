@@ -475,6 +475,14 @@ def _gguf_json_input(env: Env) -> list[str]:
     return ["gguf", str(model), "-q", "q8_0", "-o", env.o, "--json", str(model / "config.json")]
 
 
+def _gguf_json_is_output(env: Env) -> list[str]:
+    out = env.tmp / "out"
+    env.checks.append(lambda: (out / "komt-tiny-Q8_0.gguf").read_bytes()[:4] == b"GGUF"
+                      or pytest.fail("the output was replaced by the report"))
+    return ["gguf", str(env.fixture("tiny_mistral")), "-q", "q8_0", "--name", "komt-tiny", "-t", "1", "-o", str(out),
+            "--json", str(out / "komt-tiny-Q8_0.gguf")]
+
+
 def _verify_json_input(env: Env) -> list[str]:
     model = env.model_copy()
     env.untouched(model)
@@ -671,6 +679,8 @@ CASES = [
          ("is a file of an input", "never overwrites")),
     Case("json-input-any-command", "gguf", "--json naming a file of an input (MODEL's config.json)",
          _gguf_json_input, ("is a file of an input", "never overwrites")),
+    Case("json-is-an-output", "gguf", "--json naming the GGUF the run writes (the GGUF is kept, no report)",
+         _gguf_json_is_output, ("is a file this run has just written", "kept as it is"), absent=()),
     # chat / serve
     Case("chat-not-gguf", "chat", "a file that is not a GGUF model",
          lambda e: ["chat", str(_text(e, "안녕하세요")), "-t", "1"], ("is not a GGUF file", "Hub GGUF repo")),

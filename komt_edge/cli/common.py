@@ -7,9 +7,11 @@ from pathlib import Path
 
 import click
 
-from ..atomic import atomic_file, ensure_writable_dir
+from ..atomic import atomic_file, ensure_writable_dir, file_state
+from ..errors import KomtError
 
 STDOUT = Path("-")
+JSON_STATE = "komt_edge.json_state"  # ctx.meta: the --json path's state when it was checked (atomic.file_state)
 
 
 def show(summary: str, data, target: Path | None) -> None:
@@ -33,6 +35,11 @@ def emit_json(data, target: Path | None) -> None:
     if target == STDOUT:
         click.echo(text, nl=False)
         return
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and JSON_STATE in ctx.meta and file_state(target) != ctx.meta[JSON_STATE]:
+        # the path was free (or a report) when checked; this run wrote it since: it is one of the run's outputs
+        raise KomtError(f"--json {target} is a file this run has just written (one of its outputs), kept as it is: "
+                        "give the JSON report a name of its own")
     ensure_writable_dir(target.parent, option="--json")
     with atomic_file(target, option="--json") as tmp:
         tmp.write_text(text, encoding="utf-8")

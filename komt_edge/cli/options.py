@@ -75,14 +75,16 @@ def _json_target(ctx, _param, value: Path | None) -> Path | None:
     """Before any work, the --json FILE follows the output rule (``atomic.check_output_file``): no device or link,
     no folder, an existing file only when it holds JSON (an earlier report) or with the command's --force (eager,
     so that it is known here). The command's library checks it against its own inputs and outputs."""
-    from ..atomic import JSON_REPORT, check_output_file, holds_json
+    from ..atomic import JSON_REPORT, check_output_file, file_state, holds_json
+    from .common import JSON_STATE
 
     if value is None or value == Path("-"):
         return value
     can_force = any(p.name == "force" for p in ctx.command.params)
-    return check_output_file(value, option="--json", ours=holds_json, ours_kind=JSON_REPORT,
-                             force=bool(ctx.params.get("force")),
-                             can_force=can_force)
+    checked = check_output_file(value, option="--json", ours=holds_json, ours_kind=JSON_REPORT,
+                                force=bool(ctx.params.get("force")), can_force=can_force)
+    ctx.meta[JSON_STATE] = file_state(checked)  # emit_json refuses the path if the run itself wrote it since
+    return checked
 
 
 # The parameters that name what a command reads (files, folders): --json never overwrites one, or a file in one.
