@@ -830,6 +830,17 @@ def test_a_signal_inside_any_c_callback_is_raised_once_c_returns():
     assert time.monotonic() - started < 4.5  # not the 5 s sleep: raised by the re-check
 
 
+def test_json_replaces_its_own_report_and_an_empty_file(monkeypatch, capsys, tmp_path):
+    """--json FILE's other side: a re-run replaces the report it wrote, and an empty file (mktemp's) is written."""
+    report, empty = tmp_path / "zoo.json", tmp_path / "tmp.XXXX"
+    empty.touch()
+    for target in (report, report, empty):
+        code, _, err = run_cli(monkeypatch, capsys, "models", "--json", str(target))
+        assert code == 0, err
+        assert json.loads(target.read_text(encoding="utf-8"))[0]["name"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp.XXXX", "zoo.json"]
+
+
 def test_pickle_weights_load_with_the_flag(monkeypatch, capsys, request, tmp_path):
     model = _pickled(Env(request, tmp_path, monkeypatch))
     code, out, err = run_cli(monkeypatch, capsys, "gguf", str(model), "-q", "q8_0", "--allow-pickle", "-t", "1",
