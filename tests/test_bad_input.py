@@ -504,14 +504,24 @@ importance.interrupt_pending = pause_once
 '''
 
 
-def _imatrix_in_callback(env: Env) -> list[str]:
+def _in_callback(env: Env, argv: list[str]) -> list[str]:
     hook = env.tmp / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_IN_CALLBACK, encoding="utf-8")
     env.monkeypatch.setenv("PYTHONPATH", str(hook))
     env.monkeypatch.setenv("KOMT_TEST_IN_CALLBACK", str(env.tmp / "in-callback"))
     env.checks.append(lambda: (env.tmp / "in-callback").exists() or pytest.fail("the callback never ran"))
-    return _imatrix_out(env, f"{env.o}/x.imatrix.gguf")
+    return argv
+
+
+def _imatrix_in_callback(env: Env) -> list[str]:
+    return _in_callback(env, _imatrix_out(env, f"{env.o}/x.imatrix.gguf"))
+
+
+def _gguf_korean_in_callback(env: Env) -> list[str]:
+    """The issue's case: `gguf --imatrix korean`, whose float source and Korean imatrix are made in OUT."""
+    return _in_callback(env, ["gguf", str(env.fixture("tiny_mistral")), "-q", "q4_K_M", "--imatrix", "korean",
+                              "-t", "1", "-o", env.o])
 
 
 CASES = [
@@ -585,6 +595,9 @@ CASES = [
     Case("imatrix-sigint-in-callback", "imatrix", "Ctrl-C (SIGINT) inside llama.cpp's eval callback",
          _imatrix_in_callback, ("interrupted (SIGINT)",), code=128 + signal.SIGINT, signal=signal.SIGINT,
          ready="in-callback"),
+    Case("gguf-korean-sigterm-in-callback", "gguf", "SIGTERM inside the eval callback of --imatrix korean",
+         _gguf_korean_in_callback, ("interrupted (SIGTERM)",), code=128 + signal.SIGTERM, signal=signal.SIGTERM,
+         ready="in-callback"),
     Case("gguf-imatrix-as-model", "gguf", "an importance matrix as MODEL",
          lambda e: ["gguf", str(_imatrix_of(e, "tiny_mistral")), "-o", e.o], ("is an importance matrix", "--imatrix")),
     Case("imatrix-nan", "gguf", "an importance matrix holding NaN (named before quantizing)",
@@ -605,6 +618,8 @@ CASES = [
          ("interrupted (SIGTERM)",), code=128 + signal.SIGTERM, signal=signal.SIGTERM),
     Case("sighup", "gguf", "SIGHUP mid-write (the terminal closed)", _slow_conversion,
          ("interrupted (SIGHUP)",), code=128 + signal.SIGHUP, signal=signal.SIGHUP),
+    Case("sigint", "gguf", "Ctrl-C (SIGINT) mid-write", _slow_conversion,
+         ("interrupted (SIGINT)",), code=128 + signal.SIGINT, signal=signal.SIGINT),
     # gptq
     Case("gptq-bits", "gptq", "--bits 3", _gptq("--bits", "3"), ("--bits 3 is not supported", "2, 4, 8")),
     Case("gptq-max-ppl-ratio", "gptq", "--max-ppl-ratio below 1", _gptq("--max-ppl-ratio", "0.5"),
