@@ -4,9 +4,11 @@ How it copes with multi-GB files and flaky networks:
 
 - **Nothing unchanged is sent.** Each local file's sha256 (LFS files) or git blob id (small files) is compared with
   the remote tree (``list_repo_tree``, which reports every LFS file's sha256); only files that differ are uploaded.
-- **Large files stream from disk, one at a time**, through huggingface_hub's ``preupload_lfs_files`` (LFS basic or
-  multipart transfer, or Xet when hf_xet is installed and not disabled); huggingface_hub retries each HTTP request
-  with exponential backoff on 5xx, timeouts and dropped connections.
+- **Large files stream from disk, one at a time**, through huggingface_hub's ``preupload_lfs_files`` over plain Git
+  LFS (basic or multipart transfer); huggingface_hub retries each HTTP request with exponential backoff on 5xx,
+  timeouts and dropped connections. komt-edge turns huggingface_hub's Xet path off for its own uploads (see
+  :func:`lfs_uploads`): LFS is the path whose resume and store-once behaviour is tested, and the Hub accepts it for
+  every repo, Xet-backed ones included.
 - **Resumable.** An LFS object whose upload finished stays in the repo's storage even if the process dies before
   the commit; on a re-run the LFS batch call reports it present and it is not sent again.
 - **One commit** for all changed files: the repo never shows half a release. The calls komt-edge makes itself
@@ -28,6 +30,7 @@ import os
 import re
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -562,7 +565,33 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         raise hub.explain(err, repo_id) from None
 
 
+@contextmanager
+def lfs_uploads() -> Iterator[None]:
+    """huggingface_hub's uploads take plain Git LFS inside this block, whether or not hf_xet is installed.
+
+    huggingface_hub 2.4 uploads through Xet whenever the hf_xet package is importable (it is a dependency of
+    huggingface_hub) unless ``HF_HUB_DISABLE_XET`` is set; it has no per-call switch, but its ``is_xet_available``
+    reads ``constants.HF_HUB_DISABLE_XET`` at each upload, so komt-edge sets that for the duration of its own upload
+    calls and restores it afterwards. Why LFS: komt-edge's resume (an LFS object that finished uploading is reported
+    present by the LFS batch call and not sent again) and store-once behaviour are tested end to end against a local
+    Hub, and no local server speaks Xet; the Hub takes LFS uploads into Xet-backed repos too and migrates them in
+    the background (https://huggingface.co/docs/hub/xet/legacy-git-lfs)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_DISABLE_XET
+    constants.HF_HUB_DISABLE_XET = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DISABLE_XET = saved
+
+
 def _upload(hub: Hub, plan: PushPlan, message: str, log: Callable[[str], None]) -> PushResult:
+    with lfs_uploads():
+        return _upload_lfs(hub, plan, message, log)
+
+
+def _upload_lfs(hub: Hub, plan: PushPlan, message: str, log: Callable[[str], None]) -> PushResult:
     from huggingface_hub import CommitOperationAdd
 
     api, repo_id, revision = hub.api, plan.repo_id, plan.revision

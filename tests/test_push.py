@@ -184,3 +184,35 @@ def test_invalid_card_metadata_is_rejected_by_the_hub(hub, tmp_path):
         push(folder, f"{ORG}/badcard-GGUF", **FAST)
     assert f"{ORG}/badcard-GGUF" not in hub.repos  # checked before anything was created or uploaded
     assert not [r for r in hub.log if r[2] in ("create_repo", "lfs_put", "commit")]
+
+
+def test_push_takes_the_lfs_path_where_huggingface_hub_would_take_xet(hub, tmp_path, monkeypatch):
+    """huggingface_hub 2.4 uploads through Xet whenever hf_xet is importable (it is: a dependency of
+    huggingface_hub); komt-edge chooses plain LFS for its own uploads (README: "Which upload path a push takes").
+    Here the fixture's HF_HUB_DISABLE_XET is undone, so the client is configured as a user's is."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    assert is_xet_available()  # left to itself, huggingface_hub would take the Xet path
+    folder = _folder(tmp_path / "release")
+    repo = f"{ORG}/lfs-GGUF"
+
+    # The control: huggingface_hub's own upload asks this server for a Xet write token, which it cannot give.
+    control_repo = f"{ORG}/control-GGUF"
+    HfApi(endpoint=hub.url).create_repo(control_repo)
+    with pytest.raises(Exception) as control:
+        HfApi(endpoint=hub.url).upload_file(path_or_fileobj=str(folder / "model-Q4_0.gguf"),
+                                            path_in_repo="model-Q4_0.gguf", repo_id=control_repo)
+    assert "xet-write-token" in str(control.value), f"huggingface_hub did not try Xet: {control.value!r}"
+    assert not hub.requests("lfs_put")
+
+    before = len(hub.log)
+    result = push(folder, repo, **FAST)
+    assert sorted(result.uploaded) == ["README.md", "model-Q4_0.gguf", "notes.txt"]
+    new = [r for r in hub.log[before:] if repo in r[1]]  # the control's late log lines name its own repo
+    assert not [r for r in new if "xet" in r[1]]
+    assert [r for r in new if r[2] == "lfs_batch"] and [r for r in new if r[2] == "lfs_put" and r[3] == 200]
+    assert {k: v for k, v in hub.files(repo).items() if k != ".gitattributes"} == _local(folder)
+    assert constants.HF_HUB_DISABLE_XET is False and is_xet_available()  # the process's own setting is back
