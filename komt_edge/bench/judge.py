@@ -29,8 +29,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Sequence
 
-from ..converters.gguf_file import GgufHeader, check_gguf_file
+from ..converters.gguf_file import GgufHeader, check_model_gguf
 from ..errors import KomtError
+from ..llama_log import route_llama_log
 from ..templates import PromptTemplate, family_from_chat_template, template_for
 from .runner import environment
 
@@ -233,7 +234,7 @@ def judge(model: str | Path | None, *, judge_url: str | None = None, judge_model
     if model is None:
         raise KomtError("pass the GGUF file to evaluate: komt-edge bench judge MODEL.gguf --judge-url ...")
     path = Path(model)
-    check_gguf_file(path)
+    check_model_gguf(path)
     questions = list(questions or KOREAN_QUESTIONS)
     if n_questions:
         questions = questions[:n_questions]
@@ -244,7 +245,7 @@ def judge(model: str | Path | None, *, judge_url: str | None = None, judge_model
     if judge_url or os.environ.get("KOMT_JUDGE_URL"):
         raise KomtError("both a judge endpoint and --judge-gguf were given: pass one (unset KOMT_JUDGE_URL to "
                         "use --judge-gguf)")
-    check_gguf_file(Path(judge_gguf))
+    check_model_gguf(Path(judge_gguf), "--judge-gguf")
     with LocalServer(judge_gguf, n_threads=n_threads) as url:
         return _judge(path, url, Path(judge_gguf).name, None, **opts)
 
@@ -258,6 +259,7 @@ def _judge(path: Path, url: str, jmodel: str, key: str | None, *, template: str 
     # Fail before spending minutes on answers: the endpoint must answer a tiny request.
     chat(url, jmodel, [{"role": "user", "content": "점수: 5 라고만 답하세요."}], key=key, timeout=timeout,
          max_tokens=8)
+    route_llama_log()  # llama.cpp's log through komt-edge's callback: behind -v, and signals inside it not lost
     llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
                 seed=0)
     try:
@@ -300,6 +302,7 @@ class LocalServer:
                  n_threads: int | None = None, chat_format: str | None = None):
         from llama_cpp import Llama
 
+        route_llama_log()
         self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                          verbose=False, seed=0, chat_format=chat_format)
         self.name = Path(gguf).name
