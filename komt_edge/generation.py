@@ -139,6 +139,15 @@ def logit_bias_processor(bias: dict[int, float]):
     return process
 
 
+def end_of_generation_ids(llm) -> list[int]:
+    """The token ids that end a generation on ``llm`` (EOS, end-of-turn tokens...): what a benchmark suppresses
+    with ``logit_bias`` to get replies of an exact length."""
+    from llama_cpp import llama_model_get_vocab, llama_vocab_is_eog
+
+    vocab = llama_model_get_vocab(llm.model)
+    return [i for i in range(llm.n_vocab()) if llama_vocab_is_eog(vocab, i)]
+
+
 def generate(llm, prompt: list[int], *, stop: list[str] | tuple = (), max_tokens: int | None = None,
              seed: int | None = None, logit_bias: dict[int, float] | None = None, stop_token_ids: list[int] | tuple = (),
              cancelled: Callable[[], bool] = lambda: False, **sampling) -> Generation:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from .card import STOP_STRINGS
-from .converters.gguf_file import GgufHeader, is_gguf
+from .converters.gguf_file import GgufHeader, is_gguf, not_a_model
 from .errors import KomtError
 from .generation import CHAT_DEFAULTS, COMPLETION_DEFAULTS, Generation, generate
 from .llama_log import load_errors, reason
@@ -250,10 +250,10 @@ class LoadedModel:
 def check_lora(lora: str | Path | None, base: Path) -> Path | None:
     """The LoRA adapter GGUF ``--lora`` names, refused before llama.cpp loads it unless it fits ``base`` (llama.cpp
     would crash on an adapter made for another base)."""
-    from .converters.lora_to_gguf import check_lora_fits
-
     if lora is None:
         return None
+    from .converters.lora_to_gguf import check_lora_fits
+
     path = Path(lora).expanduser()
     if not path.exists():
         raise KomtError(f"--lora {lora} does not exist: give the LoRA adapter GGUF (`komt-edge gguf-lora` makes one)")
@@ -294,13 +294,10 @@ def load(path: str | Path, *, template: str | None = None, n_ctx: int | None = N
 
     path = Path(path)
     with GgufHeader(path) as h:
-        kind, stored = h.string("general.type"), h.string("tokenizer.chat_template")
+        stored = h.string("tokenizer.chat_template")
         trained = h.u32(f"{h.string('general.architecture')}.context_length")
-    if kind == "adapter":
-        raise KomtError(f"{path} is a LoRA adapter: give the model it applies to as MODEL and this file as --lora")
-    if kind == "imatrix":
-        raise KomtError(f"{path} is an importance matrix, not a model: give a model GGUF (the matrix is used by "
-                        "`komt-edge gguf --imatrix`)")
+    if (message := not_a_model(path)) is not None:  # an importance matrix or a LoRA adapter
+        raise KomtError(message)
     if template:
         chat_template, family = template_for(template).chat_template, template
     elif stored:
