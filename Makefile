@@ -46,6 +46,8 @@ help:
 	@echo "  make korean-corpus               unpack Debian's Korean LibreOffice help (--source libreoffice)"
 	@echo "  make english-corpus              unpack the same help in English (libreoffice-en, for comparison)"
 	@echo "  make clean                       remove OUT/ and pytest's cache"
+	@echo "  make gpu-check                   every CUDA path once, report in benchmarks/results/gpu-check.json"
+	@echo "  make gpu-wheels                  (with PyPI) the wheels gpu-check installs on a GPU machine without network"
 
 install: $(VENV)/.installed
 
@@ -243,3 +245,32 @@ $(LO_HELP_EN)/usr/share/doc/libreoffice-help-en-us/copyright:
 # komt-edge bench vs llama-bench / llama-perplexity on Gemma 3 270M (README, "Benchmarks"); ~80 min on 2 cores (speed: 7 rounds per file and thread count).
 bench-agreement: install llama-tools korean-corpus
 	$(PY) -m komt_edge.benchmarks.llama_cpp_agreement $(BENCH_ARGS)
+
+# --- GPU check (make gpu-check) ------------------------------------------------------------------------------
+# Every CUDA path of komt-edge once, as library calls on a ~160M random Mistral built on the spot: QLoRA steps with
+# a 4-bit and an 8-bit base, GPTQ on CUDA with its check, the GPTQ checkpoint loaded and generating in transformers,
+# and `bench speed`'s CUDA rows (transformers fp16/bf16/GPTQ; llama.cpp with all layers on the GPU, from a
+# llama-cpp-python compiled for CUDA beside the other paths). One JSON report, GPU_REPORT; one line per step.
+# Without a CUDA GPU it says so in one line and exits 2, installing and writing nothing (benchmarks/gpu_check.py).
+# The lent GPU machines have no network: `make gpu-wheels` (here, with PyPI; ~1 min, ~19 MiB) puts what their image
+# lacks into GPU_BUNDLE. Carry that folder and run `make gpu-check` there; with the device tool:
+#   run(command="make gpu-check; cp benchmarks/results/gpu-check.json $OUT/", carry=[".cache/gpu-bundle"], timeout_s=560)
+# Expected time on one H100 (not yet measured): ~1 min of installs (pip from the bundle, pypcre compiled), then the
+# paths within GPU_CHECK_SECONDS, all under the hard limit GPU_CHECK_TIMEOUT (7 min 50 s); a path past its own budget
+# is stopped and reported, and the report is rewritten after every path.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_BUNDLE ?= .cache/gpu-bundle
+GPU_SITE ?= .cache/gpu-site
+GPU_REPORT ?= benchmarks/results/gpu-check.json
+GPU_CHECK_SECONDS ?= 390
+GPU_CHECK_TIMEOUT ?= 470
+GPU_PYVER ?= 3.12
+
+.PHONY: gpu-check gpu-wheels
+
+gpu-check:
+	@timeout -k 20 $(GPU_CHECK_TIMEOUT) $(GPU_PYTHON) benchmarks/gpu_check.py --bundle $(GPU_BUNDLE) \
+		--site $(GPU_SITE) -o $(GPU_REPORT) --seconds $(GPU_CHECK_SECONDS)
+
+gpu-wheels: install
+	$(PY) benchmarks/gpu_check.py --make-bundle $(GPU_BUNDLE) --llama-sdist $(SDIST) --python-version $(GPU_PYVER)
