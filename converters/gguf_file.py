@@ -312,3 +312,109 @@ def split_gguf(path: Path, max_size: int) -> list[Path]:
 def split_leftovers(folder: Path) -> Iterator[Path]:
     """Working folders of splits that were interrupted (``.NAME.split-PID``)."""
     return folder.glob(".*.split-*")
+
+
+# Provenance keys: what each tool says about itself and the model's name. Everything else in two files made from
+# the same checkpoint by komt-edge and by llama.cpp must be identical.
+PROVENANCE_KEYS = ("GGUF.", "general.name", "general.basename", "general.size_label", "general.quantized_by",
+                   "general.finetune", "general.license", "general.source.", "general.base_model.", "komt_edge.")
+
+
+class RawGguf:
+    """A GGUF file's key/value pairs as (value type, raw value bytes) and its tensors as (type name, shape, raw
+    bytes), from one walk of the layout over a memory map: for comparing two files bit for bit. (gguf-py's
+    GGUFReader makes an array object per vocabulary entry and merge — minutes for Llama 3's 280,000 merges on a
+    busy machine; ggml's reader has no raw value access.)"""
+
+    _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type → size
+    _STRING, _ARRAY = 8, 9
+
+    def __init__(self, path: str | Path):
+        import mmap
+        import struct
+
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self.path = Path(path)
+        check_gguf_file(self.path)
+        with open(self.path, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        _, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+        pos = 24
+
+        def string(at: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from("<Q", data, at)
+            return data[at + 8:at + 8 + n].decode("utf-8"), at + 8 + n
+
+        def past(kind: int, at: int) -> int:
+            if kind == self._STRING:
+                return at + 8 + struct.unpack_from("<Q", data, at)[0]
+            if kind == self._ARRAY:
+                inner, count = struct.unpack_from("<IQ", data, at)
+                at += 12
+                if inner in self._SCALAR_BYTES:
+                    return at + count * self._SCALAR_BYTES[inner]
+                for _ in range(count):
+                    at = past(inner, at)
+                return at
+            return at + self._SCALAR_BYTES[kind]
+
+        self.kv: dict[str, tuple[int, bytes]] = {}
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (kind,) = struct.unpack_from("<I", data, pos)
+            end = past(kind, pos + 4)
+            self.kv[key] = (kind, data[pos + 4:end])
+            pos = end
+        infos = []
+        for _ in range(n_tensors):
+            name, pos = string(pos)
+            (n_dims,) = struct.unpack_from("<I", data, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", data, pos + 4)
+            ggml_type, offset = struct.unpack_from("<IQ", data, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            infos.append((name, GGMLQuantizationType(ggml_type), tuple(reversed(dims)), offset))
+        align = self.value("general.alignment") if "general.alignment" in self.kv else 32
+        start = -(-pos // align) * align
+        self._data = data
+        self.tensors: dict[str, tuple[str, tuple[int, ...], memoryview]] = {}
+        for name, ggml_type, shape, offset in infos:
+            block, size = GGML_QUANT_SIZES[ggml_type]
+            count = 1
+            for d in shape:
+                count *= d
+            view = memoryview(data)[start + offset:start + offset + count // block * size]
+            self.tensors[name] = (ggml_type.name, shape, view)
+
+    def metadata(self, ignore: Sequence[str] = PROVENANCE_KEYS) -> dict[str, tuple[int, bytes]]:
+        return {k: v for k, v in self.kv.items() if not k.startswith(tuple(ignore))}
+
+    def value(self, key: str):
+        """A string or scalar value (arrays: see ``kv``)."""
+        import struct
+
+        kind, raw = self.kv[key]
+        if kind == self._STRING:
+            return raw[8:].decode("utf-8")
+        return struct.unpack({0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+                              11: "<q", 12: "<d"}[kind], raw)[0]
+
+
+def gguf_differences(ours: str | Path, theirs: str | Path, ignore: Sequence[str] = PROVENANCE_KEYS) -> list[str]:
+    """How two GGUF files differ, tensor by tensor (name, type, shape, bytes) and key by key (value type and bytes),
+    keys starting with ``ignore`` aside; empty when they are identical."""
+    a, b = RawGguf(ours), RawGguf(theirs)
+    found = [f"tensor {n} only in {p.name}" for n, p in ((n, a.path) for n in a.tensors.keys() - b.tensors.keys())]
+    found += [f"tensor {n} only in {p.name}" for n, p in ((n, b.path) for n in b.tensors.keys() - a.tensors.keys())]
+    for name in sorted(a.tensors.keys() & b.tensors.keys()):
+        (ka, sa, da), (kb, sb, db) = a.tensors[name], b.tensors[name]
+        if (ka, sa) != (kb, sb):
+            found.append(f"tensor {name}: {ka} {sa} vs {kb} {sb}")
+        elif da != db:
+            found.append(f"tensor {name}: {ka} data differs")
+    ma, mb = a.metadata(ignore), b.metadata(ignore)
+    found += [f"key {k} only in {a.path.name}" for k in sorted(ma.keys() - mb.keys())]
+    found += [f"key {k} only in {b.path.name}" for k in sorted(mb.keys() - ma.keys())]
+    found += [f"key {k}: {ma[k][1][:80]!r} vs {mb[k][1][:80]!r}" for k in sorted(ma.keys() & mb.keys())
+              if ma[k] != mb[k]]
+    return found

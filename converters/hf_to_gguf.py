@@ -3,7 +3,10 @@
 Layout and conventions are llama.cpp's (learned from convert_hf_to_gguf.py and llama-quantize, not copied):
 
 - tensor names come from gguf-py's name map for the architecture;
-- ``q_proj``/``k_proj`` rows are permuted into llama.cpp's rotary layout (pairs → halves per head);
+- llama (Llama 2/3, Mistral): ``q_proj``/``k_proj`` rows (and their biases) are permuted into llama.cpp's rotary
+  layout (pairs → halves per head); Llama 3.1's rope scaling (``rope_type: llama3``) becomes the per-frequency
+  factors tensor ``rope_freqs.weight``, which llama.cpp computes at conversion rather than at run time;
+- Qwen2/2.5 (``qwen2``): NeoX rotary, so no permutation; the q/k/v biases are written as F32 tensors;
 - Gemma 3 (``gemma3``): no permutation (NeoX rotary), every RMSNorm weight stored as ``1 + w`` (Gemma's norms
   multiply by ``1 + w``; llama.cpp's by ``w``), the tied embedding cut to the tokenizer's vocabulary, both rope
   bases (global and sliding-window layers) and the sliding window written, and the local/global layer pattern
@@ -47,6 +50,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
     "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,  # llama.cpp runs Mistral 7B as llama (no sliding window key)
     "Gemma3ForCausalLM": gguf.MODEL_ARCH.GEMMA3,
+    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
 }
 
 # HF tensors that carry no weights llama.cpp needs.
@@ -74,6 +78,7 @@ class _Planned:
     hf_name: str
     shape: tuple[int, ...]
     permute_heads: int | None  # number of heads to permute rows for (q/k projections), else None
+    generated: np.ndarray | None = None  # a tensor computed from config.json (rope_freqs.weight), not read
 
 
 @dataclass
@@ -91,6 +96,7 @@ class Hparams:
     rope_scaling: dict | None
     vocab_size: int
     tie_embeddings: bool
+    head_dim_in_config: bool = True  # llama.cpp writes key/value_length only when config.json gives head_dim
     # gemma3 only
     rope_theta_swa: float | None = None
     sliding_window: int | None = None
@@ -104,6 +110,37 @@ class Hparams:
     @property
     def is_gemma3(self) -> bool:
         return self.gguf_arch == gguf.MODEL_ARCH.GEMMA3
+
+    @property
+    def is_llama(self) -> bool:
+        return self.gguf_arch == gguf.MODEL_ARCH.LLAMA
+
+    @property
+    def rope_type(self) -> str | None:
+        scaling = self.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type"))
+        return kind.lower() if isinstance(kind, str) else None
+
+    def rope_factors(self) -> np.ndarray | None:
+        """Llama 3.1's rope scaling as llama.cpp stores it: one factor per rotary frequency (``rope_freqs.weight``),
+        float32 arithmetic as in the converter: 1 for high frequencies, ``factor`` for low ones, a smooth blend
+        between the two wavelengths set by ``low_freq_factor`` and ``high_freq_factor``."""
+        if self.rope_type != "llama3":
+            return None
+        import math
+
+        sc = self.rope_scaling
+        base = float(sc.get("rope_theta", self.rope_theta or 10000.0))
+        factor, low, high = (float(sc.get(k, d)) for k, d in (("factor", 8.0), ("low_freq_factor", 1.0),
+                                                                ("high_freq_factor", 4.0)))
+        old_ctx = sc.get("original_max_position_embeddings", 8192)
+        freqs = 1.0 / (base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        wavelen = 2 * math.pi / freqs
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = 1 / ((1 - smooth) / factor + smooth)
+        out = torch.where(wavelen < old_ctx / high, torch.ones_like(freqs),
+                          torch.where(wavelen > old_ctx / low, torch.full_like(freqs, factor), blended))
+        return out.numpy()
 
     def expected_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """The shape config.json implies for each kind of tensor (``attn_q.weight``, ``ffn_down.weight``, ...),
@@ -122,6 +159,9 @@ class Hparams:
             "ffn_norm.weight": ((hp.n_embd,), "hidden_size"),
             "post_attention_norm.weight": ((hp.n_embd,), "hidden_size"),
             "post_ffw_norm.weight": ((hp.n_embd,), "hidden_size"),
+            "attn_q.bias": ((q_rows,), "num_attention_heads × head_dim"),
+            "attn_k.bias": ((kv_rows,), "num_key_value_heads × head_dim"),
+            "attn_v.bias": ((kv_rows,), "num_key_value_heads × head_dim"),
             "attn_q_norm.weight": ((hp.head_dim,), "head_dim"),
             "attn_k_norm.weight": ((hp.head_dim,), "head_dim"),
             "output_norm.weight": ((hp.n_embd,), "hidden_size"),
@@ -140,6 +180,7 @@ class Hparams:
         try:
             n_head = int(cfg["num_attention_heads"])
             n_embd = int(cfg["hidden_size"])
+            scaling = cfg.get("rope_parameters", cfg.get("rope_scaling")) or None
             return cls(
                 architecture=arch,
                 n_layer=int(cfg["num_hidden_layers"]),
@@ -151,9 +192,10 @@ class Hparams:
                 n_ctx=int(cfg.get("max_position_embeddings") or 4096),
                 rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=_rope_theta(cfg),
-                rope_scaling=cfg.get("rope_scaling"),
+                rope_scaling=scaling,
                 vocab_size=int(cfg["vocab_size"]),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                head_dim_in_config=cfg.get("head_dim") is not None,
             )
         except KeyError as err:
             raise KomtError(f"{folder}/config.json lacks {err.args[0]!r}: it is not a complete "
@@ -226,7 +268,7 @@ class Converter:
         if self.adapter:
             check_compatible(self.ckpt, self.adapter, self.folder)
         self.hp = Hparams.from_config(self.ckpt.config, self.folder)
-        self.vocab: Vocab = load_vocab(self.folder, self.hp.vocab_size)
+        self.vocab: Vocab = load_vocab(self.folder, self.hp.vocab_size, space_prefix_flag=self.hp.is_llama)
         self.tensors = self._plan_tensors()
         self._types: dict[str, list[QT]] = {}
 
@@ -254,12 +296,16 @@ class Converter:
             if hp.is_gemma3:
                 if gname == "token_embd.weight" and shape[0] > len(self.vocab.tokens):
                     shape = (len(self.vocab.tokens), *shape[1:])  # rows past the tokenizer's vocabulary dropped
-            elif hf_name.endswith("q_proj.weight"):
+            elif hp.is_llama and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                 heads = hp.n_head
-            elif hf_name.endswith("k_proj.weight"):
+            elif hp.is_llama and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                 heads = hp.n_head_kv
             planned.append(_Planned(gname, hf_name, shape, heads))
             self._check_shape(gname, hf_name, shape)
+        factors = hp.rope_factors()
+        if factors is not None:
+            name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+            planned.append(_Planned(name, "", factors.shape, None, generated=factors))
         names = {p.gguf_name for p in planned}
         if "token_embd.weight" not in names:
             raise KomtError(f"{self.folder} has no token embedding (model.embed_tokens.weight): incomplete checkpoint")
@@ -287,7 +333,7 @@ class Converter:
                             "re-download the model")
 
     def _source_type(self, p: _Planned) -> QT:
-        if len(p.shape) <= 1 or p.gguf_name.endswith("_norm.weight"):
+        if len(p.shape) <= 1 or p.gguf_name.endswith("_norm.weight") or p.generated is not None:
             return QT.F32
         return {torch.float16: QT.F16, torch.bfloat16: QT.BF16}.get(self.ckpt.info(p.hf_name).dtype, QT.F32)
 
@@ -361,6 +407,7 @@ class Converter:
         w.add_layer_norm_rms_eps(hp.rms_eps)
         if hp.rope_theta is not None:
             w.add_rope_freq_base(hp.rope_theta)
+        self._write_rope_scaling(w)
         if hp.is_gemma3:
             if hp.rope_theta_swa is not None:
                 w.add_rope_freq_base_swa(hp.rope_theta_swa)
@@ -373,18 +420,15 @@ class Converter:
                     w.add_sliding_window_pattern(hp.swa_layers)
             if hp.final_logit_softcapping:
                 w.add_final_logit_softcapping(float(hp.final_logit_softcapping))
-        else:
+        elif hp.is_llama:
             w.add_rope_dimension_count(hp.head_dim)
-        w.add_key_length(hp.head_dim)
-        w.add_value_length(hp.head_dim)
-        scaling = hp.rope_scaling or {}
-        if scaling.get("rope_type", scaling.get("type")) == "linear" and "factor" in scaling:
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(scaling["factor"]))
-        w.add_vocab_size(len(self.vocab.tokens))
+        if hp.head_dim_in_config or hp.is_gemma3:
+            w.add_key_length(hp.head_dim)
+            w.add_value_length(hp.head_dim)
+        if not hp.gguf_arch == gguf.MODEL_ARCH.QWEN2:  # llama.cpp's qwen2 converter writes no vocab_size
+            w.add_vocab_size(len(self.vocab.tokens))
         w.add_file_type(int(q.ftype_of(qtype)))
-        if qtype not in q.FLOAT_FTYPES:
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # float files too, as llama.cpp's converter writes it
 
         self.vocab.write(w)
         if meta.chat_template:
@@ -395,10 +439,34 @@ class Converter:
             w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=t)
         return w
 
+    def _write_rope_scaling(self, w: gguf.GGUFWriter) -> None:
+        """Rope scaling keys, for the kinds llama.cpp's converter writes as keys: linear and YaRN (Qwen2.5's long
+        context), the type alone for LongRoPE. Llama 3's kind is the rope_freqs.weight tensor instead."""
+        sc, kind = self.hp.rope_scaling or {}, self.hp.rope_type
+        factor = sc.get("factor")
+        if kind == "linear" and factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(factor)
+        elif kind == "yarn" and factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(factor)
+            w.add_rope_scaling_orig_ctx_len(sc["original_max_position_embeddings"])
+            for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                             ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                             ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                             ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+                value = sc.get(key, sc.get("attn_factor") if key == "attention_factor" else None)
+                if value is not None:
+                    add(value)
+        elif kind in ("su", "longrope"):
+            w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+
     def read_source(self, p: _Planned, buffers: BufferPool | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Tensor ``p`` as written, before widening: merged with the adapter, in the checkpoint's dtype, permuted as
         a strided view (``_permuted_view``, no copy); and the tensors behind it that came from ``buffers``, to give
         back once it is quantized. ``quantize.quantize_all`` widens it to float32 a cache-sized block at a time."""
+        if p.generated is not None:
+            return torch.from_numpy(p.generated), []
         # With buffers, the bytes are read (pread, into a recycled buffer) rather than memory-mapped: no page
         # fault per 4 KiB of the checkpoint.
         t = raw = self.ckpt.read(p.hf_name, buffers) if buffers is not None else self.ckpt.get(p.hf_name)

@@ -1,5 +1,9 @@
 """Tokenizer → GGUF vocabulary: SentencePiece ``tokenizer.model`` (komt, Llama-2, Mistral) and byte-level BPE
-``tokenizer.json`` (SmolLM2 and other GPT-2 style vocabularies).
+``tokenizer.json`` (Llama 3, Qwen2/2.5, SmolLM2 and other GPT-2 style vocabularies).
+
+Byte-level BPE is read as llama.cpp's converter reads it: through the model's own Hugging Face tokenizer (the
+vocabulary padded to config.json's vocab_size, added tokens as control or user-defined tokens), the pre-tokenizer
+named by the fingerprint of its output (converters.bpe_pre), and merges and special tokens from gguf-py.
 
 komt quirks handled here:
 - the ``[PAD]`` token komt adds at id 32000 (added_tokens.json / tokenizer.json) becomes the padding token;
@@ -10,6 +14,7 @@ komt quirks handled here:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +39,10 @@ class Vocab:
     add_eos: bool = False
     add_space_prefix: bool | None = None
     warnings: list[str] = field(default_factory=list)
+    # byte-level BPE: the special-token ids and add_*_token flags by role (bos, eos, pad, sep, ...), written as
+    # they are instead of the fields above, only the roles the tokenizer defines
+    role_ids: dict[str, int] | None = None
+    role_adds: dict[str, bool] | None = None
 
     def write(self, w: GGUFWriter) -> None:
         w.add_tokenizer_model(self.model)
@@ -45,12 +54,18 @@ class Vocab:
         w.add_token_types(self.types)
         if self.merges:
             w.add_token_merges(self.merges)
-        for setter, value in ((w.add_bos_token_id, self.bos_id), (w.add_eos_token_id, self.eos_id),
-                              (w.add_unk_token_id, self.unk_id), (w.add_pad_token_id, self.pad_id)):
-            if value is not None:
-                setter(value)
-        w.add_add_bos_token(self.add_bos)
-        w.add_add_eos_token(self.add_eos)
+        if self.role_ids is not None:
+            for role, tid in self.role_ids.items():
+                getattr(w, f"add_{role}_token_id")(tid)
+            for role, flag in (self.role_adds or {}).items():
+                getattr(w, f"add_add_{role}_token")(flag)
+        else:
+            for setter, value in ((w.add_bos_token_id, self.bos_id), (w.add_eos_token_id, self.eos_id),
+                                  (w.add_unk_token_id, self.unk_id), (w.add_pad_token_id, self.pad_id)):
+                if value is not None:
+                    setter(value)
+            w.add_add_bos_token(self.add_bos)
+            w.add_add_eos_token(self.add_eos)
         if self.add_space_prefix is not None:
             w.add_add_space_prefix(self.add_space_prefix)
 
@@ -82,16 +97,22 @@ def _added_tokens(folder: Path) -> dict[int, tuple[str, bool]]:
     return added
 
 
-def load_vocab(folder: Path, vocab_size: int) -> Vocab:
+def load_vocab(folder: Path, vocab_size: int, *, space_prefix_flag: bool = True) -> Vocab:
+    """The vocabulary of the tokenizer in ``folder``, padded to ``vocab_size``. ``space_prefix_flag``: whether a
+    byte-level BPE tokenizer_config's add_prefix_space is written (llama.cpp writes it for the llama architecture
+    only)."""
     folder = Path(folder)
     if (folder / "tokenizer.model").is_file():
         vocab = _sentencepiece_vocab(folder, vocab_size)
+        _apply_config_flags(folder, vocab)
     elif (folder / "tokenizer.json").is_file():
         vocab = _bpe_vocab(folder, vocab_size)
+        prefix = _read_json(folder / "tokenizer_config.json").get("add_prefix_space")
+        if space_prefix_flag and prefix is not None:
+            vocab.add_space_prefix = bool(prefix)
     else:
         raise KomtError(f"no tokenizer in {folder}: expected tokenizer.model (SentencePiece) or tokenizer.json; "
                         "copy the tokenizer files of the base model into the folder")
-    _apply_config_flags(folder, vocab)
     return vocab
 
 
@@ -186,53 +207,117 @@ def _check_special_map(folder: Path, vocab: Vocab) -> None:
         vocab.pad_id = vocab.tokens.index(pad)
 
 
-# Byte-level BPE pre-tokenizers llama.cpp knows, recognised by the shape of tokenizer.json's pre_tokenizer.
-def _bpe_pre(pre_tokenizer: dict | None) -> str:
-    if not pre_tokenizer:
-        return "default"
-    kinds = [p.get("type") for p in pre_tokenizer.get("pretokenizers", [pre_tokenizer])]
-    digits = [p for p in pre_tokenizer.get("pretokenizers", []) if p.get("type") == "Digits"]
-    if kinds == ["Digits", "ByteLevel"] and digits and digits[0].get("individual_digits"):
-        return "smollm"
-    if kinds == ["ByteLevel"] and pre_tokenizer.get("use_regex", True):
-        return "gpt-2"
-    return "default"
+# Added tokens that llama.cpp treats as control tokens although the tokenizer does not mark them special.
+def _looks_special(token: str) -> bool:
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))  # fullwidth bars (DeepSeek)
+            or (token.startswith("<unused") and token.endswith(">")))
 
 
 def _bpe_vocab(folder: Path, vocab_size: int) -> Vocab:
+    from gguf import SpecialVocab
+
+    from .bpe_pre import recognise
+
     tj = _read_json(folder / "tokenizer.json")
     model = tj.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise KomtError(f"{folder}/tokenizer.json is a {model.get('type', 'unknown')} tokenizer"
                         f"{' with byte fallback' if model.get('byte_fallback') else ''}: without tokenizer.model "
                         "only byte-level BPE is supported; add the SentencePiece tokenizer.model")
-    by_id = {int(i): t for t, i in model["vocab"].items()}
-    added = _added_tokens(folder)
-    for idx, (content, _special) in added.items():
-        by_id[idx] = content
-    n = max(by_id) + 1
+    tokenizer = _hf_tokenizer(folder)
+    by_token = tokenizer.get_vocab()
+    n = max(by_token.values()) + 1
+    if n > vocab_size:
+        raise KomtError(f"the tokenizer in {folder} has {n} tokens but config.json says vocab_size={vocab_size}: "
+                        "the tokenizer does not belong to this model")
+    pre = recognise(tokenizer, folder)
+    by_id = {i: t for t, i in by_token.items()}
+    added, decoder = tokenizer.get_added_vocab(), tokenizer.added_tokens_decoder
     tokens, types = [], []
-    for i in range(n):
-        if i not in by_id:
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
             tokens.append(f"[PAD{i}]")
             types.append(TokenType.UNUSED)
-        elif i in added:
-            tokens.append(by_id[i])
-            types.append(TokenType.CONTROL if added[i][1] else TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    cfg = {**_read_json(folder / "tokenizer_config.json"), **_read_json(folder / "special_tokens_map.json")}
-
-    def tid(role: str) -> int | None:
-        content = _token_content(cfg.get(f"{role}_token"))
-        return tokens.index(content) if content in tokens else None
-
-    vocab = Vocab("gpt2", tokens, types, merges=merges, pre=_bpe_pre(tj.get("pre_tokenizer")),
-                  bos_id=tid("bos"), eos_id=tid("eos"), unk_id=tid("unk"), pad_id=tid("pad"), add_bos=False)
-    if vocab.pre == "default":
-        vocab.warnings.append("unrecognised byte-level BPE pre-tokenizer; using llama.cpp's default: "
-                              "run `komt-edge verify` to check tokenizer parity")
-    _pad_to(vocab, vocab_size, folder)
+            continue
+        kind = TokenType.NORMAL
+        if token in added:
+            # llama.cpp matches added tokens in the text before any normalisation: store them as the tokenizer
+            # would see them after it (an encode/decode round trip)
+            if not decoder[i].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            if decoder[i].special or _looks_special(token):
+                kind = TokenType.CONTROL
+            else:
+                kind = TokenType.USER_DEFINED
+                token = token.replace("\u2581", " ")  # SentencePiece's space mark, in user-defined tokens
+        tokens.append(token)
+        types.append(kind)
+    gguf_log = logging.getLogger("gguf")
+    level = gguf_log.level
+    gguf_log.setLevel(logging.ERROR)  # its notes on unusual post-processor templates are for llama.cpp's developers
+    try:
+        special = SpecialVocab(folder, load_merges=True)
+    finally:
+        gguf_log.setLevel(level)
+    vocab = Vocab("gpt2", tokens, types, merges=special.merges, pre=pre, role_ids=dict(special.special_token_ids),
+                  role_adds=_add_flags(special, tj, _read_json(folder / "tokenizer_config.json")))
+    ids = vocab.role_ids
+    vocab.bos_id, vocab.eos_id, vocab.unk_id, vocab.pad_id = (ids.get(r) for r in ("bos", "eos", "unk", "pad"))
     return vocab
+
+
+def _hf_tokenizer(folder: Path):
+    """The model's Hugging Face tokenizer: what llama.cpp's converter reads a byte-level BPE vocabulary through."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its advice about clean_up_tokenization_spaces is not ours to give
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # tokenizers and transformers raise many kinds; the message is what helps
+        raise KomtError(f"transformers cannot load the tokenizer in {folder} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}): fix or re-download its tokenizer files") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _add_flags(special, tj: dict, config: dict) -> dict[str, bool]:
+    """The add_*_token flags the pinned llama.cpp writes. gguf-py 0.19.0 (komt-edge's) and the pinned llama.cpp's
+    own gguf-py read the post-processor of tokenizer.json alike, except that the latter (1) lets its choice stand
+    where tokenizer_config's add_*_token disagrees, and (2) reads a ByteLevel post-processor as adding neither BOS
+    nor EOS unless a template adds them (Llama 3's and Qwen2.5's tokenizers: add_eos_token is written, false)."""
+    flags = dict(special.add_special_token)
+    post = tj.get("post_processor") or {}
+    processors = post.get("processors", [post]) if post else []
+
+    def content(role: str) -> str | None:
+        return _token_content(config.get(f"{role}_token"))
+
+    decided: dict[str, bool] = {}  # what the post-processor says, where it says something
+    for proc in processors:
+        kind = proc.get("type")
+        if kind == "RobertaProcessing":
+            decided.update(bos=True, eos=True, sep=True)
+        elif kind == "TemplateProcessing":
+            single = proc.get("single", [])
+            if len(single) > 1:
+                first = single[0].get("SpecialToken", {}).get("id")
+                last = single[-1].get("SpecialToken", {}).get("id")
+                if first:  # the leading token is taken as BOS (or CLS) when the config names no other
+                    bos, cls = content("bos") or content("cls"), content("cls")
+                    decided["bos"] = not config or not bos or not cls or first in (bos, cls)
+                if last:  # the trailing token becomes EOS (the config's EOS, if another, becomes EOT)
+                    decided["eos"] = True
+    byte_level = any(proc.get("type") == "ByteLevel" for proc in processors)
+    for role in ("bos", "eos"):
+        if role in decided:
+            flags[role] = decided[role]
+        elif byte_level:
+            flags[role] = False
+    if "sep" in decided:
+        flags["sep"] = decided["sep"]
+    return flags

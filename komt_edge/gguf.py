@@ -63,7 +63,8 @@ def check_target(path: Path, name: str, *, force: bool = False) -> None:
 
 
 def chat_template_for(resolved: ResolvedModel, template: str | None) -> str | None:
-    """komt's template for zoo models; otherwise the checkpoint's own, else komt's for the architecture."""
+    """komt's template for zoo models; otherwise the checkpoint's own (Gemma's, Qwen2.5's, Llama 3 Instruct's), else
+    komt's for a komt-family checkpoint (a SentencePiece Llama or Mistral), else none."""
     if template == "none":
         return None
     if template:
@@ -78,6 +79,10 @@ def chat_template_for(resolved: ResolvedModel, template: str | None) -> str | No
         own = json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template")
         if isinstance(own, str):
             return own
+    # komt's prompt format belongs to komt's families (Llama 2 and Mistral, SentencePiece vocabularies); a Llama 3
+    # or Qwen2 base without a template of its own gets none, as llama.cpp's converter writes none
+    if not (resolved.path / "tokenizer.model").is_file():
+        return None
     return model_template(resolved).chat_template
 
 

@@ -61,12 +61,23 @@ def write_tokenizer(folder: Path, family: str) -> None:
 def build_tiny_model(out: Path, family: str = "mistral", *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                      num_hidden_layers: int | None = None, init_std: float = 0.08) -> Path:
     """A random komt-shaped model saved like a Hub checkpoint (safetensors, config, tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     cfg_dict = dict(TINY_CONFIGS[family])
     if num_hidden_layers:
         cfg_dict["num_hidden_layers"] = num_hidden_layers
     config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+    out = save_random_model(config, out, seed=seed, dtype=dtype, init_std=init_std)
+    write_tokenizer(out, family)
+    return out
+
+
+def save_random_model(config, out: Path, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                      init_std: float = 0.08) -> Path:
+    """Random weights for a transformers ``config`` (norms near 1, the rest N(0, init_std)), saved as safetensors
+    in ``dtype``: the weights of every tiny test model."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -75,11 +86,9 @@ def build_tiny_model(out: Path, family: str = "mistral", *, seed: int = 0, dtype
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, init_std)
-    model = model.to(dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    write_tokenizer(out, family)
+    model.to(dtype).save_pretrained(out, safe_serialization=True)
     return out
 
 

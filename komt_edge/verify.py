@@ -219,6 +219,18 @@ class ReferenceTokenizer:
         return ([self.bos_id] if self.add_bos and self.bos_id is not None else []) + list(ids)
 
 
+def tokenizer_parity(llm, tokenizer: ReferenceTokenizer, probes: Sequence[str] = KOREAN_PROBES) -> TokenizerParity:
+    """llama.cpp's token ids (``llm``: a llama_cpp.Llama, a vocab_only one will do) against the original
+    tokenizer's, on each probe; every disagreement is listed."""
+    parity = TokenizerParity(probes=len(probes))
+    for text in probes:
+        ours = llm.tokenize(text.encode("utf-8"), add_bos=tokenizer.add_bos, special=False)
+        theirs = tokenizer.encode(text)
+        if list(ours) != theirs:
+            parity.mismatches.append({"text": text, "gguf": list(ours), "reference": theirs})
+    return parity
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
@@ -331,12 +343,7 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
                             "was not made from this model; pass the model it was converted from")
 
         # 1. tokenizer parity
-        parity = TokenizerParity(probes=len(KOREAN_PROBES))
-        for text in KOREAN_PROBES:
-            ours = llm.tokenize(text.encode("utf-8"), add_bos=ref.tokenizer.add_bos, special=False)
-            theirs = ref.tokenizer.encode(text)
-            if list(ours) != theirs:
-                parity.mismatches.append({"text": text, "gguf": list(ours), "reference": theirs})
+        parity = tokenizer_parity(llm, ref.tokenizer)
 
         # 2. logit parity, on the reference tokenization so that tokenizer and weights are judged separately
         tests = []

@@ -116,21 +116,27 @@ def write_gemma3_tokenizer(folder: str | Path, gguf: str | Path, max_pieces: int
 def export_gemma3(out: str | Path, *, gguf: str | Path | None = None) -> Path:
     """Gemma 3 270M as a Hugging Face folder (float32 safetensors, config, tokenizer.model) for `komt-edge gguf`.
     Takes about 40 s on 2 cores (transformers dequantizes the GGUF)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     out = Path(out)
     if (out / "config.json").is_file() and (out / "tokenizer.model").is_file():
         return out
     src = Path(gguf) if gguf else gemma3_gguf()
+    save_dequantized(src, out)
+    write_gemma3_tokenizer(out, src)
+    return out
+
+
+def save_dequantized(src: Path, out: Path) -> None:
+    """The weights of the GGUF ``src`` as a Hugging Face checkpoint in ``out``: transformers dequantizes them to
+    float32 (exactly the values llama.cpp computes with) and saves safetensors and a plain config.json."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     model.hf_quantizer = None
     model.save_pretrained(out)
     cfg = json.loads((out / "config.json").read_text())
-    cfg.pop("quantization_config", None)
+    cfg.pop("quantization_config", None)  # dequantized: a plain float32 checkpoint now
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    write_gemma3_tokenizer(out, src)
-    return out
 
 
 def build_tiny_gemma3(out: str | Path, gguf: str | Path | None = None, *, vocab: int = 8192, seed: int = 0,

