@@ -723,6 +723,11 @@ def _wheel_dist(path: Path) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [s for s in (proc.stderr or proc.stdout or "").splitlines() if s.strip()]
+    return one_line(lines[-1] if lines else f"exit {proc.returncode}", 200)
+
+
 def install_bundle(bundle: Path, site: Path, root: Path) -> None:
     """Install into ``site`` each wheel/sdist of the bundle that this Python lacks at that version, then
     komt-edge itself from ``root``; offline (--no-index). Skipped when ``site`` was made from the same bundle."""
@@ -753,15 +758,19 @@ def install_bundle(bundle: Path, site: Path, root: Path) -> None:
     t0 = time.perf_counter()
     say(f"install: {len(needed)} of {len(files)} bundled packages into {site} ...", end=" ")
     proc = subprocess.run([*pip, *map(str, needed)], capture_output=True, text=True)
-    if proc.returncode:
-        finish(f"failed: {one_line(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'pip failed')}")
-        raise SystemExit(FAILED_EXIT)
-    finish(f"done in {time.perf_counter() - t0:.0f} s")
+    if proc.returncode == 0:
+        finish(f"done in {time.perf_counter() - t0:.0f} s")
+    else:  # one at a time: what does not install fails the paths that need it, not the others
+        finish(f"failed together ({_last_line(proc)}); one at a time:")
+        for p in needed:
+            say(f"install: {p.name} ...", end=" ")
+            one = subprocess.run([*pip, "--upgrade", str(p)], capture_output=True, text=True)
+            finish("done" if one.returncode == 0 else f"failed: {_last_line(one)}")
     t0 = time.perf_counter()
     say("install: komt-edge from this tree ...", end=" ")
     proc = subprocess.run([*pip, "--upgrade", str(root)], capture_output=True, text=True, cwd=root)
     if proc.returncode:
-        finish(f"failed: {one_line(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'pip failed')}")
+        finish(f"failed: {_last_line(proc)}")
         raise SystemExit(FAILED_EXIT)
     shutil.rmtree(root / "build", ignore_errors=True)
     finish(f"done in {time.perf_counter() - t0:.0f} s")
@@ -770,22 +779,24 @@ def install_bundle(bundle: Path, site: Path, root: Path) -> None:
 
 # --- the bundle (made where PyPI is reachable: `make gpu-wheels`) ----------------------------------------------
 
-# What the GPU machine's image lacks, at the versions the CPU tests run (its torch, transformers, peft, accelerate,
-# triton, numpy, pyarrow, pandas and the CUDA toolkit are used as they are there).
+# What the GPU machine's image lacks, at the versions the CPU tests run (its torch, triton, numpy, pyarrow, pandas,
+# tokenizers, safetensors, huggingface_hub and the CUDA toolkit are used as they are there).
 BUNDLE_WHEELS = ("bitsandbytes==0.50.2", "optimum==2.3.0", "gguf==0.19.0", "datasets==5.2.0", "dill==0.4.1",
                  "multiprocess==0.70.19", "torchao==0.18.0", "diskcache==5.6.3", "konlpy==0.6.0",
-                 "mistral-common==1.13.1")
+                 "mistral-common==1.13.1",
+                 # the versions the CPU tests run, where the image may have others (installed only if it differs)
+                 "transformers==5.25.0", "peft==0.21.2", "accelerate==1.16.0")
 BUNDLE_BUILT = ("gptqmodel==7.6.0", "tokenicer==0.0.14", "logbar==0.4.15", "defuser==0.0.28", "device-smi==0.5.7")
 BUNDLE_SDISTS = ("pypcre==0.6.4",)  # a C extension with no wheel for the GPU machine's Python: built there
 # Kept out of the 64 MiB the GPU machine receives: bitsandbytes' libraries for other CUDA versions and ROCm/XPU,
 # konlpy's Java and mistral-common's other tokenizers (komt-edge reads konlpy's text files and tokenizer.model.v1
 # only), and what the sdist holds beside the sources a CUDA build of the Python package compiles (a .git folder,
 # vocabularies, docs, tests, examples, the tools and their web UI; LLAVA_BUILD is off).
-BNB_KEEP = ("cuda130", "cuda132", "cpu")
+BNB_KEEP = ("cuda128", "cuda130", "cuda132", "cpu")  # the image's torch was built for CUDA 13.0
 SDIST_DROP = ("vendor/llama.cpp/models/", "vendor/llama.cpp/docs/", "vendor/llama.cpp/tests/",
               "vendor/llama.cpp/benches/", "vendor/llama.cpp/media/", "vendor/llama.cpp/examples/",
               "vendor/llama.cpp/tools/", "vendor/llama.cpp/gguf-py/", "vendor/llama.cpp/conversion/",
-              "vendor/llama.cpp/vendor/miniaudio/", "vendor/llama.cpp/.git", ".git", "examples/", "docs/", "tests/")
+              "vendor/llama.cpp/.git", ".git", "examples/", "docs/", "tests/")
 
 
 def _slim_wheel(path: Path, drop: Callable[[str], bool]) -> None:
