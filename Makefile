@@ -254,9 +254,11 @@ bench-agreement: install llama-tools korean-corpus
 # and `bench speed`'s CUDA rows (transformers fp16/bf16/GPTQ; llama.cpp with all layers on the GPU, from a
 # llama-cpp-python compiled for CUDA beside the other paths). One JSON report, GPU_REPORT; one line per step.
 # Without a CUDA GPU it says so in one line and exits 2, installing and writing nothing (benchmarks/gpu_check.py).
-# The lent GPU machines have no network: `make gpu-wheels` (here, with PyPI; ~1 min, ~19 MiB) puts what their image
-# lacks into GPU_BUNDLE. Carry that folder and run `make gpu-check` there; with the device tool:
-#   run(command="make gpu-check; cp benchmarks/results/gpu-check.json $OUT/", carry=[".cache/gpu-bundle"], timeout_s=560)
+# The lent GPU machines have no network: `make gpu-wheels` (here, with PyPI; ~1 min, ~40 MiB) puts what their image
+# lacks into GPU_BUNDLE. Carry that folder and run `make gpu-check` there (no .git travels: name the commit); with
+# the device tool, after `make gpu-wheels` here:
+#   run(command="GPU_CHECK_COMMIT=<git rev-parse HEAD> make gpu-check; cp benchmarks/results/gpu-check.json $OUT/",
+#       carry=[".cache/gpu-bundle"], timeout_s=560)
 # Expected time on one H100 (not yet measured): ~1 min of installs (pip from the bundle, pypcre compiled), then the
 # paths within GPU_CHECK_SECONDS, all under the hard limit GPU_CHECK_TIMEOUT (7 min 50 s); a path past its own budget
 # is stopped and reported, and the report is rewritten after every path.
