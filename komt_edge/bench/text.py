@@ -14,7 +14,8 @@ def korean_eval_text(text: str | Path | None = None, *, source: str = "konlpy") 
     corpus (``komt_edge.corpora``: never seen by calibration)."""
     if text is not None:
         path = Path(text)
-        body = read_user_text(path, missing=f"{path} is not a file: pass a UTF-8 text file with --text")
+        body = read_user_text(path, missing=f"{path} is not a file: pass a UTF-8 text file with --text",
+                              folder=f"--text {path} is a folder: pass one UTF-8 text file")
         if not body.strip():
             raise KomtError(f"{path} is empty")
         return body, f"file {path.name} ({len(body)} characters)"
