@@ -63,6 +63,7 @@ VERSIONS = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "gptq
 JIT_KERNELS = (("marlin", "MarlinLinear"), ("machete", "MacheteLinear"), ("exllamav2", "ExllamaV2Linear"),
                ("bitblas", "BitblasLinear"), ("swordfish", "SwordfishLinear"))
 KOREAN_PROMPT = "한국의 수도는 어디인가요?"
+DEVICE = "cuda"  # where the paths run (a CPU smoke run of the stage functions may set "cpu")
 
 
 def say(message: str, *, end: str = "\n") -> None:
@@ -359,9 +360,9 @@ def stage_gptq_transformers(ctx: dict) -> dict:
     path = ctx["results"]["gptq"]["checkpoint"]
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map="cuda").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map=DEVICE).eval()
     ids = tok.apply_chat_template([{"role": "user", "content": KOREAN_PROMPT}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"].to("cuda")
+                                  return_tensors="pt", return_dict=True)["input_ids"].to(DEVICE)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.eos_token_id)  # kernels warm
         load_s = time.perf_counter() - t0
