@@ -233,3 +233,35 @@ def test_merge_equals_peft_on_both_families(family, request, tmp_path):
     assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"],
                            original["model.layers.0.self_attn.q_proj.weight"])  # the adapter was applied
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+# --- verify's logit check: the converted file runs like transformers ---------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_f16_file_runs_like_the_streamed_reference_in_korean(family, converted):
+    """llama.cpp on our f16 file against verify's layer-streamed Hugging Face reference (float32), on Korean text
+    tokenized by the original tokenizer: the q/k/v biases, the NeoX or permuted rotary layout and Llama 3.1's rope
+    factors are right, not only identical to llama.cpp's converter. The bound is tighter than verify's f16 one:
+    f16 rounding leaves max |Δlogit| 0.004 on the tiny Llama 3, while a reference without its rope scaling is 0.05
+    away (measured), which verify's 0.1 would let through."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from komt_edge.streamed import streamed_logits
+    from komt_edge.verify import Bounds, ReferenceTokenizer, compare_logits
+
+    from .conftest import N_THREADS
+
+    model, ours, _ = converted(family)
+    text = "대한민국의 수도는 서울이며, 가장 큰 항구 도시는 부산입니다. 세종대왕은 1443년에 훈민정음을 창제하였다. " * 2
+    ids = ReferenceTokenizer(model).encode(text)
+    assert len(ids) > 64
+    (reference,) = streamed_logits(model, [ids], progress=False)
+    llm = Llama(model_path=str(ours[0]), n_ctx=256, n_threads=N_THREADS, logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        logits = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    parity = compare_logits(reference, logits, Bounds(max_abs=0.02, mean_kl=1e-6, min_top1=0.99))
+    assert parity.passed, parity
