@@ -90,11 +90,13 @@ def test_each_path_in_its_own_process_and_budget(tmp_path):
     assert by["needs-ok"].status == "ok" and by["needs-ok"].details["saw"] == 42
     assert by["boom"].status == "failed" and by["boom"].error == "RuntimeError: the kernel said no"
     assert "Traceback" in Path(by["boom"].details["log"]).read_text()  # the whole story is in its log
+    assert "RuntimeError: the kernel said no" in by["boom"].details["log_tail"]  # and its end in the report
     assert by["after-boom"].status == "skipped" and "needs boom" in by["after-boom"].error
     assert by["wrong"].status == "failed" and by["wrong"].error == "CheckFailed: loss not finite"
     assert by["wrong"].details["loss"] == "nan"
     assert by["hang"].status == "timeout" and "5 s budget" in by["hang"].error
-    assert "compiling kernels" in by["hang"].error  # the last thing it said
+    assert "compiling kernels" in by["hang"].error and by["hang"].details["log_tail"] == ["compiling kernels"]
+    assert "log_tail" not in by["ok"].details
     assert by["dies"].status == "failed" and "exit 9" in by["dies"].error
     assert by["last"].status == "ok"  # nothing above hid it
     assert by["late"].status == "skipped" and "llama-cpp-cuda-build" in by["late"].error
