@@ -160,3 +160,20 @@ def test_slim_wheel_drops_members_and_their_record_lines(tmp_path):
     with zipfile.ZipFile(whl) as z:
         assert sorted(z.namelist()) == ["pkg-1.0.dist-info/RECORD", "pkg/__init__.py", "pkg/libpkg_cuda130.so"]
         assert "cuda118" not in z.read("pkg-1.0.dist-info/RECORD").decode()
+
+
+def test_run_writes_the_report_when_the_gpu_is_not_usable(tmp_path, monkeypatch, capsys):
+    """CUDA said present but unusable (faked here): the env path fails in one line, the paths after it are skipped
+    with the reason, the llama.cpp build is never started, and the report says all of that."""
+    monkeypatch.setattr(gc, "no_cuda_reason", lambda: None)
+    report = tmp_path / "results" / "gpu-check.json"
+    assert gc.run(report, tmp_path / "work", 60, None) == gc.FAILED_EXIT
+    data = json.loads(report.read_text())
+    assert data["finished"] is True and data["ok"] is False and data["gpu"] is None
+    paths = {p["name"]: p for p in data["paths"]}
+    assert paths["env"]["status"] == "failed" and "\n" not in paths["env"]["error"]
+    assert all(paths[s.name]["status"] == "skipped" for s in gc.STAGES[1:])
+    assert paths["llama-cpp-cuda-build"]["status"] == "skipped"
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("gpu-check: env ... failed") and out[-1].startswith("gpu-check: 0/")
+    assert len(out) == len(gc.STAGES) + 1  # one line per path, one summary
