@@ -504,10 +504,26 @@ importance.interrupt_pending = pause_once
 '''
 
 
-def _in_callback(env: Env, argv: list[str]) -> list[str]:
+# The same for llama.cpp's log callback (komt_edge.llama_log._handle, which asks is_verbose() for each line it does
+# not collect): the first line, whatever llama.cpp call is logging (here llama-cpp-python's, which komt-edge does not
+# wrap: the signal is raised by the re-check once Python runs outside the callback).
+_IN_LOG_CALLBACK = '''
+import os, pathlib, time
+from komt_edge import llama_log
+marker, check = os.environ["KOMT_TEST_IN_CALLBACK"], llama_log.is_verbose
+def pause_once():
+    if not os.path.exists(marker):
+        pathlib.Path(marker).touch()
+        time.sleep(2)
+    return check()
+llama_log.is_verbose = pause_once
+'''
+
+
+def _in_callback(env: Env, argv: list[str], hook_code: str = _IN_CALLBACK) -> list[str]:
     hook = env.tmp / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_IN_CALLBACK, encoding="utf-8")
+    (hook / "sitecustomize.py").write_text(hook_code, encoding="utf-8")
     env.monkeypatch.setenv("PYTHONPATH", str(hook))
     env.monkeypatch.setenv("KOMT_TEST_IN_CALLBACK", str(env.tmp / "in-callback"))
     env.checks.append(lambda: (env.tmp / "in-callback").exists() or pytest.fail("the callback never ran"))
@@ -516,6 +532,11 @@ def _in_callback(env: Env, argv: list[str]) -> list[str]:
 
 def _imatrix_in_callback(env: Env) -> list[str]:
     return _in_callback(env, _imatrix_out(env, f"{env.o}/x.imatrix.gguf"))
+
+
+def _verify_in_log_callback(env: Env) -> list[str]:
+    return _in_callback(env, ["verify", str(_f32_of(env, "q8_0")), "--hf", str(env.fixture("tiny_mistral")), "-t", "1",
+                              "--json", f"{env.o}/verify.json"], _IN_LOG_CALLBACK)
 
 
 def _gguf_korean_in_callback(env: Env) -> list[str]:
@@ -723,6 +744,9 @@ CASES = [
          lambda e: _verify_lora(e, other_base=True), ("does not fit", "blk.0.attn_k.weight", "gguf-lora --base")),
     Case("verify-lora-no-adapter", "verify", "--lora without the peft --adapter for the reference",
          lambda e: _verify_lora(e, other_base=False), ("--lora needs the peft adapter", "--adapter")),
+    Case("verify-sigterm-in-log-callback", "verify", "SIGTERM inside llama.cpp's log callback, in a llama.cpp call "
+         "komt-edge does not wrap (llama-cpp-python's)", _verify_in_log_callback, ("interrupted (SIGTERM)",),
+         code=128 + signal.SIGTERM, signal=signal.SIGTERM, ready="in-callback"),
     Case("verify-lora-as-file", "verify", "a LoRA adapter GGUF as FILE (before the reference is loaded)",
          lambda e: ["verify", str(_lora_gguf(e)), "--hf", str(e.fixture("tiny_mistral")), "-t", "1"],
          ("is a LoRA adapter GGUF", "its base model")),
