@@ -793,13 +793,13 @@ def install_bundle(bundle: Path, site: Path, root: Path) -> None:
 
 # --- the bundle (made where PyPI is reachable: `make gpu-wheels`) ----------------------------------------------
 
-# What the GPU machine's image lacks, at the versions the CPU tests run (its torch, triton, numpy, pyarrow, pandas,
-# tokenizers, safetensors, huggingface_hub and the CUDA toolkit are used as they are there).
+# What the GPU machine's image lacks, at the versions the CPU tests run. Its torch, triton, transformers, peft,
+# accelerate, huggingface_hub, tokenizers, safetensors, numpy, pyarrow and the CUDA toolkit are used as they are
+# there (the report records their versions): transformers 5.25, which the CPU tests run, needs huggingface_hub 2.4,
+# which needs httpx2 and a newer click, and so on; the image's transformers 5.x is within komt-edge's range.
 BUNDLE_WHEELS = ("bitsandbytes==0.50.2", "optimum==2.3.0", "gguf==0.19.0", "datasets==5.2.0", "dill==0.4.1",
                  "multiprocess==0.70.19", "torchao==0.18.0", "diskcache==5.6.3", "konlpy==0.6.0",
-                 "mistral-common==1.13.1",
-                 # the versions the CPU tests run, where the image may have others (installed only if it differs)
-                 "transformers==5.25.0", "peft==0.21.2", "accelerate==1.16.0")
+                 "mistral-common==1.13.1")
 BUNDLE_BUILT = ("gptqmodel==7.6.0", "tokenicer==0.0.14", "logbar==0.4.15", "defuser==0.0.28", "device-smi==0.5.7")
 BUNDLE_SDISTS = ("pypcre==0.6.4",)  # a C extension with no wheel for the GPU machine's Python: built there
 # Kept out of the 64 MiB the GPU machine receives: bitsandbytes' libraries for other CUDA versions and ROCm/XPU,
