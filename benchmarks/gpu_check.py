@@ -15,7 +15,8 @@ one that fails or hangs neither hides nor blocks the others:
 - ``gptq-transformers``: the GPTQ checkpoint loaded by plain ``AutoModelForCausalLM.from_pretrained`` with the
   kernel GPTQModel picks for a user (on an H100 that is Marlin, compiled on first use), generating Korean;
 - ``bench-speed-llama-cpp``: the llama.cpp row of ``bench speed`` (all layers on the GPU), with a llama-cpp-python
-  built for CUDA from the pinned sdist while the other paths run (``llama-cpp-cuda-build``).
+  built for CUDA from the pinned sdist while the other paths run (``llama-cpp-cuda-build``; without ggml's
+  FlashAttention kernels unless ``GPU_CHECK_LLAMA_FA=1``, since they are most of its compile time).
 
 In ``gptq`` and ``bench-speed-transformers`` GPTQModel's kernels that are compiled on first use (Marlin, Machete,
 ExLlamaV2, BitBLAS, Swordfish) are held back, so that the Triton kernel serves and a long compile cannot eat the
@@ -515,6 +516,7 @@ class Background:
     log: Path | None = None
     result: PathResult | None = None  # set once finished (or if it never started)
     pythonpath: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # how it was started, in every result
 
     def wait(self, timeout: float) -> PathResult:
         if self.result is not None:
@@ -524,14 +526,16 @@ class Background:
             self.proc.wait(timeout=max(0.0, timeout))
         except subprocess.TimeoutExpired:
             return PathResult(self.name, "timeout", "still building", time.perf_counter() - self.started,
-                              what=self.what, details={"log": str(self.log)})
+                              what=self.what, details={**self.details, "log": str(self.log)})
         seconds = time.perf_counter() - self.started
         if self.proc.returncode == 0:
-            self.result = PathResult(self.name, "ok", None, seconds, what=self.what, details={"log": str(self.log)})
+            self.result = PathResult(self.name, "ok", None, seconds, what=self.what,
+                                     details={**self.details, "log": str(self.log)})
         else:
             self.result = PathResult(self.name, "failed", f"pip exit {self.proc.returncode}; last log line: "
                                      + one_line(_tail(self.log), 200), seconds, what=self.what,
-                                     details={"log": str(self.log), "log_tail": _tail_lines(self.log, 30)})
+                                     details={**self.details, "log": str(self.log),
+                                              "log_tail": _tail_lines(self.log, 30)})
         return self.result
 
     def stop(self) -> PathResult:
@@ -542,7 +546,8 @@ class Background:
                 self.result = PathResult(self.name, "timeout", "not finished within the check's budget"
                                          + (f"; last log line: {last}" if last else ""),
                                          time.perf_counter() - self.started, what=self.what,
-                                         details={"log": str(self.log)})
+                                         details={**self.details, "log": str(self.log),
+                                                  "log_tail": _tail_lines(self.log, 5) if self.log else []})
             else:
                 self.wait(0)
         return self.result  # type: ignore[return-value]
@@ -563,9 +568,14 @@ def start_llama_cuda_build(bundle: Path | None, work: Path, capability: str | No
     target = work / "llama-cuda"
     shutil.rmtree(target, ignore_errors=True)
     arch = capability.replace(".", "") if capability else "native"
-    env = dict(os.environ, CMAKE_ARGS=f"-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES={arch} -DLLAVA_BUILD=OFF "
-               "-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF",
-               CMAKE_BUILD_PARALLEL_LEVEL=str(max(1, (os.cpu_count() or 2) // 2)))  # half: the paths compile too
+    # FlashAttention's ~80 template instances are most of ggml-cuda's compile time: off unless GPU_CHECK_LLAMA_FA=1,
+    # so that the build can finish beside the other paths (the row then measures llama.cpp without FA kernels).
+    fa = "ON" if os.environ.get("GPU_CHECK_LLAMA_FA") == "1" else "OFF"
+    cmake_args = (f"-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES={arch} -DGGML_CUDA_FA={fa} -DLLAVA_BUILD=OFF "
+                  "-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF")
+    jobs = max(1, (os.cpu_count() or 2) - 2)  # two cores left to the paths (whose own nvcc compiles then queue)
+    env = dict(os.environ, CMAKE_ARGS=cmake_args, CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
+    job.details = {"cmake_args": cmake_args, "parallel_jobs": jobs, "source": sdists[-1].name}
     job.log = work / "logs" / f"{job.name}.log"
     job.log.parent.mkdir(parents=True, exist_ok=True)
     job.started = time.perf_counter()
