@@ -60,7 +60,8 @@ DEFAULT_SECONDS = 420.0  # all paths together; the installs before them take ~1 
 MODULE = "komt_edge.benchmarks.gpu_check"
 STATUSES = ("ok", "failed", "timeout", "skipped")
 VERSIONS = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "gptqmodel", "optimum", "triton",
-            "safetensors", "tokenizers", "datasets", "torchao", "numpy", "gguf", "llama_cpp_python", "komt-edge")
+            "safetensors", "tokenizers", "huggingface_hub", "datasets", "pyarrow", "torchao", "numpy", "gguf",
+            "pypcre", "scikit_build_core", "llama_cpp_python", "komt-edge")
 JIT_KERNELS = (("marlin", "MarlinLinear"), ("machete", "MacheteLinear"), ("exllamav2", "ExllamaV2Linear"),
                ("bitblas", "BitblasLinear"), ("swordfish", "SwordfishLinear"))
 KOREAN_PROMPT = "한국의 수도는 어디인가요?"
@@ -190,7 +191,12 @@ def stage_env(ctx: dict) -> dict:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "--id=0"],
                              capture_output=True, text=True, timeout=20).stdout.strip()
         driver = out.splitlines()[0] if out else None
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
+    if nvcc:  # GPTQModel's kernels and the llama.cpp build compile with it
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=20).stdout.strip()
+        nvcc = out.splitlines()[-1] if out else nvcc
     return {"gpu": props.name, "capability": f"{props.major}.{props.minor}", "gpu_memory_bytes": props.total_memory,
+            "nvcc": nvcc,
             "multiprocessors": props.multi_processor_count, "driver": driver, "cuda": torch.version.cuda,
             "bf16": bool(torch.cuda.is_bf16_supported()), "python": platform.python_version(),
             "cpus": os.cpu_count(), "versions": {n: _dist_version(n) for n in VERSIONS}}
@@ -575,6 +581,8 @@ def start_llama_cuda_build(bundle: Path | None, work: Path, capability: str | No
                   "-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF")
     jobs = max(1, (os.cpu_count() or 2) - 2)  # two cores left to the paths (whose own nvcc compiles then queue)
     env = dict(os.environ, CMAKE_ARGS=cmake_args, CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
+    if not shutil.which("nvcc") and Path("/usr/local/cuda/bin/nvcc").is_file():  # the toolkit, off the PATH
+        env.update(CUDACXX="/usr/local/cuda/bin/nvcc", PATH=f"/usr/local/cuda/bin{os.pathsep}{env.get('PATH', '')}")
     job.details = {"cmake_args": cmake_args, "parallel_jobs": jobs, "source": sdists[-1].name}
     job.log = work / "logs" / f"{job.name}.log"
     job.log.parent.mkdir(parents=True, exist_ok=True)
@@ -618,7 +626,7 @@ def build_report(paths: list[PathResult], *, env: dict | None, commit: dict, bud
         "ok": finished and bool(paths) and all(p.status == "ok" for p in paths),
         "finished": finished,
         "gpu": env.get("gpu"), "capability": env.get("capability"), "gpu_memory_bytes": env.get("gpu_memory_bytes"),
-        "driver": env.get("driver"), "cuda": env.get("cuda"), "python": env.get("python"),
+        "driver": env.get("driver"), "cuda": env.get("cuda"), "nvcc": env.get("nvcc"), "python": env.get("python"),
         "versions": env.get("versions", {}),
         **commit,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
