@@ -259,6 +259,7 @@ bench-agreement: install llama-tools korean-corpus
 # the device tool, after `make gpu-wheels` here:
 #   run(command="GPU_CHECK_COMMIT=<git rev-parse HEAD> make gpu-check; cp benchmarks/results/gpu-check.json $OUT/;
 #       tar czf $OUT/gpu-check-logs.tgz -C .cache/gpu-check logs", carry=[".cache/gpu-bundle"], timeout_s=560)
+# (without make: `timeout -k 20 470 python3 benchmarks/gpu_check.py --bundle .cache/gpu-bundle` does the same)
 # Expected time on one H100 (not yet measured): ~1 min of installs (pip from the bundle, pypcre compiled), then the
 # paths within GPU_CHECK_SECONDS, all under the hard limit GPU_CHECK_TIMEOUT (7 min 50 s); a path past its own budget
 # is stopped and reported, and the report is rewritten after every path.

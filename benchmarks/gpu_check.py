@@ -56,7 +56,7 @@ from typing import Any, Callable
 REPORT = Path("benchmarks/results/gpu-check.json")
 NO_CUDA_EXIT = 2  # not run: no CUDA GPU (or no bundle); nothing written
 FAILED_EXIT = 1  # ran, and at least one path did not pass
-DEFAULT_SECONDS = 420.0  # all paths together; the installs before them take ~1 min more (Makefile)
+DEFAULT_SECONDS = 390.0  # all paths together; the installs before them take ~1 min more (Makefile)
 MODULE = "komt_edge.benchmarks.gpu_check"
 STATUSES = ("ok", "failed", "timeout", "skipped")
 VERSIONS = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "gptqmodel", "optimum", "triton",
