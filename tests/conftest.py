@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -77,6 +79,15 @@ def smollm2(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    """Random Gemma 3 weights in llama.cpp's gemma3 layout, bf16 like the release, with Gemma's real
+    tokenizer (its first 8192 pieces: specials, bytes, frequent pieces) rebuilt from the gemma3-270m package's GGUF."""
+    from komt_edge.bench.gemma import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3")
+
+
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run `komt-edge ARGS` in-process through its real entry point; returns (exit code, stdout, stderr)."""
     from komt_edge.cli import main
@@ -115,6 +126,42 @@ def llama_cpp_convert(model_dir: Path, outtype: str, out: Path) -> Path:
     return out
 
 
+class LlamaCppReference:
+    """llama.cpp's own files for the session's (unchanging) checkpoints, each made once: convert_hf_to_gguf.py for
+    a float type, then llama-quantize's default mix from a source precision. Several test files compare against the
+    same reference (tiny Llama's f32, SmolLM2's f32, ...); converting it once per session is the same check. The
+    files are shared: read them, never write them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._files: dict[tuple, Path] = {}
+
+    def _slot(self, model_dir: Path, *parts: str) -> Path:
+        digest = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:8]
+        folder = self.root / f"{Path(model_dir).name}-{digest}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / ("-".join(parts) + ".gguf")
+
+    def convert(self, model_dir: Path, outtype: str) -> Path:
+        key = ("convert", str(Path(model_dir).resolve()), outtype)
+        if key not in self._files:
+            self._files[key] = llama_cpp_convert(model_dir, outtype, self._slot(model_dir, outtype))
+        return self._files[key]
+
+    def quantize(self, model_dir: Path, source: str, qtype: str) -> Path:
+        """llama-quantize QTYPE applied to llama.cpp's own SOURCE-precision conversion of MODEL_DIR."""
+        key = ("quantize", str(Path(model_dir).resolve()), source, qtype)
+        if key not in self._files:
+            src = self.convert(model_dir, source)
+            self._files[key] = llama_cpp_quantize(src, self._slot(model_dir, f"{source}-{qtype}"), qtype)
+        return self._files[key]
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_ref(tmp_path_factory) -> LlamaCppReference:
+    return LlamaCppReference(tmp_path_factory.mktemp("llama.cpp-reference"))
+
+
 def llama_cpp_quantize(src: Path, out: Path, qtype: str) -> Path:
     """llama-quantize's default mix, through llama-cpp-python's binding of llama_model_quantize."""
     import llama_cpp
@@ -129,17 +176,27 @@ def llama_cpp_quantize(src: Path, out: Path, qtype: str) -> Path:
     return out
 
 
-def gguf_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+@functools.lru_cache(maxsize=8)
+def _gguf_reader(path: str, stamp: tuple[int, int, int, int]):
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
+    return GGUFReader(path)
+
+
+def gguf_reader(path: Path):
+    """A GGUFReader of PATH, parsed once while the file stays the same (inode, size, mtime, ctime): gguf-py takes
+    seconds to parse a 32,000-token vocabulary, and the checks read the same files' fields and tensors many times."""
+    st = Path(path).stat()
+    return _gguf_reader(str(Path(path).resolve()), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+
+
+def gguf_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    reader = gguf_reader(path)
     return {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), t.data.tobytes()) for t in reader.tensors}
 
 
 def gguf_field(path: Path, key: str):
-    from gguf import GGUFReader
-
-    field = GGUFReader(path).fields.get(key)
+    field = gguf_reader(path).fields.get(key)
     return None if field is None else field.contents()
 
 

@@ -288,35 +288,28 @@ def test_judge_cli_serves_a_gguf_judge_offline(tiny_ggufs, tmp_path, monkeypatch
 
 # --- gemma3 in the converter: byte-identical to llama.cpp, and runs like transformers -------------------------
 
-@pytest.fixture(scope="module")
-def tiny_gemma3(tmp_path_factory) -> Path:
-    """Random Gemma 3 weights in llama.cpp's gemma3 layout, bf16 like the release, with Gemma's real
-    tokenizer (its first 8192 pieces: specials, bytes, frequent pieces) rebuilt from the gemma3-270m package's GGUF."""
-    from komt_edge.bench.gemma import build_tiny_gemma3
+# tiny_gemma3: a session fixture (tests/conftest.py), shared with test_streamed.py.
 
-    return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3")
-
-
-def test_gemma3_float_types_match_convert_hf_to_gguf(tiny_gemma3, tmp_path):
+def test_gemma3_float_types_match_convert_hf_to_gguf(tiny_gemma3, llama_cpp_ref, tmp_path):
     from komt_edge.gguf import convert
 
-    from .conftest import assert_same_tensors, llama_cpp_convert
+    from .conftest import assert_same_tensors
 
     ours = convert(str(tiny_gemma3), ["f16", "f32"], tmp_path, n_threads=1, progress=False)
     for qtype, path in zip(["f16", "f32"], ours):
-        assert_same_tensors(path, llama_cpp_convert(tiny_gemma3, qtype, tmp_path / f"llama.cpp-{qtype}.gguf"))
+        assert_same_tensors(path, llama_cpp_ref.convert(tiny_gemma3, qtype))
 
 
-def test_gemma3_quantized_types_match_llama_quantize(tiny_gemma3, tmp_path):
+def test_gemma3_quantized_types_match_llama_quantize(tiny_gemma3, llama_cpp_ref, tmp_path):
     from komt_edge.gguf import convert
 
-    from .conftest import assert_same_tensors, gguf_field, gguf_tensors, llama_cpp_convert, llama_cpp_quantize
+    from .conftest import assert_same_tensors, gguf_field, gguf_tensors
 
     qtypes = ["q8_0", "q4_0", "q4_K_M"]
     ours = convert(str(tiny_gemma3), qtypes, tmp_path, n_threads=1, progress=False)
-    source = llama_cpp_convert(tiny_gemma3, "bf16", tmp_path / "llama.cpp-bf16.gguf")
+    source = llama_cpp_ref.convert(tiny_gemma3, "bf16")
     for qtype, path in zip(qtypes, ours):
-        assert_same_tensors(path, llama_cpp_quantize(source, tmp_path / f"llama.cpp-{qtype}.gguf", qtype))
+        assert_same_tensors(path, llama_cpp_ref.quantize(tiny_gemma3, "bf16", qtype))
     tensors = gguf_tensors(ours[0])
     assert "output.weight" not in tensors  # tied: llama.cpp uses the embedding as the output
     # norms are stored as 1 + w (Gemma multiplies by 1 + w)

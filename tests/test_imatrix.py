@@ -12,8 +12,7 @@ import pytest
 from komt_edge.gguf import convert
 from komt_edge.importance import Imatrix, compute, korean_calibration_text
 
-from .conftest import (N_THREADS, assert_one_line_error, assert_same_tensors, gguf_field, llama_cpp_convert,
-                       run_cli)
+from .conftest import N_THREADS, assert_one_line_error, assert_same_tensors, gguf_field, run_cli
 
 SOURCE_PRECISION = {"mistral": "bf16", "llama": "f32"}
 HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -146,7 +145,7 @@ def _llama_quantize_with_imatrix(src, out, qtype, imatrix_file):
 
 
 @pytest.mark.parametrize("family", ["mistral", "llama"])
-def test_gguf_with_an_imatrix_is_llama_quantize_with_it(family, request, korean_text, tmp_path):
+def test_gguf_with_an_imatrix_is_llama_quantize_with_it(family, request, korean_text, llama_cpp_ref, tmp_path):
     """For the types an imatrix changes most, every tensor equals llama-quantize --imatrix applied to llama.cpp's
     own conversion of the checkpoint; the provenance keys are llama-quantize's."""
     model = request.getfixturevalue(f"tiny_{family}")
@@ -156,7 +155,7 @@ def test_gguf_with_an_imatrix_is_llama_quantize_with_it(family, request, korean_
                            n_threads=N_THREADS, progress=False).write(tmp_path / "tiny.imatrix.gguf")
     ours = convert(str(model), qtypes, tmp_path / "ours", name="tiny", n_threads=N_THREADS, progress=False,
                    imatrix=imatrix_file)
-    source = llama_cpp_convert(model, SOURCE_PRECISION[family], tmp_path / "llama.cpp-source.gguf")
+    source = llama_cpp_ref.convert(model, SOURCE_PRECISION[family])
     for qtype, path in zip(qtypes, ours):
         assert_same_tensors(path, _llama_quantize_with_imatrix(source, tmp_path / f"ref-{qtype}.gguf", qtype,
                                                                imatrix_file))

@@ -33,13 +33,6 @@ def _from_pretrained_f32(folder: Path, prompts) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def tiny_gemma3(tmp_path_factory) -> Path:
-    from komt_edge.bench.gemma import build_tiny_gemma3
-
-    return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3")
-
-
-@pytest.fixture(scope="module")
 def gemma3_adapter(tiny_gemma3, tmp_path_factory) -> Path:
     """A random (non-zero B) LoRA adapter on every Gemma 3 projection, saved by peft."""
     from peft import LoraConfig, get_peft_model
