@@ -21,7 +21,7 @@ LLAMA_VERSION := $(lastword $(subst ==, ,$(LLAMA_PIN)))
 SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 LLAMA_SRC := .cache/llama.cpp-src
 
-.PHONY: help install demo test gguf bench bench-convert bench-agreement llama-tools llama-bench-wheel \
+.PHONY: help install demo test test-fast gguf bench bench-convert bench-agreement llama-tools llama-bench-wheel \
 	korean-corpus english-corpus train gptq release clean chat serve browser
 
 help:
@@ -29,6 +29,7 @@ help:
 	@echo "  make install                     create $(VENV) with komt-edge and its pinned llama.cpp"
 	@echo "  make demo                        merge → gguf → verify on the embedded tiny model, offline"
 	@echo "  make test                        run the test suite (offline, CPU)"
+	@echo "  make test-fast                   the edit loop: every test outside the slow groups (pytest.ini), < 3 min"
 	@echo "the job (MODEL=$(MODEL) QUANTS=\"$(QUANTS)\" OUT=$(OUT) THREADS= PICKLE=)"
 	@echo "  make gguf MODEL=komt-mistral-7b  convert to GGUF in OUT/ and verify against the HF model"
 	@echo "                                   (IMATRIX=korean: quantize with a Korean importance matrix)"
@@ -96,6 +97,11 @@ demo: install
 
 test: install browser
 	$(PY) -m pytest -q tests
+
+# The edit loop: -m "not slow" leaves out whole releases, GPTQModel, training, the real SmolLM2/Gemma 3 weights, the
+# browser and the tests that must start processes (groups in pytest.ini); `make test` (CI) still runs everything.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The serve tests drive a real headless browser: Debian's chromium + chromium-driver (apt-get as root), once, and
 # a Korean font (fonts-noto-cjk), without which the page's Hangul is drawn as empty boxes.

@@ -18,6 +18,32 @@ ROOT = Path(__file__).resolve().parents[1]
 LLAMA_SRC = ROOT / ".cache" / "llama.cpp-src"
 N_THREADS = 1  # llama.cpp in tests: 2 threads collapse when the machine is busy
 
+# --- markers: the slow groups (pytest.ini) and `make test-fast` = -m "not slow" ---------------------------------
+
+SLOW_GROUPS = ("release", "gptq", "train", "real_weights", "browser", "subprocess")
+# A test that uses one of these expensive fixtures belongs to its group, in whatever file it is.
+FIXTURE_GROUPS = {"smollm2": "real_weights", "gemma3_270m": "real_weights", "released": "release",
+                  "mistral_run": "gptq", "llama_run": "gptq"}
+# Groups of tests in files whose markers are not set in the file itself (node id prefix → groups).
+NODE_GROUPS = {
+    "tests/test_serve.py::test_chat_page_streams_the_greedy_answer_in_a_real_browser": ("browser",),
+    "tests/test_serve.py::test_serve_command_binds_loopback_and_stops_on_sigterm": ("subprocess",),
+    "tests/test_bad_input.py::test_sigkill_leftovers_are_removed_by_the_next_run": ("subprocess",),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's -m selection reads the markers
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        groups = {m.name for m in item.iter_markers() if m.name in SLOW_GROUPS}
+        groups |= {group for name, group in FIXTURE_GROUPS.items() if name in item.fixturenames}
+        groups |= {g for prefix, gs in NODE_GROUPS.items() if item.nodeid.startswith(prefix) for g in gs}
+        for group in sorted(groups):
+            if not item.get_closest_marker(group):
+                item.add_marker(group)
+        if groups:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_mistral(tmp_path_factory) -> Path:

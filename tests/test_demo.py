@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from komt_edge.demo import demo
 from komt_edge.tiny import DEMO_QA
 
 
+@pytest.mark.train  # builds and trains its own tiny adapter, then merge → gguf → verify → chat
 def test_demo_end_to_end(tmp_path):
     result = demo(tmp_path / "demo", n_threads=1, progress=False, log=lambda *_: None)
     assert result.passed, "\n".join(r.summary() for r in result.reports)

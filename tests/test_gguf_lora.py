@@ -52,6 +52,7 @@ def test_tensor_identical_to_llama_cpp(family, outtype, request, tmp_path):
     assert result.tensors == 14 and result.ranks == [8] and result.folded == 0
 
 
+@pytest.mark.train
 def test_adapter_from_komt_edge_train_is_identical(tiny_llama, tmp_path):
     from komt_edge.gguf_lora import gguf_lora
     from komt_edge.train import train

@@ -371,6 +371,7 @@ def test_cli_max_ppl_ratio_default_is_the_librarys():
     assert option.default == GPTQ_MAX_PPL_RATIO == 1.5
 
 
+@pytest.mark.gptq
 def test_a_damaged_quantization_fails_the_command(tiny_mistral, tmp_path, monkeypatch, capsys):
     """GPTQ scales of one layer turned to NaN after quantizing: the check finds a non-finite perplexity, the
     command exits 1 with one line, and no checkpoint (nor any partial) is left."""

@@ -231,6 +231,7 @@ def test_a_failed_gptq_check_stops_the_release_before_any_push(released, tmp_pat
     assert json.loads((out / MANIFEST_NAME).read_text())["stages"]["gptq"]["status"] == "failed"
 
 
+@pytest.mark.release
 def test_a_failed_verification_stops_the_release_before_anything_is_pushed(hub, tiny_mistral, tiny_adapter,
                                                                              tmp_path):
     out = tmp_path / "out"
@@ -290,6 +291,8 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "komt_edge.cli", "release", *args]
 
 
+@pytest.mark.release
+@pytest.mark.subprocess
 def test_killed_mid_release_resumes_without_redoing_work(hub, tiny_mistral, tiny_adapter, tmp_path):
     out = tmp_path / "out"
     args = _cli(str(tiny_mistral), "--org", ORG, "--adapter", str(tiny_adapter), "--quants", "q4_0 q8_0",
@@ -383,6 +386,7 @@ def test_cli_dry_run_and_make_target(hub, tiny_mistral, tmp_path):
     assert missing.returncode != 0 and "ORG is required" in missing.stderr
 
 
+@pytest.mark.release
 def test_k_quants_use_the_korean_imatrix_which_is_published_and_named_on_the_card(hub, tiny_mistral, tiny_adapter,
                                                                                   tmp_path):
     """By default the k-quant and IQ files are quantized with the Korean importance matrix; q8_0 is not. The
@@ -408,6 +412,7 @@ def test_k_quants_use_the_korean_imatrix_which_is_published_and_named_on_the_car
     assert gguf_field(plain / f"{NAME}-Q4_K_M.gguf", "quantize.imatrix.file") is None
 
 
+@pytest.mark.gptq
 @pytest.mark.skipif(not module_available("gptqmodel"), reason="GPTQModel is not installed (make install adds it)")
 def test_release_with_the_real_gptq_stage(released, tmp_path):
     """No fake: GPTQModel quantizes the tiny model (adapter merged) on CPU, the check runs, the repo is published."""
@@ -429,6 +434,7 @@ def test_release_with_the_real_gptq_stage(released, tmp_path):
     assert f"{data['ppl']:.3f}" in server.files(repo)["README.md"].decode()
 
 
+@pytest.mark.gptq
 @pytest.mark.skipif(not module_available("gptqmodel"), reason="GPTQModel is not installed (make install adds it)")
 def test_release_stops_on_a_damaged_real_gptq_checkpoint(released, tmp_path, monkeypatch):
     """The real GPTQ stage with its scales turned to NaN after quantizing: the release applies

@@ -320,6 +320,7 @@ except Exception as err:
 """
 
 
+@pytest.mark.subprocess
 def test_deepspeed_zero3_offload_config_is_valid(tmp_path):
     from komt_edge.configs import config_path
 
@@ -374,6 +375,7 @@ def test_accelerate_configs_load_in_accelerate():
 
 # -- training on CPU -------------------------------------------------------------------------------------
 
+@pytest.mark.train
 def test_train_merge_gguf_verify(monkeypatch, capsys, tiny_mistral, tmp_path):
     """CLI → adapter whose loss fell → merge → GGUF q8_0 with the adapter → verify passes."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -432,6 +434,7 @@ def test_train_merge_gguf_verify(monkeypatch, capsys, tiny_mistral, tmp_path):
     assert report.passed, report.summary()
 
 
+@pytest.mark.train
 def test_resume_continues_from_the_saved_step(tiny_llama, tmp_path):
     """An interrupted run resumed from its step-2 checkpoint ends where the uninterrupted run ended."""
     from safetensors.torch import load_file

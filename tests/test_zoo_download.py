@@ -135,6 +135,7 @@ def test_a_missing_repo_is_a_one_line_error(hub, tmp_path, monkeypatch, capsys):
     assert_one_line_error(code, err, f"Hub repo {ADAPTER} was not found")
 
 
+@pytest.mark.subprocess
 def test_make_gguf_with_a_zoo_name(hub, tiny_mistral, mistral_adapter, local_reference, tmp_path):
     """The advertised command, as a user runs it (install taken as done: -o install)."""
     hub.add_repo(ADAPTER, adapter_files(mistral_adapter, BASE))
