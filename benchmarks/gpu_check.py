@@ -19,8 +19,10 @@ one that fails or hangs neither hides nor blocks the others:
   FlashAttention kernels unless ``GPU_CHECK_LLAMA_FA=1``, since they are most of its compile time).
 
 In ``gptq`` and ``bench-speed-transformers`` GPTQModel's kernels that are compiled on first use (Marlin, Machete,
-ExLlamaV2, BitBLAS, Swordfish) are held back, so that the Triton kernel serves and a long compile cannot eat the
-budget of the paths that follow; ``gptq-transformers`` runs last with the user's default and says which kernel it got.
+ExLlamaV2, BitBLAS, Swordfish) are held back (unless ``GPU_CHECK_JIT_KERNELS=1``), so that the Triton kernel
+serves and a long compile cannot eat the budget of the paths that follow; ``gptq-transformers`` runs after them with
+the user's default and says which kernel it got. The model's weights are random: the paths check that the CUDA code
+runs and what it produces is sound (finite losses and logits, the GPTQ acceptance rule), not model quality.
 
 Run it with ``make gpu-check`` (see the Makefile for the wheel bundle that the GPU machine needs, since it has no
 network). Without a CUDA GPU it prints one line and exits with status 2, writing no report. The report
