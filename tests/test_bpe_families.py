@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from komt_edge.converters.gguf_file import RawGguf
+from komt_edge.converters.gguf_file import PROVENANCE_KEYS, RawGguf, gguf_differences
 from komt_edge.gguf import convert
 
 from .conftest import LLAMA_SRC, assert_one_line_error, llama_cpp_convert, run_cli
@@ -29,8 +29,6 @@ TYPES = ["f16", "q8_0", "q4_0", "q4_K_M", "q6_K"]
 def assert_same_file(ours: Path, theirs: Path) -> None:
     """Every tensor (name, type, shape, bytes) and every key (value type and bytes) identical, the tools'
     provenance aside (general.name, general.quantized_by, ...)."""
-    from komt_edge.converters.gguf_file import gguf_differences
-
     differences = gguf_differences(ours, theirs)
     assert not differences, "\n".join(differences[:20])
 
@@ -265,3 +263,53 @@ def test_f16_file_runs_like_the_streamed_reference_in_korean(family, converted):
         llm.close()
     parity = compare_logits(reference, logits, Bounds(max_abs=0.02, mean_kl=1e-6, min_top1=0.99))
     assert parity.passed, parity
+
+
+# --- imatrix -------------------------------------------------------------------------------------------------------
+
+def _quantize_with_imatrix_reference(src: Path, out: Path, qtype: str, imatrix: Path) -> Path:
+    """llama-quantize --imatrix: llama_model_quantize with each weight's mean squared activation (sums ÷ counts)."""
+    import llama_cpp
+    import numpy as np
+
+    from komt_edge.converters.quantize import ftype_of
+    from komt_edge.importance import Imatrix
+
+    matrix = Imatrix.read(imatrix)
+    names = sorted(matrix.entries)
+    arrays = []
+    for n in names:
+        sums, counts = matrix.entries[n]
+        arrays.append(np.ascontiguousarray(sums.reshape(counts.size, -1) / counts.reshape(-1, 1),
+                                           dtype=np.float32).reshape(-1))
+    encoded = [n.encode() for n in names]
+    entries = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+    for entry, name, arr in zip(entries, encoded, arrays):
+        entry.name, entry.size = name, arr.size
+        entry.data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = int(ftype_of(qtype)), 2
+    params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0, qtype
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_gguf_with_a_korean_imatrix_is_llama_quantize_with_it(family, converted, tmp_path):
+    """An importance matrix computed on Korean text through llama.cpp, then q4_K_M and iq4_xs: every tensor equal to
+    llama_model_quantize with the same matrix on llama.cpp's own f16 conversion, and the matrix really used."""
+    from komt_edge.importance import compute, korean_calibration_text
+
+    model, ours, theirs = converted(family)
+    imatrix = compute(theirs[0], korean_calibration_text()[0], dataset="korean test text", n_ctx=64, n_chunks=2,
+                      n_threads=1, progress=False).write(tmp_path / "tiny.imatrix.gguf")
+    qtypes = ["q4_K_M", "iq4_xs"]
+    with_matrix = convert(str(model), qtypes, tmp_path / "ours", n_threads=2, progress=False, imatrix=imatrix)
+    for qtype, path in zip(qtypes, with_matrix):
+        ref = _quantize_with_imatrix_reference(theirs[0], tmp_path / f"ref-{qtype}.gguf", qtype, imatrix)
+        # llama-quantize (the tool) adds its quantize.imatrix.* provenance keys itself; the library call does not
+        differences = gguf_differences(path, ref, ignore=(*PROVENANCE_KEYS, "quantize.imatrix."))
+        assert not differences, "\n".join(differences[:20])
+        assert RawGguf(path).value("quantize.imatrix.dataset") == "korean test text"
+    plain_q4km = RawGguf(ours[3]).tensors["blk.0.attn_q.weight"][2]
+    assert RawGguf(with_matrix[0]).tensors["blk.0.attn_q.weight"][2] != plain_q4km
