@@ -198,31 +198,51 @@ def test_korean_tokenizer_parity_holds_on_both_tokenizers(family, converted):
 
 # --- merge ------------------------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def adapters(request, tmp_path_factory):
+    """family → a LoRA adapter on every projection of its tiny model (r=4, B made non-zero), saved by peft."""
+    made = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            import torch
+            from peft import LoraConfig, get_peft_model
+            from transformers import AutoModelForCausalLM
+
+            base = request.getfixturevalue(f"tiny_{family}")
+            torch.manual_seed(1)
+            model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraConfig(
+                r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"]))
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0.0, 0.02)  # peft starts B at zero: a trained adapter's is not
+            made[family] = tmp_path_factory.mktemp(f"{family}-lora") / "adapter"
+            model.save_pretrained(made[family])
+            config = json.loads((made[family] / "adapter_config.json").read_text())
+            config["base_model_name_or_path"] = str(base)
+            (made[family] / "adapter_config.json").write_text(json.dumps(config))
+        return made[family]
+
+    return get
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
-def test_merge_equals_peft_on_both_families(family, request, tmp_path):
+def test_merge_equals_peft_on_both_families(family, request, adapters, tmp_path):
     """`komt-edge merge` of a LoRA adapter on every projection equals peft's merge_and_unload in the checkpoint's
     float16, and the byte-level BPE tokenizer files travel with the weights."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from komt_edge.merge import merge
 
-    base = request.getfixturevalue(f"tiny_{family}")
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                           "down_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)  # peft starts B at zero: a trained adapter's is not
-    model.save_pretrained(tmp_path / "adapter")
-
-    out = merge(base, tmp_path / "adapter", tmp_path / "merged")
+    base, adapter = request.getfixturevalue(f"tiny_{family}"), adapters(family)
+    out = merge(base, adapter, tmp_path / "merged")
     ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16).state_dict()
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16),
-                                    tmp_path / "adapter").merge_and_unload().state_dict()
+                                    adapter).merge_and_unload().state_dict()
     assert sorted(ours) == sorted(ref)
     for name, weight in ours.items():
         assert weight.dtype == torch.float16, name
@@ -313,3 +333,31 @@ def test_gguf_with_a_korean_imatrix_is_llama_quantize_with_it(family, converted,
         assert RawGguf(path).value("quantize.imatrix.dataset") == "korean test text"
     plain_q4km = RawGguf(ours[3]).tensors["blk.0.attn_q.weight"][2]
     assert RawGguf(with_matrix[0]).tensors["blk.0.attn_q.weight"][2] != plain_q4km
+
+
+# --- gguf-lora ---------------------------------------------------------------------------------------------------
+
+def test_gguf_lora_of_a_llama3_adapter_is_llama_cpps(tiny_llama3, adapters, tmp_path):
+    """A Llama 3 LoRA adapter as llama.cpp's adapter GGUF: every tensor and the adapter's keys equal to
+    convert_lora_to_gguf.py's (komt-edge's adapter files differ from it in general.file_type,
+    general.quantization_version and general.tags, on every family)."""
+    from komt_edge.gguf_lora import gguf_lora
+
+    adapter = adapters("llama3")
+    ours = gguf_lora(adapter, tmp_path / "ours", outtype="f16", progress=False, log=lambda _m: None).path
+    theirs = tmp_path / "theirs.gguf"
+    proc = subprocess.run([sys.executable, str(LLAMA_SRC / "convert_lora_to_gguf.py"), str(adapter), "--base",
+                           str(tiny_llama3), "--outtype", "f16", "--outfile", str(theirs)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    differences = gguf_differences(ours, theirs, ignore=(*PROVENANCE_KEYS, "general.file_type",
+                                                          "general.quantization_version", "general.tags"))
+    assert not differences, "\n".join(differences[:20])
+    mine = RawGguf(ours)
+    assert mine.value("adapter.type") == "lora" and mine.value("general.architecture") == "llama"
+    assert len(mine.tensors) == 2 * 7 * 2  # lora_a and lora_b of 7 projections in 2 layers
+
+
+def test_gguf_lora_of_a_qwen2_adapter_is_one_line_naming_what_it_converts(adapters, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "gguf-lora", str(adapters("qwen2")), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "Qwen2ForCausalLM", "LlamaForCausalLM")
+    assert not any((tmp_path / "out").glob("*.gguf"))
