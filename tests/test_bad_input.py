@@ -415,6 +415,17 @@ def _verify_lora(env: Env, *, other_base: bool) -> list[str]:
     return args + (["--adapter", str(env.fixture("mistral_adapter"))] if other_base else [])
 
 
+def _chat_args(env: Env, *args: str) -> list[str]:
+    """chat on the tiny mistral's f32 GGUF with komt's template (the file stores none) and ``args``."""
+    return ["chat", str(_f32_of(env)), "--template", "mistral", "-t", "1", *args]
+
+
+def _chat_lora_other_base(env: Env) -> list[str]:
+    from komt_edge.gguf_lora import gguf_lora
+
+    return _chat_args(env, "--lora", str(gguf_lora(env.fixture("llama_adapter"), env.tmp / "lora", progress=False).path))
+
+
 def _lora_base_offline(env: Env) -> list[str]:
     _hub_offline(env)
     return ["gguf-lora", str(_lora_copy(env, base_model_name_or_path="someorg/some-base")), "-o", env.o]
@@ -725,6 +736,16 @@ CASES = [
     Case("chat-lora-not-adapter", "chat", "--lora naming a model, not a LoRA adapter",
          lambda e: (lambda model: ["chat", str(model), "--lora", str(model), "-t", "1"])(_f32_of(e)),
          ("is not a LoRA adapter", "general.type")),
+    Case("chat-lora-other-base", "chat", "--lora: an adapter GGUF made for another base (llama.cpp crashed on it)",
+         _chat_lora_other_base, ("does not fit", "blk.0.attn_k.weight", "gguf-lora --base")),
+    Case("chat-lora-missing", "chat", "--lora naming a file that does not exist",
+         lambda e: _chat_args(e, "--lora", str(e.tmp / "nope.gguf")), ("nope.gguf does not exist", "gguf-lora")),
+    Case("chat-imatrix-as-model", "chat", "an importance matrix GGUF as MODEL",
+         lambda e: ["chat", str(_imatrix_of(e, "tiny_mistral")), "-t", "1"], ("is an importance matrix", "MODEL")),
+    Case("chat-ctx-too-small", "chat", "--ctx below llama.cpp's smallest context (it was rounded up silently)",
+         lambda e: _chat_args(e, "--ctx", "100"), ("--ctx 100", "smallest context, 256")),
+    Case("chat-ctx-too-large", "chat", "--ctx above the model's training context (it was accepted silently)",
+         lambda e: _chat_args(e, "--ctx", "4096"), ("--ctx 4096", "trained for (2048 tokens)", "at most 2048")),
     Case("serve-hub-unreachable", "serve", "a Hub GGUF repo while the Hub is unreachable, nothing cached",
          _serve_unreachable, ("cannot reach the Hub", "HF_ENDPOINT", "not in the local cache")),
     Case("serve-port-in-use", "serve", "a --port another program listens on (before loading anything)",
