@@ -204,13 +204,14 @@ def test_unreachable_judge_endpoint(tiny_ggufs):
 
 
 def test_judge_against_a_local_openai_compatible_server(tiny_ggufs):
-    """komt's protocol offline: the tiny model answers in its komt template, a local llama.cpp judge scores."""
+    """komt's protocol offline: the tiny model answers in its komt template, `komt-edge serve` as the judge scores."""
     from komt_edge.bench import judge
-    from komt_edge.bench.judge import KOREAN_QUESTIONS, LocalServer
+    from komt_edge.bench.judge import KOREAN_QUESTIONS
+    from komt_edge.serve import start
 
-    with LocalServer(tiny_ggufs["q8_0"], n_ctx=1024, n_threads=N_THREADS) as url:
-        report = judge(tiny_ggufs["q4_0"], judge_url=url, judge_model="local", questions=KOREAN_QUESTIONS[:2],
-                       max_tokens=8, n_threads=N_THREADS, progress=False)
+    with start(str(tiny_ggufs["q8_0"]), port=0, n_ctx=1024, n_threads=N_THREADS, log=lambda _m: None) as server:
+        report = judge(tiny_ggufs["q4_0"], judge_url=server.url + "/v1", judge_model="local",
+                       questions=KOREAN_QUESTIONS[:2], max_tokens=8, n_threads=N_THREADS, progress=False)
     assert report.template == "mistral"  # read from the file's komt chat template
     assert len(report.answers) == 2 and all(a.judge_reply is not None for a in report.answers)
     # a random tiny judge rarely writes "점수: N": whatever it wrote is scored by the parser's rule, unscored as 0

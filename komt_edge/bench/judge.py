@@ -7,7 +7,7 @@ and reporting the total score, the average (0-5) and the percentage of the maxim
    formatted with its komt prompt template (``--template``, default: the template stored in the file; a non-komt
    file is prompted through its own chat template), greedily;
 2. each answer goes to the judge through ``POST {url}/chat/completions`` (OpenAI's chat API: OpenAI, vLLM,
-   llama.cpp's llama-server, Ollama, or :class:`LocalServer` here), with the prompt :data:`JUDGE_PROMPT`;
+   llama.cpp's llama-server, Ollama, or `komt-edge serve`), with the prompt :data:`JUDGE_PROMPT`;
 3. the judge's reply must end with ``점수: N`` (0-5); a reply without a score counts 0 and is flagged.
 
 The judge prompt is komt-edge's own (komt did not publish theirs); it is printed by ``komt-edge bench judge
@@ -20,12 +20,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Sequence
 
@@ -161,6 +159,9 @@ class JudgeReport:
 # The OpenAI-compatible client (stdlib only).
 # ---------------------------------------------------------------------------------------------------
 
+JUDGE_CTX = 4096  # the context of a --judge-gguf judge (or its training context, if smaller)
+
+
 def judge_settings(url: str | None, model: str | None, key: str | None) -> tuple[str, str, str | None]:
     url = url or os.environ.get("KOMT_JUDGE_URL")
     model = model or os.environ.get("KOMT_JUDGE_MODEL")
@@ -230,7 +231,7 @@ def judge(model: str | Path | None, *, judge_url: str | None = None, judge_model
 
     ``questions`` default to :data:`KOREAN_QUESTIONS`; ``n_questions`` keeps only the first N of them. The judge is
     an OpenAI-compatible endpoint (``judge_url``/``judge_model``), or ``judge_gguf``: a GGUF served on 127.0.0.1 by
-    :class:`LocalServer` for the duration of the run, for fully offline evaluation."""
+    :func:`komt_edge.serve.start` (`komt-edge serve`) for the duration of the run, for fully offline evaluation."""
     if model is None:
         raise KomtError("pass the GGUF file to evaluate: komt-edge bench judge MODEL.gguf --judge-url ...")
     path = Path(model)
@@ -246,8 +247,13 @@ def judge(model: str | Path | None, *, judge_url: str | None = None, judge_model
         raise KomtError("both a judge endpoint and --judge-gguf were given: pass one (unset KOMT_JUDGE_URL to "
                         "use --judge-gguf)")
     check_model_gguf(Path(judge_gguf), "--judge-gguf")
-    with LocalServer(judge_gguf, n_threads=n_threads) as url:
-        return _judge(path, url, Path(judge_gguf).name, None, **opts)
+    from ..serve import start  # `komt-edge serve` itself, for the run: one server, whatever it serves
+
+    with GgufHeader(judge_gguf) as header:
+        trained = header.u32(f"{header.string('general.architecture')}.context_length") or JUDGE_CTX
+    with start(str(judge_gguf), port=0, n_ctx=min(JUDGE_CTX, trained), n_threads=n_threads,
+               log=lambda _m: None) as server:
+        return _judge(path, server.url + "/v1", Path(judge_gguf).name, None, **opts)
 
 
 def _judge(path: Path, url: str, jmodel: str, key: str | None, *, template: str | None,
@@ -285,71 +291,3 @@ def _judge(path: Path, url: str, jmodel: str, key: str | None, *, template: str 
     finally:
         llm.close()
     return JudgeReport(str(path), family, url, jmodel, answers, environment())
-
-
-# ---------------------------------------------------------------------------------------------------
-# A minimal OpenAI-compatible server around llama-cpp-python, for an offline judge (and the tests).
-# ---------------------------------------------------------------------------------------------------
-
-class LocalServer:
-    """``POST /v1/chat/completions`` and ``GET /v1/models`` on 127.0.0.1, answered by a GGUF through
-    llama-cpp-python's ``create_chat_completion`` (the file's chat template). One request at a time.
-
-    ``with LocalServer("judge.gguf") as url: judge(..., judge_url=url, judge_model="local")``
-    """
-
-    def __init__(self, gguf: str | Path, *, host: str = "127.0.0.1", port: int = 0, n_ctx: int = 4096,
-                 n_threads: int | None = None, chat_format: str | None = None):
-        from llama_cpp import Llama
-
-        route_llama_log()
-        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                         verbose=False, seed=0, chat_format=chat_format)
-        self.name = Path(gguf).name
-        lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # quiet
-                pass
-
-            def _send(self, code: int, payload: dict) -> None:
-                data = json.dumps(payload, ensure_ascii=False).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                if self.path.rstrip("/") in ("/v1/models", "/models"):
-                    self._send(200, {"object": "list", "data": [{"id": server.name, "object": "model"}]})
-                else:
-                    self._send(404, {"error": {"message": "not found"}})
-
-            def do_POST(self) -> None:
-                if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
-                    self._send(404, {"error": {"message": "not found"}})
-                    return
-                try:
-                    req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                    with lock:
-                        out = server.llm.create_chat_completion(
-                            messages=req["messages"], max_tokens=int(req.get("max_tokens") or 256),
-                            temperature=float(req.get("temperature", 0.0)), top_k=1, seed=0)
-                    self._send(200, out)
-                except Exception as err:  # a bad request must not kill the server
-                    self._send(400, {"error": {"message": f"{type(err).__name__}: {err}"}})
-
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.url = f"http://{host}:{self.httpd.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> str:
-        self._thread.start()
-        return self.url
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.llm.close()
