@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,44 @@ def test_file_is_llama_cpps_format_and_legacy_dat_reads(mistral_imatrix, tmp_pat
     assert old.legacy and old.datasets == ["text"] and old.chunk_count == N_CHUNKS
     for name in matrix.entries:
         np.testing.assert_allclose(old.weights(name), matrix.weights(name), rtol=1e-6)
+
+
+IMATRIX_DATA = Path(__file__).parent / "data" / "imatrix"
+# The tiny Mistral f32 file llama-imatrix read (tests/data/imatrix/README.md): its tensors' sha256.
+DAT_SOURCE_TENSORS = "4929222e27dda2a6fbe88d3d6bbf4c7dc5e0570b4295c2bd46ba7cb4ebbd6306"
+
+
+def test_legacy_dat_written_by_llama_imatrix_reads_as_its_gguf_and_as_ours(mistral_f32):
+    """A .dat llama-imatrix itself wrote (--output-format dat, -c 64 --chunks 2, committed with the GGUF output of the
+    same run and the command: tests/data/imatrix/README.md) reads to the same mean squared inputs as that GGUF, and
+    as komt-edge's own imatrix of the same model and text. llama-imatrix (built with -march=native) and
+    llama-cpp-python's libggml round floats differently: measured 8.3e-7 relative, allowed 1e-5."""
+    import hashlib
+
+    from gguf import GGUFReader
+
+    digest = hashlib.sha256()
+    for t in GGUFReader(mistral_f32).tensors:
+        digest.update(t.name.encode())
+        digest.update(t.data.tobytes())
+    assert digest.hexdigest() == DAT_SOURCE_TENSORS, \
+        "the tiny Mistral changed: regenerate tests/data/imatrix/ with the commands in its README.md"
+
+    dat = Imatrix.read(IMATRIX_DATA / "tiny-mistral.imatrix.dat")
+    gguf = Imatrix.read(IMATRIX_DATA / "tiny-mistral.imatrix.gguf")
+    assert dat.legacy and not gguf.legacy
+    assert dat.datasets == gguf.datasets == ["korean.txt"] and dat.chunk_count == gguf.chunk_count == 2
+    assert sorted(dat.entries) == sorted(gguf.entries) and len(dat.entries) == 14
+    # .dat keeps mean squares × ncall with ncall = ceil(tokens / chunk size) = 2, GGUF the sums and 128 tokens
+    assert {float(c[0]) for _, c in dat.entries.values()} == {2.0}
+    assert {float(c[0]) for _, c in gguf.entries.values()} == {128.0}
+    text = (IMATRIX_DATA / "korean.txt").read_text(encoding="utf-8")
+    ours = compute(mistral_f32, text, dataset="korean.txt", n_ctx=64, n_chunks=2, n_threads=N_THREADS,
+                   progress=False)
+    assert sorted(ours.entries) == sorted(dat.entries)
+    for name in dat.entries:
+        np.testing.assert_allclose(dat.weights(name), gguf.weights(name), rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(dat.weights(name), ours.weights(name), rtol=1e-5, err_msg=name)
 
 
 def _llama_quantize_with_imatrix(src, out, qtype, imatrix_file):
