@@ -46,8 +46,6 @@ _REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
 _LANG = re.compile(r"^[a-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$")
 _LICENSE_NAME = re.compile(r"^[a-z0-9.-]+$")
 
-# Stop strings per template family, for runtimes that need them spelled out (Ollama).
-STOP_STRINGS = {"mistral": ("</s>", "[INST]"), "llama": ("</s>", "### instruction:")}
 EXAMPLE_PROMPT = "한국의 수도는 어디인가요?"
 
 
@@ -244,7 +242,7 @@ def _usage_gguf(spec: CardSpec) -> list[str]:
     row = next((r for r in spec.rows if r.quant.upper().startswith("Q4")), spec.rows[0])
     file = row.files[0]
     prompt = t.format(EXAMPLE_PROMPT)
-    stops = "\n".join(f'PARAMETER stop "{s}"' for s in STOP_STRINGS[spec.family])
+    stops = "\n".join(f'PARAMETER stop "{s}"' for s in template_for(spec.family).stop)
     short = re.sub(r"[^a-z0-9-]+", "-", spec.model_name.lower()).strip("-") or "komt"
     return [
         "## Usage", "",
@@ -380,7 +378,7 @@ def render_card(spec: CardSpec) -> str:
         "## Prompt template", "",
         f"komt's {t.name} format, the one the model was trained with:", "",
         "```text", t.format("{prompt}"), "```", "",
-        f"Stop strings: {', '.join('`' + s + '`' for s in STOP_STRINGS[spec.family])}.", "",
+        f"Stop strings: {', '.join('`' + s + '`' for s in template_for(spec.family).stop)}.", "",
         *(_usage_gguf(spec) if spec.kind == "gguf" else _usage_gptq(spec)), "",
         "## Provenance", "",
         "| | |", "| --- | --- |",

@@ -26,7 +26,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-from .card import STOP_STRINGS
 from .converters.gguf_file import GgufHeader, is_gguf, not_a_model
 from .errors import KomtError
 from .generation import CHAT_DEFAULTS, COMPLETION_DEFAULTS, Generation, generate
@@ -317,6 +316,6 @@ def load(path: str | Path, *, template: str | None = None, n_ctx: int | None = N
         except (ValueError, RuntimeError) as err:
             why = reason(lines) or str(err)
             raise KomtError(f"llama.cpp could not load {path}: {why}") from None
-    model = LoadedModel(path, llm, chat_template, family, list(STOP_STRINGS.get(family, ())), lora_path)
+    model = LoadedModel(path, llm, chat_template, family, list(template_for(family).stop) if family else [], lora_path)
     llm.chat_handler = chat_formatter_to_chat_completion_handler(model.formatter)
     return model

@@ -32,6 +32,12 @@ class PromptTemplate:
         return self.prefix, self.suffix
 
     @property
+    def stop(self) -> tuple[str, ...]:
+        """Where a reply ends besides EOS: the literal ``</s>`` and the start of a next user turn (komt writes
+        them when it runs on)."""
+        return "</s>", self.prefix.strip()
+
+    @property
     def chat_template(self) -> str:
         """Jinja chat template: BOS, then system text, then each user turn wrapped in the komt markers."""
         p, s = _jinja_str(self.prefix), _jinja_str(self.suffix)
