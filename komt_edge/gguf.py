@@ -6,7 +6,6 @@ requested type is written from one read of the checkpoint; see ``komt_edge.conve
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -22,9 +21,8 @@ from .converters import quantize as q
 from .converters.hf_to_gguf import Converter, Metadata
 from .errors import KomtError
 from .importance import KOREAN, Imatrix
-from .templates import template_for
 from .util import sha256_json
-from .zoo import ResolvedModel, model_template, resolve, snapshot_revision
+from .zoo import ResolvedModel, chat_template_for, model_template, resolve, snapshot_revision
 
 DEFAULT_QUANTS = ("q4_0", "q8_0")
 
@@ -60,30 +58,6 @@ def check_target(path: Path, name: str, *, force: bool = False) -> None:
     if other != name:
         raise KomtError(f"{path} holds another model ({other!r}, not {name!r}) whose name maps to the same file: "
                         "pass --name to tell them apart, choose another -o folder, or pass --force to replace it")
-
-
-def chat_template_for(resolved: ResolvedModel, template: str | None) -> str | None:
-    """komt's template for zoo models; otherwise the checkpoint's own (Gemma's, Qwen2.5's, Llama 3 Instruct's), else
-    komt's for a komt-family checkpoint (a SentencePiece Llama or Mistral), else none."""
-    if template == "none":
-        return None
-    if template:
-        return template_for(template).chat_template
-    if resolved.zoo is not None:
-        return resolved.zoo.template.chat_template
-    jinja = resolved.path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    cfg_path = resolved.path / "tokenizer_config.json"
-    if cfg_path.is_file():
-        own = json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template")
-        if isinstance(own, str):
-            return own
-    # komt's prompt format belongs to komt's families (Llama 2 and Mistral, SentencePiece vocabularies); a Llama 3
-    # or Qwen2 base without a template of its own gets none, as llama.cpp's converter writes none
-    if not (resolved.path / "tokenizer.model").is_file():
-        return None
-    return model_template(resolved).chat_template
 
 
 def metadata_for(resolved: ResolvedModel, conv: Converter, template: str | None, name: str) -> Metadata:

@@ -6,7 +6,8 @@ Three checks, each with a bound; the run fails (non-zero exit) when one is misse
    the `tokenizers` library for tokenizer.json) on a built-in Korean probe set. Every mismatch is listed.
 2. Logit parity: on Korean prompts in the model's komt template, llama.cpp's logits against HF float32:
    max-abs difference, KL(HF ‖ GGUF) and top-1 agreement, bounded per file type.
-3. The file loads in llama-cpp-python, its chat template renders the komt prompt, and it generates greedily.
+3. The file loads in llama-cpp-python, its chat template renders the komt prompt (for a model that keeps its own
+   template — Qwen2.5, a Llama 3 base with none — the file carries that template), and it generates greedily.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from .converters.gguf_file import check_model_gguf, file_info
 from .converters.lora_to_gguf import check_lora_fits
 from .errors import KomtError
 from .llama_log import load_errors, reason
-from .zoo import model_template, resolve
+from .templates import TEMPLATES
+from .zoo import chat_template_for, model_template, resolve
 
 # Korean probes: prose, numbers and dates, mixed scripts, emoji, whitespace runs, the komt template markers.
 KOREAN_PROBES: tuple[str, ...] = (
@@ -144,6 +146,7 @@ class Generation:
     text: str
     template_ok: bool
     rendered: str
+    template_check: str = "renders the komt prompt"  # or "is the model's own", for models with their own
 
     @property
     def passed(self) -> bool:
@@ -183,7 +186,7 @@ class VerifyReport:
         lines.append(f"  logit parity over {lg.tokens} tokens: {max_abs}, mean KL {lg.mean_kl:.3g} (≤ {b.mean_kl}), "
                      f"max KL {lg.max_kl:.3g}, top-1 {lg.top1:.1%} (≥ {b.min_top1:.0%})"
                      + ("" if lg.passed else "  FAIL"))
-        lines.append(f"  chat template renders the komt prompt: {'yes' if g.template_ok else 'NO  FAIL'}")
+        lines.append(f"  chat template {g.template_check}: {'yes' if g.template_ok else 'NO  FAIL'}")
         lines.append(f"  greedy answer to {g.prompt!r}: {g.text!r}")
         lines.append("  PASS" if self.passed else "  FAIL")
         return "\n".join(lines)
@@ -249,9 +252,10 @@ def compare_logits(ref: np.ndarray, test: np.ndarray, bounds: Bounds) -> LogitPa
                        mean_kl=float(kl.mean()), max_kl=float(kl.max()), top1=top1, bounds=bounds)
 
 
-def greedy(llm, prompt: str, max_new_tokens: int, *, add_bos: bool = True) -> str:
-    """Greedy decoding with llama.cpp: argmax of the logits at each step, until eos or the token budget."""
-    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=False)
+def greedy(llm, prompt: str, max_new_tokens: int, *, add_bos: bool = True, special: bool = False) -> str:
+    """Greedy decoding with llama.cpp: argmax of the logits at each step, until eos or the token budget.
+    ``special``: the prompt's control-token text (a chat template's ``<|im_start|>``) is read as those tokens."""
+    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=special)
     llm.reset()
     llm.eval(ids)
     out: list[int] = []
@@ -275,6 +279,23 @@ class Reference:
     vocab_size: int | None
     prompt_ids: list[list[int]]
     logits: list[np.ndarray]  # one [tokens, vocab] float32 array per prompt
+    own_template: str | None = None  # the chat template of a model that keeps its own (not komt's), rendered
+    keeps_own_template: bool = False  # prompts in it (or bare, when it has none) and the file must carry it
+
+    def format(self, prompt: str) -> str:
+        """A Korean prompt as the model is prompted: komt's format, or the model's own chat template."""
+        if not self.keeps_own_template:
+            return self.template.format(prompt)
+        return render_chat(self.own_template, prompt) if self.own_template else prompt
+
+
+def render_chat(chat_template: str, prompt: str) -> str:
+    """One user turn in ``chat_template``, ready for the answer (BOS left to the tokenizer)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(chat_template).render(messages=[{"role": "user", "content": prompt}],
+                                                 add_generation_prompt=True, bos_token="", eos_token="</s>")
 
 
 def load_reference(hf: str, *, adapter: str | None = None, allow_pickle: bool = False, template: str | None = None,
@@ -294,10 +315,14 @@ def load_reference(hf: str, *, adapter: str | None = None, allow_pickle: bool = 
     tokenizer = ReferenceTokenizer(resolved.path)
     cfg = json.loads((resolved.path / "config.json").read_text(encoding="utf-8"))
     tmpl = model_template(resolved, template)
-    prompt_ids = [tokenizer.encode(tmpl.format(prompt))[:n_ctx] for prompt in KOREAN_PROMPTS]
-    logits = streamed_logits(resolved.path, prompt_ids, dtype=hf_dtype, adapter=resolved.adapter,
-                             merge_in_base_dtype=merge_adapter, allow_pickle=allow_pickle, progress=progress)
-    return Reference(hf, resolved, tokenizer, tmpl, cfg.get("vocab_size"), prompt_ids, logits)
+    # komt's template is written for komt's models; any other keeps its own (as `komt-edge gguf` writes it)
+    own = chat_template_for(resolved, template)
+    keeps_own = own not in {t.chat_template for t in TEMPLATES.values()}
+    ref = Reference(hf, resolved, tokenizer, tmpl, cfg.get("vocab_size"), [], [], own, keeps_own)
+    ref.prompt_ids = [tokenizer.encode(ref.format(prompt))[:n_ctx] for prompt in KOREAN_PROMPTS]
+    ref.logits = streamed_logits(resolved.path, ref.prompt_ids, dtype=hf_dtype, adapter=resolved.adapter,
+                                 merge_in_base_dtype=merge_adapter, allow_pickle=allow_pickle, progress=progress)
+    return ref
 
 
 def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_pickle: bool = False,
@@ -313,7 +338,6 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
     The bounds are ``bounds``, else the file type's defaults with ``overrides`` applied. Pass ``reference`` (from
     ``load_reference``) to check several files against one HF forward pass.
     """
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
     from llama_cpp import Llama
 
     path = Path(gguf_file)
@@ -354,17 +378,15 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
         logits = compare_logits(np.concatenate(ref.logits), np.concatenate(tests), bounds)
 
         # 3. chat template + greedy generation
-        tmpl = ref.template
         prompt = KOREAN_PROMPTS[0]
-        rendered = ""
-        if chat_template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            rendered = env.from_string(chat_template).render(
-                messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-                bos_token="", eos_token="</s>")
-        template_ok = rendered == tmpl.format(prompt)
-        text = greedy(llm, tmpl.format(prompt), max_new_tokens, add_bos=ref.tokenizer.add_bos)
-        generation = Generation(prompt, text, template_ok, rendered)
+        rendered = render_chat(chat_template, prompt) if chat_template else ""
+        if ref.keeps_own_template:
+            template_ok, check = chat_template == ref.own_template, "is the model's own"
+        else:
+            template_ok, check = rendered == ref.template.format(prompt), "renders the komt prompt"
+        text = greedy(llm, ref.format(prompt), max_new_tokens, add_bos=ref.tokenizer.add_bos,
+                      special=ref.keeps_own_template)
+        generation = Generation(prompt, text, template_ok, rendered, check)
     finally:
         llm.close()
     return VerifyReport(str(path), file_type, parity, logits, generation, None if lora is None else str(lora))

@@ -170,6 +170,30 @@ def model_template(resolved: ResolvedModel, template: str | None = None) -> Prom
     return template_for(model_family(resolved, template))
 
 
+def chat_template_for(resolved: ResolvedModel, template: str | None) -> str | None:
+    """komt's template for zoo models; otherwise the checkpoint's own (Gemma's, Qwen2.5's, Llama 3 Instruct's), else
+    komt's for a komt-family checkpoint (a SentencePiece Llama or Mistral), else none."""
+    if template == "none":
+        return None
+    if template:
+        return template_for(template).chat_template
+    if resolved.zoo is not None:
+        return resolved.zoo.template.chat_template
+    jinja = resolved.path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg_path = resolved.path / "tokenizer_config.json"
+    if cfg_path.is_file():
+        own = json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(own, str):
+            return own
+    # komt's prompt format belongs to komt's families (Llama 2 and Mistral, SentencePiece vocabularies); a Llama 3
+    # or Qwen2 base without a template of its own gets none, as llama.cpp's converter writes none
+    if not (resolved.path / "tokenizer.model").is_file():
+        return None
+    return model_template(resolved).chat_template
+
+
 def resolve(model: str, *, adapter: str | None = None, allow_pickle: bool = False,
             prefer_adapter: bool = True) -> ResolvedModel:
     """MODEL is a local folder, a zoo name or alias, or a Hub id.

@@ -361,3 +361,19 @@ def test_gguf_lora_of_a_qwen2_adapter_is_one_line_naming_what_it_converts(adapte
     code, _, err = run_cli(monkeypatch, capsys, "gguf-lora", str(adapters("qwen2")), "-o", str(tmp_path / "out"))
     assert_one_line_error(code, err, "Qwen2ForCausalLM", "LlamaForCausalLM")
     assert not any((tmp_path / "out").glob("*.gguf"))
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_komt_edge_verify_passes_on_both_families(family, converted):
+    """`komt-edge verify` end to end on the q8_0 file: Korean tokenizer parity, logits on Korean prompts written in
+    the model's own template (Qwen2.5's ChatML; bare prompts for a Llama 3 base, which has none), and the file
+    carrying that template instead of komt's."""
+    from komt_edge.verify import verify
+
+    from .conftest import N_THREADS
+
+    model, ours, _ = converted(family)
+    report = verify(ours[1], str(model), n_threads=N_THREADS, max_new_tokens=4)
+    assert report.passed, report.summary()
+    assert report.generation.template_check == "is the model's own"
+    assert ("<|im_start|>user" in report.generation.rendered) == (family == "qwen2")
