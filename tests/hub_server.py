@@ -21,7 +21,8 @@ It implements the routes huggingface_hub uses to publish a model with plain LFS 
                                                              komt-edge writes (see ``validate_metadata``)
 
 Repos live in memory; file contents are stored content-addressed under ``root/objects``. The server only listens
-on 127.0.0.1, answers at most ``max_requests`` requests and shuts itself down after ``lifetime`` seconds.
+on 127.0.0.1, answers at most ``max_requests`` requests and shuts itself down after ``lifetime`` seconds (a fixture
+that stops it at the end of its scope passes ``lifetime=None``: it lives exactly as long as that scope).
 
 Fault injection (each knob is consumed as it fires):
 
@@ -192,7 +193,7 @@ class _Drop(Exception):
 
 class HubServer:
     def __init__(self, root: Path | None = None, *, tokens: dict[str, Token] | None = None,
-                 lifetime: float = 600.0, max_requests: int = 5000, lfs_threshold: int = 10 * 1024 * 1024,
+                 lifetime: float | None = 600.0, max_requests: int = 5000, lfs_threshold: int = 10 * 1024 * 1024,
                  multipart_threshold: int = 8 * 1024 * 1024, chunk_size: int = 4 * 1024 * 1024):
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="hub-server-"))
         (self.root / "objects").mkdir(parents=True, exist_ok=True)
@@ -234,11 +235,12 @@ class HubServer:
         self._httpd.daemon_threads = True
         serve = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         serve.start()
-        deadline = threading.Timer(self.lifetime, self.stop)
-        deadline.daemon = True
-        deadline.start()
         self._threads = [serve]
-        self._deadline = deadline
+        self._deadline = None
+        if self.lifetime is not None:  # None: the owner stops it (a fixture, at the end of its scope)
+            self._deadline = threading.Timer(self.lifetime, self.stop)
+            self._deadline.daemon = True
+            self._deadline.start()
         return self
 
     def stop(self) -> None:
@@ -893,7 +895,8 @@ try:
     @pytest.fixture
     def hub(tmp_path, monkeypatch):
         """A fresh Hub on 127.0.0.1 and the real huggingface_hub client pointed at it (HF_TOKEN = TOKEN)."""
-        server = new_server(tmp_path / "hub-storage", multipart_threshold=4 * 1024 * 1024, chunk_size=2 * 1024 * 1024)
+        server = new_server(tmp_path / "hub-storage", multipart_threshold=4 * 1024 * 1024, chunk_size=2 * 1024 * 1024,
+                            lifetime=None)
         configure_client(monkeypatch, server.url, TOKEN, tmp_path / "hf-home")
         try:
             yield server

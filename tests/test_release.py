@@ -58,7 +58,7 @@ def tiny_adapter(tiny_mistral, tmp_path_factory) -> Path:
 def released(tiny_mistral, tiny_adapter, tmp_path_factory):
     """One full release (gguf q8_0 → verify → bench → card → push) to a module-wide test Hub."""
     root = tmp_path_factory.mktemp("release")
-    server = new_server(root / "hub-storage")
+    server = new_server(root / "hub-storage", lifetime=None)  # stopped below, when the module is done
     logs: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         configure_client(mp, server.url, TOKEN, root / "hf-home")
