@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HERE = "tests.test_gpu_check"
 
 
+@pytest.mark.subprocess  # runs the check as a process (the slow group of pytest.ini)
 @pytest.mark.parametrize("how", ["module", "script"])
 def test_without_cuda_one_line_exit_2_no_report(tmp_path, how):
     import torch  # here, not at import: the harness test's child processes import this module
@@ -75,6 +76,7 @@ def _exit(ctx):
     os._exit(9)
 
 
+@pytest.mark.subprocess  # each path is a process (the slow group of pytest.ini)
 def test_each_path_in_its_own_process_and_budget(tmp_path):
     stages = [gc.Stage("ok", f"{HERE}:_ok", 60), gc.Stage("needs-ok", f"{HERE}:_needs_ok", 60, ("ok",)),
               gc.Stage("boom", f"{HERE}:_boom", 60), gc.Stage("after-boom", f"{HERE}:_ok", 60, ("boom",)),
@@ -105,6 +107,7 @@ def test_each_path_in_its_own_process_and_budget(tmp_path):
     assert results[-1].status == "skipped"
 
 
+@pytest.mark.subprocess  # each path is a process (the slow group of pytest.ini)
 def test_the_deadline_skips_what_no_longer_fits(tmp_path):
     stages = [gc.Stage("hang", f"{HERE}:_hang", 60), gc.Stage("next", f"{HERE}:_ok", 60)]
     results = gc.run_stages(stages, tmp_path, 6, background=False)
@@ -162,6 +165,7 @@ def test_slim_wheel_drops_members_and_their_record_lines(tmp_path):
         assert "cuda118" not in z.read("pkg-1.0.dist-info/RECORD").decode()
 
 
+@pytest.mark.subprocess  # each path is a process (the slow group of pytest.ini)
 def test_run_writes_the_report_when_the_gpu_is_not_usable(tmp_path, monkeypatch, capsys):
     """CUDA said present but unusable (faked here): the env path fails in one line, the paths after it are skipped
     with the reason, the llama.cpp build is never started, and the report says all of that."""
