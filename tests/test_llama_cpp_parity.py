@@ -12,6 +12,7 @@ from komt_edge.gguf import convert
 from komt_edge.merge import merge
 
 from .conftest import assert_same_tensors, gguf_tensors
+from .identity import assert_identical
 
 SOURCE_PRECISION = {"mistral": "bf16", "llama": "f32"}
 
@@ -21,7 +22,7 @@ def test_float_types_match_convert_hf_to_gguf(family, request, llama_cpp_ref, tm
     model = request.getfixturevalue(f"tiny_{family}")
     ours = convert(str(model), ["f16", "f32"], tmp_path, n_threads=2, progress=False)
     for qtype, path in zip(["f16", "f32"], ours):
-        assert_same_tensors(path, llama_cpp_ref.convert(model, qtype))
+        assert_identical(path, llama_cpp_ref.convert(model, qtype))
 
 
 @pytest.mark.parametrize("family", ["mistral", "llama"])
@@ -30,7 +31,7 @@ def test_quantized_types_match_llama_quantize_default_mix(family, request, llama
     qtypes = ["q8_0", "q4_0", "q4_K_M", "q6_K"]
     ours = convert(str(model), qtypes, tmp_path, n_threads=2, progress=False)  # one read, four files
     for qtype, path in zip(qtypes, ours):
-        assert_same_tensors(path, llama_cpp_ref.quantize(model, SOURCE_PRECISION[family], qtype))
+        assert_identical(path, llama_cpp_ref.quantize(model, SOURCE_PRECISION[family], qtype))
     # The default mix, not --pure: q4_0 keeps output.weight in Q6_K and norms in F32.
     q4 = gguf_tensors(ours[1])
     assert q4["output.weight"][0] == "Q6_K"
@@ -51,9 +52,9 @@ def test_adapter_merged_on_the_fly_equals_merge_then_convert(tiny_mistral, mistr
 def test_real_weights_smollm2_match_llama_cpp(smollm2, llama_cpp_ref, tmp_path):
     """SmolLM2-135M: real weights, GQA, tied embeddings (token_embd takes the output's type), 576-wide rows."""
     ours = convert(str(smollm2), ["f16", "q8_0", "q4_0"], tmp_path, n_threads=2, progress=False)
-    assert_same_tensors(ours[0], llama_cpp_ref.convert(smollm2, "f16"))
+    assert_identical(ours[0], llama_cpp_ref.convert(smollm2, "f16"))
     for qtype, path in zip(["q8_0", "q4_0"], ours[1:]):
-        assert_same_tensors(path, llama_cpp_ref.quantize(smollm2, "f32", qtype))
+        assert_identical(path, llama_cpp_ref.quantize(smollm2, "f32", qtype))
     # 576 is not a multiple of 256, so llama.cpp falls back from Q6_K to Q8_0 for the tied embedding.
     assert gguf_tensors(ours[2])["token_embd.weight"][0] == "Q8_0"
 

@@ -9,6 +9,7 @@ import pytest
 from komt_edge.gguf import convert
 
 from .conftest import assert_same_tensors, gguf_tensors
+from .identity import assert_identical
 
 SOURCE_PRECISION = {"mistral": "bf16", "llama": "f32"}
 
@@ -17,14 +18,14 @@ SOURCE_PRECISION = {"mistral": "bf16", "llama": "f32"}
 def test_bf16_and_q5_K_M_match_llama_cpp(family, request, llama_cpp_ref, tmp_path):
     model = request.getfixturevalue(f"tiny_{family}")
     bf16, q5 = convert(str(model), ["bf16", "q5_K_M"], tmp_path, n_threads=2, progress=False)
-    assert_same_tensors(bf16, llama_cpp_ref.convert(model, "bf16"))
-    assert_same_tensors(q5, llama_cpp_ref.quantize(model, SOURCE_PRECISION[family], "q5_K_M"))
+    assert_identical(bf16, llama_cpp_ref.convert(model, "bf16"))
+    assert_identical(q5, llama_cpp_ref.quantize(model, SOURCE_PRECISION[family], "q5_K_M"))
     assert gguf_tensors(bf16)["blk.0.attn_q.weight"][0] == "BF16"
     assert gguf_tensors(q5)["blk.0.attn_q.weight"][0] == "Q5_K"
 
 
 def test_real_weights_smollm2_f32_q4_K_M_q6_K_match_llama_cpp(smollm2, llama_cpp_ref, tmp_path):
     f32, q4, q6 = convert(str(smollm2), ["f32", "q4_K_M", "q6_K"], tmp_path, n_threads=2, progress=False)
-    assert_same_tensors(f32, llama_cpp_ref.convert(smollm2, "f32"))
+    assert_identical(f32, llama_cpp_ref.convert(smollm2, "f32"))
     for qtype, path in (("q4_K_M", q4), ("q6_K", q6)):
-        assert_same_tensors(path, llama_cpp_ref.quantize(smollm2, "f32", qtype))
+        assert_identical(path, llama_cpp_ref.quantize(smollm2, "f32", qtype))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import assert_one_line_error, assert_same_tensors, gguf_field, llama_cpp_convert, run_cli
+from .identity import assert_identical
 
 VOCAB_FIELDS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id")
@@ -58,7 +59,7 @@ def test_komt_llama2_tokenizer_converts_like_llama_cpp(vocab_size, tiny_llama, l
     assert len(tokens) == vocab_size and tokens[2] == "</s>"
     assert ("[PAD]" in tokens) == (vocab_size == 32001)
     assert gguf_field(ours, "tokenizer.ggml.bos_token_id") == 1 and gguf_field(ours, "tokenizer.ggml.eos_token_id") == 2
-    assert_same_tensors(ours, theirs)
+    assert_identical(ours, theirs)
 
 
 def test_added_token_inside_the_vocabulary_that_disagrees_is_refused(tiny_llama, tmp_path, monkeypatch, capsys):
