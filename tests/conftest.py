@@ -141,14 +141,88 @@ def assert_one_line_error(code: int, err: str, *needles: str, exit_code: int = 1
 
 # --- llama.cpp's own path ------------------------------------------------------------------------
 
+# One Python process runs llama.cpp's converter scripts for the whole session, each run as `python SCRIPT ARGS`
+# would (runpy, as __main__, with sys.argv), one after another: torch and transformers are imported once instead of
+# at every conversion (~3 s of CPU each, ~20 conversions a session). The process is not the tests' own: komt-edge
+# is not imported there.
+_SCRIPT_RUNNER = r"""
+import json, os, runpy, sys, traceback
+
+reply = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)  # what the scripts print goes to the log with their logging
+for line in sys.stdin:
+    script, args = json.loads(line)
+    sys.argv = [script, *args]
+    sys.path[0] = os.path.dirname(script)
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print(json.dumps(code), file=reply, flush=True)
+"""
+
+
+class _ScriptRunner:
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.log = None
+
+    def run(self, script: Path, args: list[str]) -> tuple[int, str]:
+        """(exit code, what the script logged) of `python SCRIPT ARGS`."""
+        import tempfile
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.log = tempfile.TemporaryFile()
+            self.proc = subprocess.Popen([sys.executable, "-c", _SCRIPT_RUNNER], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self.log, text=True)
+        start = self.log.seek(0, 2)
+        self.proc.stdin.write(json.dumps([str(script), [str(a) for a in args]]) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        self.log.seek(start)
+        logged = self.log.read().decode("utf-8", errors="replace")
+        if not answer:  # the runner itself died: start a new one next time
+            self.proc.wait()
+            return (self.proc.returncode or 1), logged
+        return json.loads(answer), logged
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+SCRIPTS = _ScriptRunner()
+
+
+def pytest_sessionfinish(session):
+    SCRIPTS.close()
+
+
+def llama_cpp_script(name: str, *args) -> None:
+    """Run llama.cpp's NAME (convert_hf_to_gguf.py, convert_lora_to_gguf.py) from the pinned sdist with ARGS; it
+    must succeed."""
+    script = LLAMA_SRC / name
+    if not script.is_file():
+        pytest.fail(f"{script} is missing: run `make install` to unpack llama.cpp's converters")
+    code, logged = SCRIPTS.run(script, list(args))
+    assert code == 0, logged[-2000:]
+
+
 def llama_cpp_convert(model_dir: Path, outtype: str, out: Path) -> Path:
     """llama.cpp's convert_hf_to_gguf.py from the pinned sdist (unpacked by `make install`)."""
-    script = LLAMA_SRC / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        pytest.fail(f"{script} is missing: run `make install` to unpack llama.cpp's converter")
-    proc = subprocess.run([sys.executable, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(out)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    llama_cpp_script("convert_hf_to_gguf.py", model_dir, "--outtype", outtype, "--outfile", out)
     return out
 
 

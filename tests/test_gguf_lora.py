@@ -6,15 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from .conftest import LLAMA_SRC, N_THREADS, assert_same_tensors, gguf_field, run_cli
+from .conftest import N_THREADS, assert_same_tensors, gguf_field, llama_cpp_script, run_cli
 from .identity import LORA_EXCEPTIONS, assert_identical
 
 TRAIN_DATA = Path(__file__).parent / "data" / "ko_instruct.jsonl"
@@ -22,12 +20,7 @@ TRAIN_DATA = Path(__file__).parent / "data" / "ko_instruct.jsonl"
 
 def llama_cpp_convert_lora(adapter: Path, base: Path, outtype: str, out: Path) -> Path:
     """llama.cpp's convert_lora_to_gguf.py from the pinned sdist (unpacked by `make install`)."""
-    script = LLAMA_SRC / "convert_lora_to_gguf.py"
-    if not script.is_file():
-        pytest.fail(f"{script} is missing: run `make install` to unpack llama.cpp's converters")
-    proc = subprocess.run([sys.executable, str(script), str(adapter), "--base", str(base), "--outtype", outtype,
-                           "--outfile", str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    llama_cpp_script("convert_lora_to_gguf.py", adapter, "--base", base, "--outtype", outtype, "--outfile", out)
     return out
 
 
