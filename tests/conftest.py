@@ -29,6 +29,7 @@ NODE_GROUPS = {
     "tests/test_serve.py::test_chat_page_streams_the_greedy_answer_in_a_real_browser": ("browser",),
     "tests/test_serve.py::test_serve_command_binds_loopback_and_stops_on_sigterm": ("subprocess",),
     "tests/test_bad_input.py::test_sigkill_leftovers_are_removed_by_the_next_run": ("subprocess",),
+    "tests/test_chat.py::test_interactive_ctrl_c_stops_a_reply_and_keeps_the_session": ("subprocess",),
 }
 
 
@@ -38,6 +39,9 @@ def pytest_collection_modifyitems(config, items):
         groups = {m.name for m in item.iter_markers() if m.name in SLOW_GROUPS}
         groups |= {group for name, group in FIXTURE_GROUPS.items() if name in item.fixturenames}
         groups |= {g for prefix, gs in NODE_GROUPS.items() if item.nodeid.startswith(prefix) for g in gs}
+        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        if getattr(case, "signal", None) is not None:  # a test_bad_input row that signals a komt-edge process
+            groups.add("subprocess")
         for group in sorted(groups):
             if not item.get_closest_marker(group):
                 item.add_marker(group)
