@@ -390,11 +390,13 @@ def test_cli_dry_run_and_make_target(hub, tiny_mistral, tmp_path):
 def test_k_quants_use_the_korean_imatrix_which_is_published_and_named_on_the_card(hub, tiny_mistral, tiny_adapter,
                                                                                   tmp_path):
     """By default the k-quant and IQ files are quantized with the Korean importance matrix; q8_0 is not. The
-    matrix is a file of the GGUF repo and the card says what it was computed on; --imatrix none opts out."""
+    matrix is a file of the GGUF repo and the card says what it was computed on; --imatrix none opts out. (No lora
+    stage here: the adapter's own GGUF does not depend on the quant types; the released fixture publishes it.)"""
     from .conftest import gguf_field
 
     out = tmp_path / "out"
-    release(str(tiny_mistral), ORG, log=lambda s: None, **_kw(tiny_adapter, out, quants=["q8_0", "q4_K_M"]))
+    release(str(tiny_mistral), ORG, log=lambda s: None,
+            **_kw(tiny_adapter, out, quants=["q8_0", "q4_K_M"], lora=False))
     repo = out / f"{NAME}-GGUF"
     matrix = repo / f"{NAME}-korean.imatrix.gguf"
     assert gguf_field(matrix, "general.type") == "imatrix"
@@ -406,7 +408,7 @@ def test_k_quants_use_the_korean_imatrix_which_is_published_and_named_on_the_car
     assert "konlpy" in card
 
     release(str(tiny_mistral), ORG, log=lambda s: None, imatrix="none",
-            **_kw(tiny_adapter, tmp_path / "plain", quants=["q4_K_M"], push=False))
+            **_kw(tiny_adapter, tmp_path / "plain", quants=["q4_K_M"], push=False, lora=False))
     plain = tmp_path / "plain" / f"{NAME}-GGUF"
     assert not list(plain.glob("*.imatrix.gguf"))
     assert gguf_field(plain / f"{NAME}-Q4_K_M.gguf", "quantize.imatrix.file") is None
