@@ -20,10 +20,10 @@ N_THREADS = 1  # llama.cpp in tests: 2 threads collapse when the machine is busy
 
 # --- markers: the slow groups (pytest.ini) and `make test-fast` = -m "not slow" ---------------------------------
 
-SLOW_GROUPS = ("release", "gptq", "train", "real_weights", "browser", "subprocess")
+SLOW_GROUPS = ("release", "gptq", "train", "real_weights", "browser", "subprocess", "identity")
 # A test that uses one of these expensive fixtures belongs to its group, in whatever file it is.
 FIXTURE_GROUPS = {"smollm2": "real_weights", "gemma3_270m": "real_weights", "released": "release",
-                  "mistral_run": "gptq", "llama_run": "gptq"}
+                  "mistral_run": "gptq", "llama_run": "gptq", "llama_cpp_ref": "identity"}
 # Groups of tests in files whose markers are not set in the file itself (node id prefix → groups).
 NODE_GROUPS = {
     "tests/test_serve.py::test_chat_page_streams_the_greedy_answer_in_a_real_browser": ("browser",),
