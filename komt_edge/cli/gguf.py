@@ -30,8 +30,8 @@ def gguf_cmd(model: str, quants: tuple[str, ...], out: Path, adapter: str | None
              allow_pickle: bool) -> None:
     """Convert MODEL to GGUF, one file per -q type, from one read of the checkpoint.
 
-    Architectures: LlamaForCausalLM and MistralForCausalLM (written as llama, as llama.cpp does) and
-    Gemma3ForCausalLM.
+    Architectures: LlamaForCausalLM (Llama 2 and Llama 3.x), MistralForCausalLM (written as llama, as llama.cpp
+    does), Qwen2ForCausalLM (Qwen2, Qwen2.5) and Gemma3ForCausalLM.
 
     Files are named <name>-<TYPE>.gguf in OUT. A re-run replaces komt-edge's own files of the same model, each
     atomically (the old file stays until the new one is complete); any other file at those names is refused
