@@ -52,7 +52,7 @@ help:
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py vendor/llama-cpp-python.txt $(SDIST) $(LLAMA_SRC)/convert_hf_to_gguf.py
+$(VENV)/.installed: Makefile setup.py vendor/llama-cpp-python.txt $(SDIST) $(LLAMA_SRC)/convert_hf_to_gguf.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first: the CPU wheel; a bare torch requirement would pull a multi-GB CUDA build.
