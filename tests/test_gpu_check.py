@@ -170,6 +170,9 @@ def test_run_writes_the_report_when_the_gpu_is_not_usable(tmp_path, monkeypatch,
     """CUDA said present but unusable (faked here): the env path fails in one line, the paths after it are skipped
     with the reason, the llama.cpp build is never started, and the report says all of that."""
     monkeypatch.setattr(gc, "no_cuda_reason", lambda: None)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GPTQMODEL_OFFLINE", "HF_DATASETS_OFFLINE",
+                 "PYTHONUNBUFFERED"):  # run() sets these for its children: undone after the test, not left for
+        monkeypatch.setenv(name, os.environ.get(name, "1"))  # later tests (a test Hub in offline mode fails them)
     report = tmp_path / "results" / "gpu-check.json"
     assert gc.run(report, tmp_path / "work", 60, None) == gc.FAILED_EXIT
     data = json.loads(report.read_text())
