@@ -29,7 +29,7 @@ help:
 	@echo "  make install                     create $(VENV) with komt-edge and its pinned llama.cpp"
 	@echo "  make demo                        merge → gguf → verify on the embedded tiny model, offline"
 	@echo "  make test                        run the test suite (offline, CPU)"
-	@echo "  make test-fast                   the edit loop: every test outside the slow groups (pytest.ini), < 3 min"
+	@echo "  make test-fast                   the edit loop: every test outside the slow groups (pytest.ini)"
 	@echo "the job (MODEL=$(MODEL) QUANTS=\"$(QUANTS)\" OUT=$(OUT) THREADS= PICKLE=)"
 	@echo "  make gguf MODEL=komt-mistral-7b  convert to GGUF in OUT/ and verify against the HF model"
 	@echo "                                   (IMATRIX=korean: quantize with a Korean importance matrix)"
