@@ -121,3 +121,36 @@ def test_text_assembler_holds_back_only_stop_prefixes_and_partial_characters(chu
     text = TextAssembler(stop)
     got = [text.push(c) for c in chunks]
     assert [g[0] for g in got] == want and got[-1][1] is done
+
+
+def test_sliding_window_cache_is_reused_only_while_it_holds_the_window(tiny_gemma3, tmp_path):
+    """runtime.load keeps only the window in a Gemma 3 model's sliding-window cache (llama-server's setting). A
+    next prompt that shares a prefix the window has moved past must be evaluated whole — llama-cpp-python's prefix
+    reuse would attend to keys that are gone — and its reply is then that of a fresh model on the same prompt. (The
+    cache holds the window plus a batch, 64 + 512 cells: 920 positions make it drop old ones.)"""
+    import llama_cpp
+
+    from komt_edge.generation import end_of_generation_ids, generate
+    from komt_edge.gguf import convert
+
+    path = convert(tiny_gemma3, ["f16"], tmp_path, name="swa", n_threads=N_THREADS, progress=False)[0]
+    model = load(path, n_ctx=2048, n_threads=N_THREADS, template="mistral")
+    fresh = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=N_THREADS, swa_full=False, verbose=False)
+    try:
+        window = llama_cpp.llama_model_n_swa(model.llm.model)
+        assert window == 64
+        bias = {i: -100.0 for i in end_of_generation_ids(model.llm)}
+        first = model.llm.tokenize(("서울의 봄은 따뜻하고 " * 20).encode(), add_bos=True, special=True)[:120]
+        generate(model.llm, first, max_tokens=800, temperature=0, logit_bias=bias).run()
+        kept_from = llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(model.llm.ctx), 0)
+        shared = 100
+        assert kept_from > shared - window  # the window has moved past the shared prefix: the case under test
+        second = first[:shared] + model.llm.tokenize("부산의 여름은".encode(), add_bos=False, special=True)
+        got = generate(model.llm, second, max_tokens=40, temperature=0, logit_bias=bias).run()
+        want = generate(fresh, second, max_tokens=40, temperature=0, logit_bias=bias).run()
+        # the tokens, not only the text: this random model's replies may decode to little text
+        assert model.llm.input_ids[:model.llm.n_tokens].tolist() == fresh.input_ids[:fresh.n_tokens].tolist()
+        assert fresh.n_tokens == len(second) + 39 and got == want
+    finally:
+        model.close()
+        fresh.close()
