@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(work, ignore_errors=True)
     import gptqmodel
 
-    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+    command = " ".join(["python -m komt_edge.benchmarks.gptq_bench", *(sys.argv[1:] if argv is None else argv)])
+    meta = {"command": command, "load_average_at_end": os.getloadavg(),
+            "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "gptqmodel": gptqmodel.__version__, "samples": args.samples,
             "seq_len": args.seq_len, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     print(f"cpus={os.cpu_count()}, torch {torch.__version__}, GPTQModel {gptqmodel.__version__}, "

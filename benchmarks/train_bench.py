@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if not a.keep and a.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    env = {"python": platform.python_version(), "torch": torch.__version__, "device": a.device,
+    env = {"command": " ".join(["python -m komt_edge.benchmarks.train_bench", *argv]),
+           "load_average_at_end": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
+           "device": a.device,
            "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else platform.processor() or platform.machine(),
            "cpu_count": os.cpu_count(), "steps": a.steps, "seq": a.seq, "batch": a.batch, "grad_accum": a.grad_accum}
     print()
