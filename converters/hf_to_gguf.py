@@ -12,8 +12,8 @@ Layout and conventions are llama.cpp's (learned from convert_hf_to_gguf.py and l
   bases (global and sliding-window layers) and the sliding window written, and the local/global layer pattern
   when config.layer_types differs from the 5:1 that llama.cpp assumes;
 - 1-D tensors and norms stay F32; 2-D weights take the output type;
-- quantized outputs use llama-quantize's per-tensor mix, computed by llama.cpp itself (converters.quantize),
-  and tensors are written in llama.cpp's order, so the k-quant mixes count layers the same way.
+- quantized outputs use llama-quantize's per-tensor mix with the plan's per-tensor types (converters.plan),
+  computed by llama.cpp itself (converters.quantize), and tensors are written in llama.cpp's order, so the k-quant mixes count layers the same way.
 
 Each tensor is read once and quantized for every output file in one pass, on all cores through llama.cpp's
 quantizer, widened to float32 a cache-sized block at a time (converters.quantize.quantize_all). Reading,
@@ -43,6 +43,7 @@ from komt_edge.merge import check_compatible, load_adapter, merged_weight
 from komt_edge.stream import BufferPool, run_pipeline
 
 from . import quantize as q
+from .plan import QuantPlan
 from .vocab import Vocab, load_vocab
 
 # HF architectures this converter handles, and the GGUF architecture each is written as.
@@ -270,7 +271,7 @@ class Converter:
         self.hp = Hparams.from_config(self.ckpt.config, self.folder)
         self.vocab: Vocab = load_vocab(self.folder, self.hp.vocab_size, space_prefix_flag=self.hp.is_llama)
         self.tensors = self._plan_tensors()
-        self._types: dict[str, list[QT]] = {}
+        self._types: dict[tuple, list[QT]] = {}  # by the plan's base type and per-tensor types
 
     @property
     def warnings(self) -> list[str]:
@@ -337,26 +338,29 @@ class Converter:
             return QT.F32
         return {torch.float16: QT.F16, torch.bfloat16: QT.BF16}.get(self.ckpt.info(p.hf_name).dtype, QT.F32)
 
-    def types_for(self, qtype: str, *, imatrix: bool = False) -> list[QT]:
-        """The ggml type of every planned tensor in the output ``qtype`` (llama-quantize's mix without an
-        imatrix). Types that llama.cpp only quantizes with an importance matrix are refused unless ``imatrix``."""
-        qtype = q.normalize(qtype)
-        if qtype not in self._types:
-            self._types[qtype] = self._compute_types(qtype)
-        types = self._types[qtype]
-        needs = sorted({t.name for p, t in zip(self.tensors, types) if q.requires_imatrix(p.gguf_name, t, qtype)})
+    def types_for(self, plan: QuantPlan | str, *, imatrix: bool | None = None) -> list[QT]:
+        """The ggml type of every planned tensor in the file of ``plan`` (a QuantPlan, or a type name for llama.cpp's
+        own mix): llama-quantize's mix without an imatrix, with the plan's per-tensor types. Types that llama.cpp
+        only quantizes with an importance matrix are refused unless ``imatrix`` (default: the plan uses one)."""
+        plan = q.as_plan(plan)
+        imatrix = plan.imatrix is not None if imatrix is None else imatrix
+        key = (plan.base, plan.tensor_types)
+        if key not in self._types:
+            self._types[key] = self._compute_types(plan)
+        types = self._types[key]
+        needs = sorted({t.name for p, t in zip(self.tensors, types) if q.requires_imatrix(p.gguf_name, t, plan.base)})
         if needs and not imatrix:
-            raise KomtError(f"{qtype} needs an importance matrix for its {', '.join(needs)} tensors: pass "
+            raise KomtError(f"{plan.key} needs an importance matrix for its {', '.join(needs)} tensors: pass "
                             "--imatrix korean (or an imatrix file), or choose a type such as q4_K_M")
         return types
 
-    def _compute_types(self, qtype: str) -> list[QT]:
-        if qtype in q.FLOAT_FTYPES:
-            target = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16}[qtype]
+    def _compute_types(self, plan: QuantPlan) -> list[QT]:
+        if plan.is_float:
+            target = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16}[plan.base]
             return [QT.F32 if len(p.shape) <= 1 or p.gguf_name.endswith("_norm.weight") else target
                     for p in self.tensors]
         specs = [q.TensorSpec(p.gguf_name, p.shape, self._source_type(p)) for p in self.tensors]
-        return q.compute_types(self.hp.model_shape(), specs, q.ftype_of(qtype))
+        return q.compute_types(self.hp.model_shape(), specs, plan)
 
     def lossless_type(self) -> str:
         """The float output that holds every weight exactly: the checkpoint's own precision when all its
@@ -365,15 +369,15 @@ class Converter:
                  if len(p.shape) > 1 and not p.gguf_name.endswith("_norm.weight")}
         return {frozenset({QT.BF16}): "bf16", frozenset({QT.F16}): "f16"}.get(frozenset(kinds), "f32")
 
-    def output_bytes(self, qtype: str, *, imatrix: bool = False) -> int:
-        """The tensor data of the ``qtype`` file (the metadata adds well under a megabyte)."""
-        return sum(_nbytes(p.shape, t) for p, t in zip(self.tensors, self.types_for(qtype, imatrix=imatrix)))
+    def output_bytes(self, plan: QuantPlan | str, *, imatrix: bool | None = None) -> int:
+        """The tensor data of the ``plan`` file (the metadata adds well under a megabyte)."""
+        return sum(_nbytes(p.shape, t) for p, t in zip(self.tensors, self.types_for(plan, imatrix=imatrix)))
 
     def parameter_count(self) -> int:
         return sum(int(np.prod(p.shape)) for p in self.tensors)
 
     # -- writing -----------------------------------------------------------------------------------
-    def _writer(self, path: Path, qtype: str, meta: Metadata, types: list[QT]) -> gguf.GGUFWriter:
+    def _writer(self, path: Path, plan: QuantPlan, meta: Metadata, types: list[QT]) -> gguf.GGUFWriter:
         hp = self.hp
         w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[hp.gguf_arch])
         w.add_type(gguf.GGUFType.MODEL)
@@ -427,7 +431,7 @@ class Converter:
             w.add_value_length(hp.head_dim)
         if not hp.gguf_arch == gguf.MODEL_ARCH.QWEN2:  # llama.cpp's qwen2 converter writes no vocab_size
             w.add_vocab_size(len(self.vocab.tokens))
-        w.add_file_type(int(q.ftype_of(qtype)))
+        w.add_file_type(int(plan.ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # float files too, as llama.cpp's converter writes it
 
         self.vocab.write(w)
@@ -495,21 +499,25 @@ class Converter:
             source = source.to(torch.float32)
         return q.quantize_all(source.numpy(), types, pool)
 
-    def write(self, outputs: dict[str, Path], meta: Metadata, *, n_threads: int | None = None,
-              progress: Callable[[int], None] | None = None) -> dict[str, Path]:
-        """Write every output type from one pass over the checkpoint; returns {qtype: final path}."""
-        outputs = {q.normalize(k): Path(v) for k, v in outputs.items()}
-        plans = {qt: self.types_for(qt) for qt in outputs}  # fails early, before any file exists
+    def write(self, outputs: dict[QuantPlan | str, Path], meta: Metadata, *, n_threads: int | None = None,
+              progress: Callable[[int], None] | None = None) -> dict[QuantPlan, Path]:
+        """Write every output (plan → path; a type name means llama.cpp's own mix) from one pass over the
+        checkpoint; returns {plan: final path}. A plan with an importance matrix is quantized by llama.cpp from a
+        float file instead (``quantize.quantize_file``)."""
+        outputs = {q.as_plan(k): Path(v) for k, v in outputs.items()}
+        if any(plan.imatrix is not None for plan in outputs):
+            raise ValueError("plans with an importance matrix are quantized with quantize.quantize_file")
+        plans = {plan: self.types_for(plan) for plan in outputs}  # fails early, before any file exists
         n_threads = n_threads or os.cpu_count() or 1
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(n_threads) as pool:
             writers = {}
-            for qt, final in outputs.items():
+            for plan, final in outputs.items():
                 tmp = stack.enter_context(atomic_file(final))
-                w = self._writer(tmp, qt, meta, plans[qt])
+                w = self._writer(tmp, plan, meta, plans[plan])
                 w.write_header_to_file()
                 w.write_kv_data_to_file()
                 w.write_ti_data_to_file()
-                writers[qt] = w
+                writers[plan] = w
             # A bounded pipeline: tensor i+1 is read (and merged) while tensor i is widened and quantized for every
             # output on all cores, a cache-sized block at a time, and tensor i-1 is written to every file. Same
             # order, same bytes.
@@ -521,7 +529,7 @@ class Converter:
 
             def encode(item):
                 i, p, source, owned = item
-                arrays = self.encode(source, [plans[qt][i] for qt in writers], pool)
+                arrays = self.encode(source, [plans[plan][i] for plan in writers], pool)
                 encoded = list(zip(writers.values(), arrays))
                 # a buffer an output still points into (an F32 output of F32 weights) goes back once written
                 kept, done = [], []

@@ -2,8 +2,9 @@
 
 Nothing here re-implements llama.cpp: tensor data goes through ``ggml_quantize_chunk`` (libggml-base), and
 the choice of type per tensor (``llama-quantize``'s default mixes, e.g. ``output.weight`` in Q6_K for
-q4_0, the k-quant ``_M`` mixes, shape fallbacks) comes from llama.cpp's ``llama_quant_compute_types``.
-So a file written here is, tensor for tensor, what ``llama-quantize`` writes from the same source.
+q4_0, the k-quant ``_M`` mixes, shape fallbacks, and a plan's ``--tensor-type`` overrides) comes from llama.cpp's
+``llama_quant_compute_types``. So a file written here is, tensor for tensor, what ``llama-quantize`` writes from
+the same source. What a file is (its type names, per-tensor types, imatrix) is a ``converters.plan.QuantPlan``.
 
 The pinned llama.cpp revision is recorded in ``vendor/llama.cpp.md``.
 """
@@ -24,72 +25,24 @@ from gguf import GGMLQuantizationType, LlamaFileType
 
 from komt_edge.errors import KomtError
 
+from .plan import (FLOAT_TYPES, QUANT_TYPES, QuantPlan, display_name, is_kquant_or_iq, mix,  # noqa: F401 - re-exported
+                   normalize, parse_types)
+
 # ---------------------------------------------------------------------------------------------------
-# Output types: the names users type (-q q4_K_M) and what they mean.
+# Output types: the names users type (-q q4_K_M) are the planner's (converters.plan); what each means to llama.cpp.
 # ---------------------------------------------------------------------------------------------------
 
-# Float outputs are written the way convert_hf_to_gguf.py writes them (norms stay F32).
-FLOAT_FTYPES = {
-    "f32": LlamaFileType.ALL_F32,
-    "f16": LlamaFileType.MOSTLY_F16,
-    "bf16": LlamaFileType.MOSTLY_BF16,
-}
-
-# Quantized outputs follow llama-quantize's ftype mixes (names as llama-quantize prints them).
-QUANT_FTYPES = {
-    "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
-    "q5_0": LlamaFileType.MOSTLY_Q5_0, "q5_1": LlamaFileType.MOSTLY_Q5_1,
-    "q8_0": LlamaFileType.MOSTLY_Q8_0,
-    "q2_k": LlamaFileType.MOSTLY_Q2_K, "q2_k_s": LlamaFileType.MOSTLY_Q2_K_S,
-    "q3_k_s": LlamaFileType.MOSTLY_Q3_K_S, "q3_k_m": LlamaFileType.MOSTLY_Q3_K_M,
-    "q3_k_l": LlamaFileType.MOSTLY_Q3_K_L,
-    "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S, "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
-    "q5_k_s": LlamaFileType.MOSTLY_Q5_K_S, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
-    "q6_k": LlamaFileType.MOSTLY_Q6_K,
-    "iq2_xxs": LlamaFileType.MOSTLY_IQ2_XXS, "iq2_xs": LlamaFileType.MOSTLY_IQ2_XS,
-    "iq2_s": LlamaFileType.MOSTLY_IQ2_S, "iq2_m": LlamaFileType.MOSTLY_IQ2_M,
-    "iq3_xxs": LlamaFileType.MOSTLY_IQ3_XXS, "iq3_xs": LlamaFileType.MOSTLY_IQ3_XS,
-    "iq3_s": LlamaFileType.MOSTLY_IQ3_S, "iq3_m": LlamaFileType.MOSTLY_IQ3_M,
-    "iq1_s": LlamaFileType.MOSTLY_IQ1_S, "iq1_m": LlamaFileType.MOSTLY_IQ1_M,
-    "iq4_nl": LlamaFileType.MOSTLY_IQ4_NL, "iq4_xs": LlamaFileType.MOSTLY_IQ4_XS,
-    "tq1_0": LlamaFileType.MOSTLY_TQ1_0, "tq2_0": LlamaFileType.MOSTLY_TQ2_0,
-}
-
-def display_name(qtype: str) -> str:
-    """The spelling used in GGUF file names: komt-mistral-7b-v1-Q4_K_M.gguf."""
-    return normalize(qtype).upper()
-
-
-def normalize(qtype: str) -> str:
-    key = qtype.strip().lower()
-    if key not in FLOAT_FTYPES and key not in QUANT_FTYPES:
-        known = ", ".join([*FLOAT_FTYPES, *QUANT_FTYPES])
-        raise ValueError(f"unknown quantization type {qtype!r}; known: {known}")
-    return key
-
-
-def parse_types(specs: str | Sequence[str]) -> list[str]:
-    """Output types from the command line (``-q`` values, each one type or a space/comma-separated list):
-    normalized, in order, without repeats; a one-line error names an unknown type and lists the known ones."""
-    specs = [specs] if isinstance(specs, str) else specs
-    try:
-        types = list(dict.fromkeys(normalize(t) for spec in specs for t in str(spec).replace(",", " ").split()))
-    except ValueError as err:
-        raise KomtError(str(err)) from None
-    if not types:
-        raise KomtError('no output type given: pass -q q4_0 -q q8_0 (or --quants "q4_0 q8_0"; f16, q4_K_M, ...)')
-    return types
-
-
-def is_kquant_or_iq(qtype: str) -> bool:
-    """The k-quant and IQ mixes: the types whose quality an importance matrix decides (q4_0, q8_0, ... are not)."""
-    key = normalize(qtype)
-    return key.startswith("iq") or "_k" in key
+FLOAT_FTYPES = {key: LlamaFileType[name] for key, name in FLOAT_TYPES.items()}
+QUANT_FTYPES = {key: LlamaFileType[name] for key, name in QUANT_TYPES.items()}
 
 
 def ftype_of(qtype: str) -> LlamaFileType:
-    key = normalize(qtype)
-    return FLOAT_FTYPES[key] if key in FLOAT_FTYPES else QUANT_FTYPES[key]
+    return as_plan(qtype).ftype
+
+
+def as_plan(plan: QuantPlan | str) -> QuantPlan:
+    """A plan, or llama.cpp's own mix for a type name (what callers that name a type mean)."""
+    return plan if isinstance(plan, QuantPlan) else mix(plan)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,8 +189,33 @@ def tensor_order_key(name: str) -> tuple[int, str]:
     return layer, name
 
 
-def compute_types(shape: ModelShape, tensors: list[TensorSpec], ftype: LlamaFileType) -> list[GGMLQuantizationType]:
-    """The type llama-quantize gives each tensor for ``ftype`` (default mix, no imatrix, no overrides).
+def _tensor_overrides(plan: QuantPlan):
+    """The plan's per-tensor types as llama_model_quantize_params.tt_overrides (llama-quantize's --tensor-type:
+    pattern and ggml type, ended by a null pattern), or None for a plain mix. The array is kept alive by the
+    pointer returned (its ``_keep``)."""
+    import llama_cpp
+
+    from komt_edge.llama_log import route_llama_log
+
+    overrides = plan.overrides()
+    if not overrides:
+        return None
+    route_llama_log()  # llama.cpp logs each override it applies: shown with --verbose only
+    array = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for item, (pattern, ggml_type) in zip(array, overrides):
+        item.pattern = pattern.encode()
+        item.type = int(ggml_type)
+    array[len(overrides)].pattern = None
+    array[len(overrides)].type = llama_cpp.GGML_TYPE_COUNT  # as llama-quantize ends the list
+    pointer = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    pointer._keep = array
+    return pointer
+
+
+def compute_types(shape: ModelShape, tensors: list[TensorSpec], plan: QuantPlan) -> list[GGMLQuantizationType]:
+    """The type llama-quantize gives each tensor for ``plan``: its base type's mix, without an imatrix, with the
+    plan's per-tensor types as llama-quantize's ``--tensor-type`` gives them (llama.cpp applies them: first matching
+    pattern wins, then its shape fallbacks).
 
     ``tensors`` must be in llama.cpp's order (see tensor_order_key): the k-quant mixes count layers.
     """
@@ -249,8 +227,10 @@ def compute_types(shape: ModelShape, tensors: list[TensorSpec], ftype: LlamaFile
     model = lib.ext["llama_quant_model_from_metadata"](ctypes.addressof(desc))
     if not model:
         raise RuntimeError(f"llama.cpp does not know the architecture {shape.architecture!r}")
+    ftype = plan.ftype
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(ftype)
+    params.tt_overrides = _tensor_overrides(plan)  # compiled by llama_quant_init (params holds the array)
     qs = lib.ext["llama_quant_init"](model, ctypes.addressof(params))
     ctx = lib.ggml.ggml_init(_GgmlInitParams(mem_size=(len(tensors) + 8) * 1024, mem_buffer=None, no_alloc=True))
     try:
@@ -403,14 +383,15 @@ def quantize_all(source: np.ndarray, types: Sequence[GGMLQuantizationType], pool
 # Whole files with an importance matrix: llama-quantize's own path.
 # ---------------------------------------------------------------------------------------------------
 
-def quantize_file(src: Path, dst: Path, qtype: str, *, imatrix: dict[str, np.ndarray],
+def quantize_file(src: Path, dst: Path, plan: QuantPlan | str, *, imatrix: dict[str, np.ndarray],
                   metadata: dict[str, str | int], n_threads: int | None = None, model: str | None = None) -> None:
-    """Quantize the float GGUF ``src`` to ``qtype`` at ``dst`` with llama.cpp's ``llama_model_quantize``, the
-    function llama-quantize calls: the importance matrix reaches each tensor's quantizer as llama-quantize passes
-    it (``imatrix``: weight name → per-column importance, flattened over a 3-D weight's matrices), and the type
-    mix is the one llama-quantize chooses with an imatrix. ``metadata`` is written as llama-quantize's KV
-    overrides (its ``quantize.imatrix.*`` provenance keys). ``model``: its name, for the error message (``src`` is
-    a hidden temporary file). llama.cpp's log goes through komt-edge's (``komt_edge.llama_log``): its per-tensor
+    """Quantize the float GGUF ``src`` to ``plan`` (a QuantPlan, or a type name for llama.cpp's own mix) at ``dst``
+    with llama.cpp's ``llama_model_quantize``, the function llama-quantize calls: the importance matrix reaches
+    each tensor's quantizer as llama-quantize passes it (``imatrix``: weight name → per-column importance,
+    flattened over a 3-D weight's matrices), the type mix is the one llama-quantize chooses with an imatrix, and
+    the plan's per-tensor types are its ``--tensor-type`` overrides (``tt_overrides``). ``metadata`` is written as
+    llama-quantize's KV overrides (its ``quantize.imatrix.*`` provenance keys). ``model``: its name, for the error
+    message (``src`` is a hidden temporary file). llama.cpp's log goes through komt-edge's (``komt_edge.llama_log``): its per-tensor
     lines only with --verbose, its reason for failing in the one-line error."""
     import llama_cpp
 
@@ -434,8 +415,10 @@ def quantize_file(src: Path, dst: Path, qtype: str, *, imatrix: dict[str, np.nda
         else:
             o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
             o.value.val_str = str(value).encode()[:127]
+    plan = as_plan(plan)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(ftype_of(qtype))
+    params.ftype = int(plan.ftype)
+    params.tt_overrides = _tensor_overrides(plan)
     params.nthread = n_threads or os.cpu_count() or 1
     params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)) if names else None
     params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
@@ -444,5 +427,5 @@ def quantize_file(src: Path, dst: Path, qtype: str, *, imatrix: dict[str, np.nda
     raise_pending()  # a signal that arrived in llama.cpp's log callback during the call
     if rc != 0:
         why = reason(errors)
-        raise KomtError(f"llama.cpp could not quantize {model or Path(src).name} to {display_name(qtype)}: "
+        raise KomtError(f"llama.cpp could not quantize {model or Path(src).name} to {plan.name}: "
                         + (why or f"code {rc}; run with --verbose to see llama.cpp's log"))

@@ -64,6 +64,7 @@ class CardRow:
     kl_ref: float | None = None  # mean KL vs the HF original (verify stage)
     top1: float | None = None  # top-1 agreement with the HF original (verify stage)
     verified: bool | None = None
+    plan: dict | None = None  # a GGUF file's QuantPlan (converters.plan) when it is not llama.cpp's own mix
 
 
 @dataclass
@@ -375,6 +376,7 @@ def render_card(spec: CardSpec) -> str:
         "## Files", "",
         *_files_table(spec), "",
         *_imatrix_note(spec),
+        *_plan_notes(spec),
         "## Prompt template", "",
         f"komt's {t.name} format, the one the model was trained with:", "",
         "```text", t.format("{prompt}"), "```", "",
@@ -407,6 +409,23 @@ def _imatrix_note(spec: CardSpec) -> list[str]:
     return [f"{', '.join(m['types'])} were quantized with a Korean importance matrix, `{m['file']}` (in this repo, "
             f"llama.cpp's imatrix format; `llama-quantize --imatrix` reads it): {m['chunks']} chunks of "
             f"{m['chunk_size']} tokens of {m['dataset']}. The other files were quantized without one.", ""]
+
+
+def _plan_notes(spec: CardSpec) -> list[str]:
+    """How each file whose plan is not llama.cpp's own mix was made, and the llama-quantize command that makes it."""
+    from .converters.plan import QuantPlan
+
+    notes = []
+    for row in spec.rows:
+        if not row.plan:
+            continue
+        plan = QuantPlan.from_dict(row.plan)
+        matrix = (spec.imatrix or {}).get("file") if plan.imatrix else None
+        command = " ".join(plan.llama_quantize_args("MODEL-F16.gguf", row.files[0], matrix))
+        notes += [f"{plan.name}: {plan.made_by or 'komt-edge plan'}; llama.cpp's {plan.base} mix with "
+                  f"{len(plan.tensor_types)} per-tensor type(s) set. llama-quantize makes the same file from an "
+                  f"f16 GGUF of the model: `{command}`.", ""]
+    return notes
 
 
 # --- a release's cards -------------------------------------------------------------------------------------
@@ -509,7 +528,7 @@ def release_cards(origin: ModelOrigin, data: ReleaseData) -> list[CardSpec]:
         v, b = data.verify.get(first, {}), bench_files.get(first, {})
         rows.append(CardRow(m["quant"], m["files"], m["size"], m.get("bits_per_weight"), ppl=b.get("ppl"),
                             kld_f16=b.get("kld_f16"), tokens_per_s=b.get("tokens_per_s"), kl_ref=v.get("mean_kl"),
-                            top1=v.get("top1"), verified=v.get("passed")))
+                            top1=v.get("top1"), verified=v.get("passed"), plan=m.get("plan")))
     common = dict(model_name=data.name, family=data.family, base_model=_base_model(origin), license=lic,
                   license_name=lic_name, license_link=lic_link, sources=_sources(origin),
                   architecture=_architecture(origin.path),

@@ -19,6 +19,7 @@ from . import __version__
 from .atomic import atomic_file, check_free_space, check_output_dir, output_dir
 from .converters import quantize as q
 from .converters.hf_to_gguf import Converter, Metadata
+from .converters.plan import QuantPlan, mix, plans_for
 from .errors import KomtError
 from .importance import KOREAN, Imatrix
 from .util import sha256_json
@@ -27,13 +28,14 @@ from .zoo import ResolvedModel, chat_template_for, model_template, resolve, snap
 DEFAULT_QUANTS = ("q4_0", "q8_0")
 
 
-def output_name(name: str, qtype: str) -> str:
-    """GGUF naming convention: <name>-<TYPE>.gguf, e.g. komt-mistral-7b-v1-Q4_0.gguf.
+def output_name(name: str, plan: QuantPlan | str) -> str:
+    """GGUF naming convention: <name>-<PLAN>.gguf, e.g. komt-mistral-7b-v1-Q4_0.gguf (a type name stands for
+    llama.cpp's own mix of that type).
 
     Letters and digits of every script stay (Hangul included, NFC-normalized as macOS folder names are not);
     anything else between them becomes one hyphen, and no name starts with a dot."""
     safe = re.sub(r"[^\w.-]+", "-", unicodedata.normalize("NFC", name)).strip("-.") or "model"
-    return f"{safe}-{q.display_name(qtype)}.gguf"
+    return f"{safe}-{(plan if isinstance(plan, QuantPlan) else mix(plan)).name}.gguf"
 
 
 def check_target(path: Path, name: str, *, force: bool = False) -> None:
@@ -88,27 +90,33 @@ def metadata_for(resolved: ResolvedModel, conv: Converter, template: str | None,
     )
 
 
-def convert(model: str, quants: Sequence[str] = DEFAULT_QUANTS, out: str | Path = "dist", *,
+def convert(model: str, quants: Sequence[str | QuantPlan] = DEFAULT_QUANTS, out: str | Path = "dist", *,
             adapter: str | None = None, allow_pickle: bool = False, template: str | None = None,
             name: str | None = None, n_threads: int | None = None, force: bool = False,
             imatrix: str | Path | None = None, progress: bool = True) -> list[Path]:
-    """Convert MODEL to one GGUF file per requested type; returns the written paths.
+    """Convert MODEL to one GGUF file per requested plan (``quants``: -q values or QuantPlans, see
+    ``converters.plan``); returns the written paths.
 
-    Everything is checked before the first byte is written: the types, the model (config, tensor shapes,
+    Everything is checked before the first byte is written: the plans, the model (config, tensor shapes,
     tokenizer, adapter), the output folder, that no output would replace a file komt-edge did not write for this
     model (see ``check_target``; ``force`` allows it) and the free space. A re-run replaces its own files, each
     atomically.
 
     ``imatrix`` (an importance-matrix file, or "korean" to compute one on the Korean calibration text, kept in OUT
-    as ``<name>-korean.imatrix.gguf`` and reused while the model and text are unchanged) quantizes the way
-    ``llama-quantize --imatrix`` does: from a float GGUF holding the weights exactly, through llama.cpp's own
-    ``llama_model_quantize``; types that need an importance matrix (iq2_xs, iq1_s, q2_K_S, ...) need it."""
-    types = q.parse_types(quants)
+    as ``<name>-korean.imatrix.gguf`` and reused while the model and text are unchanged) is used for every
+    quantized plan that has none of its own. A plan with an importance matrix is quantized
+    the way ``llama-quantize --imatrix`` does: from a float GGUF holding the weights exactly, through llama.cpp's
+    own ``llama_model_quantize``; types that need an importance matrix (iq2_xs, iq1_s, q2_K_S, ...) need it. The
+    plans without one are written by komt-edge's own writer, with the float source, in one read of the checkpoint.
+    """
+    imatrix = None if imatrix in (None, "", "none") else imatrix
+    plans = plans_for(quants, imatrix=None if imatrix is None else str(imatrix))
     if template not in (None, "none", "llama", "mistral"):
         raise KomtError(f"--template {template!r}: choose llama, mistral or none")
-    imatrix = None if imatrix in (None, "", "none") else imatrix
-    if imatrix is not None and imatrix != KOREAN:
-        imatrix = Imatrix.read(Path(imatrix))  # readable, and an imatrix, before any work
+    matrices = {}  # each imatrix file, readable and an imatrix, before any work
+    for spec in ([str(imatrix)] if imatrix is not None else []) + [p.imatrix for p in plans if p.imatrix]:
+        if spec != KOREAN and spec not in matrices:
+            matrices[spec] = Imatrix.read(Path(spec))
     out = check_output_dir(Path(out))
     resolved = resolve(model, adapter=adapter, allow_pickle=allow_pickle)
     conv = Converter(resolved.path, adapter=resolved.adapter, allow_pickle=allow_pickle)
@@ -116,37 +124,39 @@ def convert(model: str, quants: Sequence[str] = DEFAULT_QUANTS, out: str | Path 
     for warning in conv.warnings:
         tqdm.write(f"warning: {warning}", file=sys.stderr)
     meta = metadata_for(resolved, conv, template, display)
-    targets = {t: out / output_name(display, t) for t in types}
+    targets = {plan: out / output_name(display, plan) for plan in plans}
     for path in targets.values():
         check_target(path, display, force=force)
-    quantized = [t for t in types if t not in q.FLOAT_FTYPES] if imatrix is not None else []
-    if isinstance(imatrix, Imatrix) and quantized:
-        imatrix.check_against({p.gguf_name: p.shape for p in conv.tensors}, display)
-    source_type = conv.lossless_type()
-    needed = sum(conv.output_bytes(t, imatrix=t in quantized) for t in types)
-    check_free_space(out, needed + (conv.output_bytes(source_type) if quantized else 0),
+    quantized = [plan for plan in plans if plan.imatrix is not None]
+    for spec in dict.fromkeys(plan.imatrix for plan in quantized):
+        if spec in matrices:
+            matrices[spec].check_against({p.gguf_name: p.shape for p in conv.tensors}, display)
+    source_plan = mix(conv.lossless_type())
+    needed = sum(conv.output_bytes(plan) for plan in plans)
+    check_free_space(out, needed + (conv.output_bytes(source_plan) if quantized else 0),
                      f"{', '.join(p.name for p in targets.values())}")
-    direct = {t: path for t, path in targets.items() if t not in quantized}
+    direct = {plan: path for plan, path in targets.items() if plan.imatrix is None}
     # The float source llama_model_quantize reads: hidden, named as a partial so that a killed run's is removed.
-    source = out / f".{output_name(display, source_type)}.source.partial-{os.getpid()}"
-    outputs = {**direct, **({source_type: source} if quantized and source_type not in direct else {})}
+    source = out / f".{output_name(display, source_plan)}.source.partial-{os.getpid()}"
+    outputs = {**direct, **({source_plan: source} if quantized and source_plan not in direct else {})}
     with output_dir(out):
         try:
             with tqdm(total=conv.parameter_count(), unit="w", unit_scale=True, disable=not progress,
-                      desc=f"{display} → {', '.join(q.display_name(t) for t in outputs)}") as bar:
+                      desc=f"{display} → {', '.join(plan.name for plan in outputs)}") as bar:
                 conv.write(outputs, meta, n_threads=n_threads, progress=bar.update)
-            if quantized:
-                _quantize_with_imatrix(outputs[source_type], {t: targets[t] for t in quantized}, imatrix, resolved,
-                                       template, out, display, n_threads, progress)
+            for spec in dict.fromkeys(plan.imatrix for plan in quantized):
+                _quantize_with_imatrix(outputs[source_plan], {p: targets[p] for p in quantized if p.imatrix == spec},
+                                       matrices.get(spec, spec), resolved, template, out, display, n_threads,
+                                       progress)
         finally:
             source.unlink(missing_ok=True)
-    return [targets[t] for t in types]
+    return [targets[plan] for plan in plans]
 
 
-def _quantize_with_imatrix(source: Path, targets: dict[str, Path], imatrix, resolved: ResolvedModel,
+def _quantize_with_imatrix(source: Path, targets: dict[QuantPlan, Path], imatrix, resolved: ResolvedModel,
                            template: str | None, out: Path, display: str, n_threads: int | None,
                            progress: bool) -> None:
-    """llama-quantize --imatrix for each target type, from the float ``source``."""
+    """llama-quantize --imatrix for each target plan, from the float ``source``."""
     matrix, matrix_file = _importance(imatrix, source, resolved, template, out, display, n_threads, progress)
     matrix.check_finite()  # the Korean one too: a model whose activations overflow gives NaN sums
     weights = {n: matrix.weights(n) for n in matrix.entries}
@@ -155,10 +165,10 @@ def _quantize_with_imatrix(source: Path, targets: dict[str, Path], imatrix, reso
         provenance["quantize.imatrix.dataset"] = matrix.datasets[0]
     if matrix.chunk_count > 0:
         provenance["quantize.imatrix.chunks_count"] = matrix.chunk_count
-    for t, target in tqdm(targets.items(), desc=f"{display}: llama_model_quantize with the imatrix", unit="file",
-                          disable=not progress):
+    for plan, target in tqdm(targets.items(), desc=f"{display}: llama_model_quantize with the imatrix", unit="file",
+                             disable=not progress):
         with atomic_file(target) as tmp:
-            q.quantize_file(source, tmp, t, imatrix=weights, metadata=provenance, n_threads=n_threads,
+            q.quantize_file(source, tmp, plan, imatrix=weights, metadata=provenance, n_threads=n_threads,
                             model=display)
 
 

@@ -89,6 +89,7 @@ class ReleaseOptions:
     progress: bool = True
     imatrix: str | None = KOREAN  # for the k-quant and IQ types: "korean", an imatrix file, or None
     lora: bool | None = None  # the adapter as a LoRA GGUF: None = when the model has an adapter
+    plans: tuple = ()  # the GGUF files' QuantPlans (converters.plan), in the order of quants; made by make_options
 
 
 @dataclass(kw_only=True)
@@ -128,6 +129,12 @@ class StageContext(Context):
     def gguf_models(self) -> list[Path]:
         """One path per GGUF model: the file, or the first shard of a split file."""
         return [self.gguf_dir / m["files"][0] for m in self.data("gguf").get("models", [])]
+
+    @property
+    def gguf_plans(self) -> list:
+        """The QuantPlan each of ``gguf_models`` was made with (None for a model this run did not plan)."""
+        plans = {p.name: p for p in self.options.plans}
+        return [plans.get(m["quant"]) for m in self.data("gguf").get("models", [])]
 
     def repo_files(self, folder: Path, stages: Sequence[str]) -> dict[str, dict]:
         """The recorded outputs of ``stages`` inside ``folder``: path in the repo → {"sha256", "size"}."""
@@ -197,15 +204,16 @@ def _merge_run(ctx: StageContext) -> StageOutput:
 def _gguf_inputs(ctx: StageContext) -> dict:
     o = ctx.options
     imatrix = o.imatrix if o.imatrix in (None, KOREAN) else {"file": ctx.manifest.sha256(Path(o.imatrix))}
+    custom = {p.name: p.to_dict() for p in o.plans if not p.is_plain_mix}  # what a plan's name does not say
     return {**_model_inputs(ctx), "quants": list(o.quants), "template": o.template, "name": o.name,
-            "max_file_size": o.max_file_size, **({"imatrix": imatrix} if _imatrix_types(o) else {})}
+            "max_file_size": o.max_file_size, **({"imatrix": imatrix} if _imatrix_plans(o) else {}),
+            **({"plans": custom} if custom else {})}
 
 
-def _imatrix_types(o: ReleaseOptions) -> list[str]:
-    """The types quantized with the importance matrix: the k-quant and IQ mixes, unless --imatrix none."""
-    from .converters.quantize import is_kquant_or_iq
-
-    return [t for t in o.quants if o.imatrix is not None and is_kquant_or_iq(t)]
+def _imatrix_plans(o: ReleaseOptions) -> list:
+    """The plans quantized with the importance matrix (the planner's rule for a release: the k-quant and IQ mixes,
+    unless --imatrix none)."""
+    return [p for p in o.plans if p.imatrix is not None]
 
 
 def _gguf_record(files: Sequence[Path]) -> dict:
@@ -216,7 +224,6 @@ def _gguf_record(files: Sequence[Path]) -> dict:
 
 
 def _gguf_run(ctx: StageContext) -> StageOutput:
-    from .converters import quantize as q
     from .gguf import convert
 
     o = ctx.options
@@ -225,24 +232,20 @@ def _gguf_run(ctx: StageContext) -> StageOutput:
     remove_stale_partials(gguf_dir)  # leftovers of an interrupted write
     for leftover in split_leftovers(gguf_dir):
         shutil.rmtree(leftover, ignore_errors=True)
-    with_imatrix = _imatrix_types(o)
-    written = {}
-    for group, imatrix in (([t for t in o.quants if t not in with_imatrix], None), (with_imatrix, o.imatrix)):
-        if group:  # one read of the checkpoint per group
-            paths = convert(o.model, group, gguf_dir, adapter=o.adapter, allow_pickle=o.allow_pickle,
-                            template=o.template, name=o.name, n_threads=o.n_threads, progress=o.progress,
-                            imatrix=imatrix)
-            written.update(zip(group, paths))
+    with_imatrix = _imatrix_plans(o)
+    # one read of the checkpoint: the plans without the imatrix, and the float source of those with it
+    paths = convert(o.model, o.plans, gguf_dir, adapter=o.adapter, allow_pickle=o.allow_pickle, template=o.template,
+                    name=o.name, n_threads=o.n_threads, progress=o.progress)
     models, files = [], []
     imatrix_data = _published_imatrix(o, gguf_dir, with_imatrix) if with_imatrix else None
-    for qtype in o.quants:  # normalized and without repeats (make_options)
-        path = written[qtype]
+    for plan, path in zip(o.plans, paths):
         shards = [path]
         if path.stat().st_size > o.max_file_size:
             ctx.log(f"  {path.name} is {fmt_size(path.stat().st_size)}, over the per-file limit of "
                     f"{fmt_size(o.max_file_size)}: splitting it (gguf-split)")
             shards = split_gguf(path, o.max_file_size)
-        models.append({"quant": q.display_name(qtype), "files": [s.name for s in shards], **_gguf_record(shards)})
+        models.append({"quant": plan.name, "files": [s.name for s in shards], **_gguf_record(shards),
+                       **({} if plan.is_plain_mix else {"plan": plan.to_dict()})})
         files += shards
     if imatrix_data:
         files.append(gguf_dir / imatrix_data["file"])
@@ -255,9 +258,8 @@ def _gguf_run(ctx: StageContext) -> StageOutput:
     return StageOutput(files=files, data=data, tools={"llama.cpp": commit} if commit else {})
 
 
-def _published_imatrix(o: ReleaseOptions, gguf_dir: Path, types: list[str]) -> dict:
+def _published_imatrix(o: ReleaseOptions, gguf_dir: Path, plans: list) -> dict:
     """The importance matrix the k-quant and IQ files were made with, as a file of the GGUF repo."""
-    from .converters import quantize as q
     from .gguf import imatrix_name
 
     path = gguf_dir / imatrix_name(o.name)
@@ -265,7 +267,7 @@ def _published_imatrix(o: ReleaseOptions, gguf_dir: Path, types: list[str]) -> d
         shutil.copyfile(o.imatrix, path)
     m = Imatrix.read(path)
     return {"file": path.name, "dataset": m.datasets[0] if m.datasets else "unknown text", "chunks": m.chunk_count,
-            "chunk_size": m.chunk_size, "types": [q.display_name(t) for t in types]}
+            "chunk_size": m.chunk_size, "types": [p.name for p in plans]}
 
 
 # --- gptq (optional) ---------------------------------------------------------------------------------------
@@ -376,7 +378,7 @@ def _verify_run(ctx: StageContext) -> StageOutput:
     report_path = ctx.out / "verify.json"
     run = verify_files(ctx.gguf_models, o.model, adapter=o.adapter, allow_pickle=o.allow_pickle, template=o.template,
                        n_threads=o.n_threads, overrides=BoundOverrides(mean_kl=o.max_kl), json_out=report_path,
-                       progress=o.progress,
+                       progress=o.progress, plans=ctx.gguf_plans,
                        log=lambda text: ctx.log("\n".join("  " + line for line in text.splitlines())))
     data = {}
     for report in run.reports:
@@ -570,11 +572,12 @@ def model_name(model: str, name: str | None = None) -> str:
 def make_options(model: str, org: str, *, quants: Sequence[str] = DEFAULT_RELEASE_QUANTS, gptq: bool = True,
                  out: str | Path | None = None, name: str | None = None, gguf_repo: str | None = None,
                  gptq_repo: str | None = None, **kwargs) -> ReleaseOptions:
-    from .converters.quantize import parse_types
+    from .converters.plan import kquant_or_iq, plans_for
 
     if not re.match(r"^[A-Za-z0-9][\w.-]*$", org or ""):
         raise KomtError(f"--org {org!r} is not a Hub user or organization name")
-    types = tuple(parse_types(quants))
+    plans = tuple(plans_for(quants, imatrix=kwargs.get("imatrix", KOREAN), imatrix_for=kquant_or_iq))
+    types = tuple(p.key for p in plans)
     release_name = model_name(model, name)
     gguf_repo = check_repo_id(gguf_repo or f"{org}/{release_name}-GGUF")
     gptq_repo = check_repo_id(gptq_repo or f"{org}/{release_name}-GPTQ")
@@ -582,7 +585,7 @@ def make_options(model: str, org: str, *, quants: Sequence[str] = DEFAULT_RELEAS
         raise KomtError("the GGUF and GPTQ repos need different names")
     out = Path(out) if out else Path("dist") / "release" / release_name
     return ReleaseOptions(model=model, org=org, quants=types, gptq=gptq, name=release_name, out=out,
-                          gguf_repo=gguf_repo, gptq_repo=gptq_repo, **kwargs)
+                          gguf_repo=gguf_repo, gptq_repo=gptq_repo, plans=plans, **kwargs)
 
 
 def _gptq_stage_available(options: ReleaseOptions) -> bool:
@@ -640,7 +643,6 @@ def release(model: str, org: str, *, quants: Sequence[str] = DEFAULT_RELEASE_QUA
 
 def _dry_run(options: ReleaseOptions, log: Callable[[str], None]) -> ReleaseResult:
     """What a real run would do: stages to run or skip, repos to create, files to upload. Writes nothing."""
-    from .converters import quantize as q
     from .gguf import output_name
 
     ctx = StageContext(Manifest(options.out / MANIFEST_NAME), log, options=options)  # read, never saved
@@ -659,7 +661,7 @@ def _dry_run(options: ReleaseOptions, log: Callable[[str], None]) -> ReleaseResu
                 log(result.plan.describe())
                 repos[repo_id] = result.to_dict()
             elif repo_id == options.gguf_repo:
-                files = [output_name(options.name, t) for t in options.quants]
+                files = [output_name(options.name, p) for p in options.plans]
                 zoo = lookup(options.model)
                 if options.lora is not False and (options.adapter or (zoo is not None and zoo.adapter)):
                     files.append(output_name(f"{options.name}-LoRA", LORA_OUTTYPE))
@@ -667,5 +669,5 @@ def _dry_run(options: ReleaseOptions, log: Callable[[str], None]) -> ReleaseResu
                     "(shards instead of any file over the per-file limit)")
             else:
                 log(f"{repo_id}: would publish the GPTQ checkpoint and README.md")
-    log(f"quantization types: {', '.join(q.display_name(t) for t in options.quants)}; output folder {options.out}")
+    log(f"quantization types: {', '.join(p.name for p in options.plans)}; output folder {options.out}")
     return ReleaseResult(options, options.out / MANIFEST_NAME, statuses, repos, dry_run=True)

@@ -23,6 +23,7 @@ import numpy as np
 from .atomic import JSON_REPORT, atomic_file, check_output_file, ensure_writable_dir, holds_json
 from .converters.gguf_file import check_model_gguf, file_info
 from .converters.lora_to_gguf import check_lora_fits
+from .converters.plan import QuantPlan
 from .errors import KomtError
 from .llama_log import load_errors, reason
 from .templates import TEMPLATES
@@ -106,7 +107,10 @@ class BoundOverrides:
                       defaults.min_top1 if self.min_top1 is None else self.min_top1)
 
 
-def bounds_for(file_type: str) -> Bounds:
+def bounds_for(plan: QuantPlan | str) -> Bounds:
+    """The default bounds of a plan's file (converters.plan: a plan is bounded as its base type, so a plan with
+    per-tensor types is held to its mix's bounds), or of a file type read from a GGUF file (MOSTLY_Q4_K_M)."""
+    file_type = plan if isinstance(plan, str) else plan.file_type
     if file_type in BOUNDS:
         return BOUNDS[file_type]
     if any(tag in file_type for tag in ("Q2", "Q3", "IQ1", "IQ2", "IQ3", "TQ")):
@@ -329,14 +333,15 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
            template: str | None = None, n_threads: int | None = None, n_ctx: int = 512,
            hf_dtype: str = "float32", max_new_tokens: int = 40, bounds: Bounds | None = None,
            overrides: BoundOverrides | None = None, reference: Reference | None = None,
-           lora: str | Path | None = None) -> VerifyReport:
+           lora: str | Path | None = None, plan: QuantPlan | None = None) -> VerifyReport:
     """Check FILE against the HF model ``hf`` (zoo name, Hub id or folder); see the module docstring.
 
     With ``lora`` (a LoRA adapter GGUF, `komt-edge gguf-lora`), FILE is the base, llama.cpp applies the adapter at
     run time, and the reference is the HF base with the peft ``adapter`` unmerged; the bounds are FILE's type's.
 
-    The bounds are ``bounds``, else the file type's defaults with ``overrides`` applied. Pass ``reference`` (from
-    ``load_reference``) to check several files against one HF forward pass.
+    The bounds are ``bounds``, else the defaults of FILE's ``plan`` (the one it was made with, when the caller
+    knows it) or of its file type, with ``overrides`` applied. Pass ``reference`` (from ``load_reference``) to check
+    several files against one HF forward pass.
     """
     from llama_cpp import Llama
 
@@ -345,7 +350,7 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
         raise KomtError(f"{path} does not exist: run `komt-edge gguf` first")
     info = file_info(path)
     file_type, chat_template = info.file_type, info.chat_template
-    bounds = bounds or (overrides or BoundOverrides()).apply(bounds_for(file_type))
+    bounds = bounds or (overrides or BoundOverrides()).apply(bounds_for(plan or file_type))
     if lora is not None:
         if not Path(lora).is_file():
             raise KomtError(f"--lora {lora} does not exist: run `komt-edge gguf-lora` first")
@@ -422,15 +427,19 @@ def verify_files(files: Sequence[str | Path], hf: str, *, adapter: str | None = 
                  template: str | None = None, hf_dtype: str = "float32", n_threads: int | None = None,
                  overrides: BoundOverrides | None = None, json_out: str | Path | None = None,
                  log: Callable[[str], None] | None = None, lora: str | Path | None = None,
-                 progress: bool = True) -> VerifyRun:
+                 progress: bool = True, plans: Sequence[QuantPlan | None] | None = None) -> VerifyRun:
     """Verify each GGUF file of a model against one HF forward pass (see :func:`verify`).
 
     Inputs and the ``json_out`` path are checked before the reference is loaded; each report goes to ``log`` as it
     is done; ``json_out`` gets the list of reports (written atomically). Bound failures are in the result:
-    :meth:`VerifyRun.check` turns them into an error. ``progress``: a bar over the reference's layers."""
+    :meth:`VerifyRun.check` turns them into an error. ``progress``: a bar over the reference's layers. ``plans``:
+    the plan each file was made with, where the caller knows it (the bounds are the plan's)."""
     paths = [Path(f) for f in files]
     if not paths:
         raise KomtError("no GGUF file to verify: pass the files `komt-edge gguf` wrote")
+    plans = list(plans) if plans is not None else [None] * len(paths)
+    if len(plans) != len(paths):
+        raise ValueError(f"{len(plans)} plans for {len(paths)} files")
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise KomtError(f"{missing[0]} does not exist: run `komt-edge gguf` first")
@@ -447,8 +456,9 @@ def verify_files(files: Sequence[str | Path], hf: str, *, adapter: str | None = 
     reference = load_reference(hf, adapter=adapter, allow_pickle=allow_pickle, template=template, hf_dtype=hf_dtype,
                                merge_adapter=lora is None, progress=progress)
     run = VerifyRun(hf, [])
-    for path in paths:
-        report = verify(path, hf, n_threads=n_threads, overrides=overrides, reference=reference, lora=lora)
+    for path, plan in zip(paths, plans):
+        report = verify(path, hf, n_threads=n_threads, overrides=overrides, reference=reference, lora=lora,
+                        plan=plan)
         if log is not None:
             log(report.summary())
         run.reports.append(report)
