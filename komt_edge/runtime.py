@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from .converters.gguf_file import GgufHeader, is_gguf, not_a_model
+from .converters.plan import file_label, label_bits
 from .errors import KomtError
 from .generation import CHAT_DEFAULTS, COMPLETION_DEFAULTS, Generation, generate
 from .llama_log import load_errors, reason
@@ -38,35 +39,30 @@ DEFAULT_QUANT = "Q4_K_M"
 DEFAULT_CTX = 2048
 CTX_PAD = 256  # llama.cpp rounds n_ctx up to a multiple of this
 
-# <model>-<TYPE>.gguf or <model>.<TYPE>.gguf, optionally a gguf-split shard.
-_QUANT = re.compile(r"[-.](?P<quant>I?Q\d(?:_[A-Z0-9]+)*|TQ\d_\d|BF16|F16|F32)"
-                    r"(?:-(?P<part>\d{5})-of-\d{5})?\.gguf$", re.IGNORECASE)
-
 
 @dataclass
 class Candidate:
     """One quantization of a model: a file, or the gguf-split shards of one."""
 
-    quant: str
+    quant: str  # the name of the plan it was made with (converters.plan), as its file name carries it
     files: list[str] = field(default_factory=list)
     size: int = 0
 
     @property
     def bits(self) -> int:
-        digits = re.search(r"\d+", self.quant)
-        return int(digits.group()) if digits else 0
+        return label_bits(self.quant)
 
 
 def candidates(files: dict[str, int]) -> dict[str, Candidate]:
-    """Group file names (→ sizes) by quantization type; files that name none (imatrix, adapters...) are left out."""
+    """Group file names (→ sizes) by quantization plan; files that name none (imatrix, adapters...) are left out."""
     found: dict[str, Candidate] = {}
     for name in sorted(files):
         base = name.rsplit("/", 1)[-1]
-        m = _QUANT.search(base)
-        if m is None or base.startswith(".") or re.search(r"imatrix|[-.]lora[-.]", base, re.IGNORECASE):
+        label = file_label(base)
+        if label is None or base.startswith(".") or re.search(r"imatrix|[-.]lora[-.]", base, re.IGNORECASE):
             continue
-        quant = m.group("quant").upper()
-        if m.group("part") not in (None, "00001") and quant not in found:
+        quant, part = label
+        if part not in (None, "00001") and quant not in found:
             continue  # a later shard without its first: not a usable file
         c = found.setdefault(quant, Candidate(quant))
         c.files.append(name)
