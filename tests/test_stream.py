@@ -73,7 +73,7 @@ def test_a_failure_in_any_stage_is_raised_without_hanging(stage):
     start = time.monotonic()
     with pytest.raises(ValueError, match=f"{stage} failed"):
         run_pipeline(source(), compute, sink)
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 60  # a hang guard only: the events below are what "stops at once" means
     assert closed  # the source generator was closed (its finally ran)
     assert not [t for t in threading.enumerate() if t.name.startswith("pipeline-")]
 
