@@ -377,3 +377,52 @@ def test_komt_edge_verify_passes_on_both_families(family, converted):
     assert report.passed, report.summary()
     assert report.generation.template_check == "is the model's own"
     assert ("<|im_start|>user" in report.generation.rendered) == (family == "qwen2")
+
+
+# Llama 3.x Instruct's turn format (its header and end-of-turn tokens); the tiny model's tokenizer is the base
+# model's, which has no template, so the chat test gives it one as an Instruct checkpoint carries it.
+LLAMA3_INSTRUCT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_chat_and_serve_answer_as_llama_cpp_does_on_both_families(family, converted, tmp_path):
+    """komt-edge's chat path (LoadedModel.chat) and serve's API, streamed and not, on the q8_0 file with the
+    model's own template (Qwen2.5's ChatML; Llama 3 Instruct's): llama-cpp-python's create_chat_completion, byte
+    for byte."""
+    from llama_cpp import Llama
+
+    from komt_edge.runtime import load
+    from komt_edge.serve import start
+
+    from .conftest import N_THREADS
+    from .test_serve import post, sse_pieces
+
+    model_dir, ours, _ = converted(family)
+    path = ours[1]
+    if family == "llama3":
+        instruct = tmp_path / "llama3-instruct"
+        shutil.copytree(model_dir, instruct)
+        (instruct / "chat_template.jinja").write_text(LLAMA3_INSTRUCT_TEMPLATE, encoding="utf-8")
+        path = convert(str(instruct), ["q8_0"], tmp_path, n_threads=N_THREADS, progress=False)[0]
+    messages = [{"role": "user", "content": "한국의 수도는 어디인가요?"}]
+    fields = dict(temperature=0, max_tokens=24)
+    ref = Llama(model_path=str(path), n_ctx=512, n_threads=N_THREADS, verbose=False)
+    want = ref.create_chat_completion(messages, **fields)["choices"][0]["message"]["content"]
+    ref.close()
+    assert want  # random weights, but a reply with text
+
+    model = load(path, n_ctx=512, n_threads=N_THREADS)
+    try:
+        assert model.family is None  # the model's own template, not komt's
+        assert model.chat(messages, **fields).run() == want
+    finally:
+        model.close()
+    with start(str(path), port=0, n_ctx=512, n_threads=N_THREADS, log=lambda _m: None) as server:
+        status, body = post(server, "/v1/chat/completions", {"messages": messages, **fields}, key=None)
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == want
+        status, body = post(server, "/v1/chat/completions", {"messages": messages, "stream": True, **fields},
+                            key=None)
+        assert status == 200 and "".join(sse_pieces(body)) == want
