@@ -19,7 +19,9 @@ from typing import Iterator, Sequence
 from komt_edge.errors import KomtError
 from komt_edge.util import fmt_size
 
-FLOAT_FILE_TYPES = ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16")
+from .plan import FLOAT_TYPES
+
+FLOAT_FILE_TYPES = tuple(FLOAT_TYPES.values())  # the float plans' file types: ALL_F32, MOSTLY_F16, MOSTLY_BF16
 
 _GGUF_TYPE_UINT32, _GGUF_TYPE_BOOL, _GGUF_TYPE_STRING = 4, 7, 8
 
