@@ -185,7 +185,10 @@ class QuantPlan:
     made_by: str = ""  # how the plan was made, in words (the card says it for a plan that is not a plain mix)
 
     def __post_init__(self) -> None:
-        base = normalize(self.base)
+        try:
+            base = normalize(self.base)
+        except ValueError as err:
+            raise KomtError(f"quantization plan {self.name}: {err}") from None
         object.__setattr__(self, "base", base)
         if not re.fullmatch(_LABEL, self.name):
             raise KomtError(f"quantization plan name {self.name!r}: a plan's name must read like llama.cpp's type "
@@ -270,17 +273,18 @@ class QuantPlan:
 def mix(qtype: str) -> QuantPlan:
     """llama.cpp's own mix for a type name (what ``llama-quantize TYPE`` or ``convert_hf_to_gguf.py --outtype``
     writes)."""
-    base = normalize(qtype)
+    try:
+        base = normalize(qtype)
+    except ValueError as err:
+        raise KomtError(str(err)) from None
     how = (f"convert_hf_to_gguf.py --outtype {base}" if base in FLOAT_TYPES
            else f"llama-quantize's {display_name(base)} mix")
     return QuantPlan(display_name(base), base, made_by=how)
 
 
 def _llama_cpp_mix(spec: str) -> QuantPlan | None:
-    try:
-        return mix(spec)
-    except ValueError:
-        return None
+    key = spec.lower()
+    return mix(key) if key in FLOAT_TYPES or key in QUANT_TYPES else None
 
 
 PlanKind = Callable[[str], "QuantPlan | None"]
