@@ -130,6 +130,13 @@ def test_a_new_kind_of_plan_is_added_in_the_planner_alone(file_kind, tiny_mistra
 
     from komt_edge.card import render_card
 
+    from komt_edge.release import release
+
+    lines: list[str] = []
+    result = release(str(tiny_mistral), "my-org", quants=[spec, "q8_0"], gptq=False, dry_run=True, name="tiny",
+                     out=tmp_path / "release", log=lines.append)
+    assert result.to_dict()["quants"] == ["Q4_K_M_TT", "q8_0"]
+    assert "my-org/tiny-GGUF: would publish tiny-Q4_K_M_TT.gguf, tiny-Q8_0.gguf and README.md" in "\n".join(lines)
     row = CardRow(plan.name, [path.name], path.stat().st_size, 5.0, plan=plan.to_dict())
     card = render_card(_gguf_spec(rows=[row], files={path.name: (path.stat().st_size, "d" * 64)}))
     assert (f"`llama-quantize --tensor-type blk\\.0\\.attn_q\\.weight=q8_0 --tensor-type attn_v=q6_k "
