@@ -30,6 +30,7 @@ from .atomic import (JSON_REPORT, check_free_space, check_output_dir, check_outp
 from .converters.lora_to_gguf import LORA_TYPES, LoraConverter
 from .errors import KomtError
 from .gguf import check_target, output_name
+from .hub import is_hub_id
 from .merge import load_adapter, read_adapter_config
 from .util import read_json_object
 from .zoo import ZOO, adapter_base, check_not_a_file, download, lookup, resolve_adapter
@@ -91,7 +92,7 @@ def _base_folder(base: str) -> Path:
     entry = lookup(base)
     if entry is not None:
         return download(entry.base, weights=False)
-    if base.count("/") == 1 and not base.startswith((".", "/", "~")):
+    if is_hub_id(base):
         return download(base, weights=False)
     raise KomtError(f"base {base!r} does not exist: it is neither a local folder nor a Hub id; pass the base "
                     "model with --base")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from .errors import KomtError
+from .hub import endpoint, is_transient, is_unreachable, probe, status_of, unreachable_cause, unreachable_message
 from .util import fmt_size, sha256_file
 
 # The Hub refuses files over 50 GB ("Per file: 50GB max, 20GB recommended": huggingface.co/docs/hub/storage-limits,
@@ -46,13 +46,11 @@ REGULAR_FILE_MAX = 10 * 1024 * 1024
 DEFAULT_RETRIES = 6
 DEFAULT_BACKOFF = 2.0  # seconds before the first retry; doubles each time
 MAX_BACKOFF = 60.0
-PROBE_TIMEOUT = 5.0  # seconds for the one connection attempt that tells a reachable Hub from an unreachable one
 # A README whose metadata has this tag was written by komt-edge: the repo's files are then ours to update.
 KOMT_TAG = "komt-edge"
 NO_TOKEN = ("no Hugging Face token: set HF_TOKEN to a token with write access, or run `hf auth login` "
             "(komt-edge reads only these two)")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 # --- local files -------------------------------------------------------------------------------------------
@@ -201,105 +199,18 @@ def hub_token(required: bool = True) -> str | None:
     return token
 
 
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
-
-
-def _status(err: BaseException) -> int | None:
-    response = getattr(err, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _http_types(*names: str) -> list[type[BaseException]]:
-    """Exception classes of the HTTP clients huggingface_hub may use, by name (whichever are installed)."""
-    types = []
-    for module in ("httpx2", "httpx", "requests"):
-        try:
-            mod = __import__(module)
-        except ImportError:
-            continue
-        types += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
-    return types
-
-
-def _unreachable_types() -> tuple[type[BaseException], ...]:
-    # No connection at all (refused, unresolvable host, no route): retrying will not help, so fail at once.
-    return tuple([ConnectionRefusedError, socket.gaierror, *_http_types("ConnectError")])
-
-
-def _transient_types() -> tuple[type[BaseException], ...]:
-    # Timeouts and connections dropped mid-request: worth retrying with backoff.
-    return tuple([ConnectionError, TimeoutError,
-                  *_http_types("TimeoutException", "NetworkError", "RemoteProtocolError", "Timeout",
-                               "ConnectionError")])
-
-
-def _chain(err: BaseException | None) -> Iterator[BaseException]:
-    seen = 0
-    while err is not None and seen < 6:
-        yield err
-        err, seen = err.__cause__ or err.__context__, seen + 1
-
-
-def is_unreachable(err: BaseException) -> bool:
-    """The Hub could not be connected to at all (refused, unresolvable, unroutable)."""
-    return any(isinstance(e, _unreachable_types()) for e in _chain(err))
-
-
-def is_transient(err: BaseException) -> bool:
-    """5xx/408/429 answers, timeouts and dropped connections, also when huggingface_hub wrapped them; never a
-    connection that could not be made (see ``is_unreachable``)."""
-    if is_unreachable(err):
-        return False
-    for e in _chain(err):
-        status = _status(e)
-        if status is not None:
-            return status in _TRANSIENT_STATUS
-        if isinstance(e, _transient_types()):
-            return True
-    return False
-
-
-def unreachable_message(endpoint: str, reason: str) -> str:
-    where = " (HF_ENDPOINT)" if os.environ.get("HF_ENDPOINT") else ""
-    return (f"cannot reach the Hub at {endpoint}{where}: {reason}; check the network"
-            + (" or HF_ENDPOINT" if where else ""))
-
-
-def probe(endpoint: str, timeout: float = PROBE_TIMEOUT) -> str | None:
-    """One short TCP connection to the Hub's host: None when it answers, else why not (refused, unknown host,
-    timed out). Seconds at most, where a refused or unresolvable Hub would otherwise cost retries."""
-    from urllib.parse import urlsplit
-
-    url = urlsplit(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=timeout):
-            return None
-    except socket.gaierror:
-        return f"the host {url.hostname!r} cannot be resolved"
-    except ConnectionRefusedError:
-        return "connection refused"
-    except (socket.timeout, TimeoutError):
-        return f"no answer within {timeout:g} s"
-    except OSError as err:
-        return err.strerror or str(err)
-
-
 def _root_http_error(err: BaseException) -> BaseException:
     """The HTTP error inside huggingface_hub's wrappers (RuntimeError around an upload), else ``err``."""
     e, seen = err, 0
     while e is not None and seen < 5:
-        if _status(e) is not None:
+        if status_of(e) is not None:
             return e
         e, seen = e.__cause__ or e.__context__, seen + 1
     return err
 
 
 def _short(err: BaseException) -> str:
-    status = _status(err)
+    status = status_of(err)
     if status is not None:
         message = getattr(err, "server_message", None) or ""
         return f"HTTP {status}" + (f" ({message.strip().splitlines()[0][:120]})" if message.strip() else "")
@@ -320,7 +231,7 @@ class Hub:
     def __init__(self, token: str | None, *, retries: int, backoff: float, log: Callable[[str], None]):
         from huggingface_hub import HfApi
 
-        self.endpoint = _endpoint()
+        self.endpoint = endpoint()
         self.api = HfApi(endpoint=self.endpoint, token=token)
         self.token = token
         self.retries, self.backoff, self.log = retries, backoff, log
@@ -348,10 +259,9 @@ class Hub:
         if isinstance(err, _CardRejected):
             return KomtError(f"the Hub rejected README.md's metadata ({err}): fix the card and push again")
         if is_unreachable(err):
-            cause = next(e for e in _chain(err) if isinstance(e, _unreachable_types()))
-            return KomtError(unreachable_message(self.endpoint, _short(cause)))
+            return KomtError(unreachable_message(self.endpoint, _short(unreachable_cause(err))))
         err = _root_http_error(err)
-        status = _status(err)
+        status = status_of(err)
         if status == 401 and not isinstance(err, RepositoryNotFoundError):
             return KomtError("the Hub rejected the token (from HF_TOKEN or the huggingface_hub login cache): it is "
                              "invalid or expired; create a token with write access and set HF_TOKEN")
@@ -537,10 +447,10 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     token = hub_token(required=not dry_run)
     local = scan_folder(Path(folder), sha256s=sha256s, max_file_size=max_file_size)
     if dry_run:
-        unreachable = probe(_endpoint()) if token is not None else None
+        unreachable = probe(endpoint()) if token is not None else None
         if token is None or unreachable:  # nothing to compare with
             plan = make_plan(repo_id, revision, private, local, RemoteState(exists=False, branch_exists=False))
-            log(unreachable_message(_endpoint(), unreachable) + "; not compared with the Hub: every file is listed"
+            log(unreachable_message(endpoint(), unreachable) + "; not compared with the Hub: every file is listed"
                 if unreachable else "no Hub token (HF_TOKEN or `hf auth login`): not compared with the Hub; every "
                 "file is listed")
             return PushResult(plan, dry_run=True)

@@ -31,7 +31,7 @@ from .converters.plan import file_label, label_bits
 from .errors import KomtError
 from .generation import CHAT_DEFAULTS, COMPLETION_DEFAULTS, Generation, generate
 from .llama_log import load_errors, reason
-from .push import is_unreachable, probe, unreachable_message
+from .hub import download_files, gguf_files, is_hub_id
 from .templates import family_from_chat_template, template_for
 from .zoo import ORG, lookup
 
@@ -90,56 +90,12 @@ def _folder_files(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in folder.glob("*.gguf") if p.is_file()}
 
 
-def _hub_files(repo_id: str, revision: str | None) -> tuple[dict[str, int], Path | None]:
-    """(file → size) of a Hub repo, and None; or, when the Hub cannot be reached, of its cached snapshot folder, and
-    that folder."""
-    from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    # One short connection first: an unreachable Hub goes to the cache in seconds, not after minutes of retries.
-    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else probe(constants.ENDPOINT)
-    try:
-        if why is None:
-            tree = HfApi().list_repo_tree(repo_id, revision=revision, recursive=True)
-            return {f.path: int(getattr(f, "size", 0) or 0) for f in tree if f.path.endswith(".gguf")}, None
-    except GatedRepoError:
-        raise KomtError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise KomtError(f"Hub repo {repo_id} was not found (or is private): check the name or --org, set HF_TOKEN, "
-                        f"or publish it with `komt-edge release`") from None
-    except RevisionNotFoundError:
-        raise KomtError(f"revision {revision!r} of {repo_id} does not exist") from None
-    except Exception as err:  # noqa: BLE001 — offline or unreachable: fall back to the cache below
-        if not (isinstance(err, OfflineModeIsEnabled) or is_unreachable(err)):
-            raise KomtError(f"could not list the files of {repo_id}: {err}") from None
-        why = str(err)
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.gguf"], local_files_only=True))
-    except (LocalEntryNotFoundError, OSError):
-        raise KomtError(f"{unreachable_message(constants.ENDPOINT, why)}, and {repo_id} is not in the local cache "
-                        "(or give a GGUF file)") from None
-    return {p.name: p.stat().st_size for p in folder.glob("*.gguf")}, folder
-
-
-def _download(repo_id: str, files: list[str], revision: str | None) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    paths = []
-    for name in files:
-        try:
-            paths.append(Path(hf_hub_download(repo_id, name, revision=revision)))
-        except Exception as err:  # noqa: BLE001
-            raise KomtError(f"could not download {name} from {repo_id}: {err}") from None
-    return paths[0]
-
-
 def hub_repo(model: str, org: str | None = None) -> str | None:
     """The Hub GGUF repo MODEL names: a zoo name's ``ORG/<name>-GGUF``, or MODEL itself when it is ORG/NAME."""
     zoo = lookup(model)
     if zoo is not None and not Path(model).exists():
         return f"{org or ORG}/{zoo.name}-GGUF"
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not Path(model).exists():
+    if is_hub_id(model):
         return model
     return None
 
@@ -162,12 +118,12 @@ def resolve_gguf(model: str | Path, *, quant: str | None = None, org: str | None
     if repo is None:
         raise KomtError(f"unknown MODEL {str(model)!r}: give a GGUF file, a folder of them, a Hub GGUF repo "
                         "(ORG/NAME-GGUF) or a zoo name (`komt-edge models`)")
-    files, cached = _hub_files(repo, revision)
+    files, cached = gguf_files(repo, revision)
     chosen = choose(candidates(files), quant, repo)
     if cached is not None:
         log(f"the Hub is unreachable: using {chosen.files[0]} from the local cache")
         return cached / chosen.files[0]
-    return _download(repo, chosen.files, revision)
+    return download_files(repo, chosen.files, revision)
 
 
 @dataclass
