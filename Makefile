@@ -186,19 +186,21 @@ TRAIN_LORA_GGUF ?= 0
 # Train a LoRA adapter on DATA for MODEL (komt's QLoRA recipe on CUDA; a float32 LoRA on CPU), then, unless
 # TRAIN_GGUF=0, convert MODEL + the adapter to GGUF ($(QUANTS)) in $(OUT)/ and verify the files, as `make gguf`.
 # TRAIN_ARGS passes options to `komt-edge train` (--max-steps 100 --lr 2e-4 --resume ...). TRAIN_LORA_GGUF=1 also
-# writes the adapter as llama.cpp's LoRA GGUF, $(OUT)/<adapter>-LoRA-F16.gguf (komt-edge gguf-lora).
+# writes the adapter as llama.cpp's LoRA GGUF, $(OUT)/<adapter>-LoRA-F16.gguf (komt-edge gguf-lora). gguf and verify
+# get the komt template the adapter was trained on; one trained on the model's own chat template ("own": Llama 3,
+# Qwen2) gets no --template, and the files keep the model's own.
 train: install
 	@test -n "$(DATA)" || { echo 'give the data: make train MODEL=komt-mistral-7b DATA=ko.jsonl'; exit 1; }
 	$(VENV)/bin/komt-edge train --model $(MODEL) --data $(DATA) -o $(TRAIN_OUT) $(PICKLE_FLAG) \
 		$(TRAIN_ARGS)
 ifneq ($(TRAIN_GGUF),0)
 	mkdir -p $(OUT)
-	set -o pipefail; TEMPLATE=$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["template"])' \
-		$(TRAIN_OUT)/komt_edge_train.json) && \
-	$(VENV)/bin/komt-edge gguf $(MODEL) --adapter $(TRAIN_OUT) --template $$TEMPLATE --name $(notdir $(TRAIN_OUT)) \
+	set -o pipefail; TEMPLATE=$$($(PY) -c 'import json,sys; t = json.load(open(sys.argv[1]))["template"]; \
+		print("" if t == "own" else "--template " + t)' $(TRAIN_OUT)/komt_edge_train.json) && \
+	$(VENV)/bin/komt-edge gguf $(MODEL) --adapter $(TRAIN_OUT) $$TEMPLATE --name $(notdir $(TRAIN_OUT)) \
 		$(foreach q,$(QUANTS),-q $(q)) -o $(OUT) $(THREADS_FLAG) $(PICKLE_FLAG) | tee $(OUT)/train-gguf-files.txt && \
 	$(VENV)/bin/komt-edge verify $$(cat $(OUT)/train-gguf-files.txt) --hf $(MODEL) --adapter $(TRAIN_OUT) \
-		--template $$TEMPLATE $(THREADS_FLAG) $(PICKLE_FLAG) --json $(OUT)/train-verify.json
+		$$TEMPLATE $(THREADS_FLAG) $(PICKLE_FLAG) --json $(OUT)/train-verify.json
 endif
 ifeq ($(TRAIN_LORA_GGUF),1)
 	$(VENV)/bin/komt-edge gguf-lora $(TRAIN_OUT) -o $(OUT) $(PICKLE_FLAG)

@@ -18,15 +18,21 @@ Where it runs:
 MODEL is what the adapter applies to: a local folder, a Hub id, or a zoo name (the merged komt model, as komt
 fine-tuned its own models), so that ``komt-edge gguf MODEL --adapter OUT`` and ``komt-edge merge`` take it
 directly. OUT holds the adapter (adapter_config.json with the base recorded, adapter_model.safetensors), the
-tokenizer and komt's chat template, ``komt_edge_train.json`` (every argument, the data's sha256 and counts,
+tokenizer and the chat template trained on, ``komt_edge_train.json`` (every argument, the data's sha256 and counts,
 the results), ``training_args.json``, ``checkpoints/`` (for ``--resume``) and ``logs/metrics.csv``
 (plus ``logs/tensorboard/`` with ``--tensorboard``). The data format and the masking are described in
 ``komt_edge.train_data``.
+
+The prompt format (:func:`prompt_format`): komt's template for komt's models and families (zoo models, SentencePiece
+Llama 2 and Mistral checkpoints) or when ``--template`` names one; a byte-level BPE Llama 3 or Qwen2/2.5 checkpoint
+trains on its own chat template (ChatML for Qwen2.5, Llama 3 Instruct's headers), the one its GGUF file carries,
+and one without a template of its own is refused unless ``--template llama`` asks for komt's.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import os
@@ -34,7 +40,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__
 from .atomic import ensure_writable_dir
@@ -42,6 +48,11 @@ from .errors import KomtError
 from .records import INPUT_SEPARATOR
 from .train_data import DataStats, load_records, prepare
 from .util import dist_versions
+
+if TYPE_CHECKING:
+    from .templates import PromptTemplate
+    from .train_data import ChatFormat, TrainTokenizer
+    from .zoo import ResolvedModel
 
 RUN_FILE = "komt_edge_run.json"  # written when a run starts; --resume checks it
 RESULT_FILE = "komt_edge_train.json"  # written with the adapter
@@ -329,7 +340,7 @@ def _callbacks(csv_path: Path, total_hint: int, progress: bool, log: Callable[[s
 class TrainResult:
     out: Path
     base_model: str  # recorded in adapter_config.json
-    template: str  # komt template family: llama or mistral
+    template: str  # komt template family (llama or mistral), or "own": the model's own chat template
     mode: str  # Precision.description
     steps: int
     resumed_from: int | None  # the checkpoint step a --resume run started from
@@ -379,7 +390,8 @@ def _check_out(out: Path, resume: bool) -> str | None:
 
 
 RESUME_KEYS = ("base_model", "data_sha256", "template", "bits", "lora_r", "lora_alpha", "lora_dropout",
-               "target_modules", "max_length", "eval_split", "seed", "batch_size", "grad_accum")
+               "target_modules", "max_length", "eval_split", "seed", "batch_size", "grad_accum",
+               "chat_template_sha256")
 
 
 def _check_resume(run_file: Path, run: dict) -> None:
@@ -387,10 +399,10 @@ def _check_resume(run_file: Path, run: dict) -> None:
         return
     old = json.loads(run_file.read_text(encoding="utf-8"))
     for key in RESUME_KEYS:
-        if key in old and old[key] != run[key]:
-            option = "--data" if key == "data_sha256" else ("--model" if key == "base_model" else
-                                                             "--" + key.replace("_", "-"))
-            raise KomtError(f"--resume: {option} differs from the checkpointed run ({run[key]!r} now, {old[key]!r} "
+        if key in old and old[key] != run.get(key):
+            option = {"data_sha256": "--data", "base_model": "--model",
+                      "chat_template_sha256": "the model's chat template"}.get(key, "--" + key.replace("_", "-"))
+            raise KomtError(f"--resume: {option} differs from the checkpointed run ({run.get(key)!r} now, {old[key]!r} "
                             "then): resume with the same settings, or start a new -o folder")
 
 
@@ -401,11 +413,41 @@ def _copy_tokenizer(base: Path, dst: Path, chat_template: str) -> None:
         if fname != "chat_template.jinja" and (base / fname).is_file():
             shutil.copyfile(base / fname, dst / fname)
     cfg_path = dst / "tokenizer_config.json"
-    if cfg_path.is_file():  # komt's template travels as chat_template.jinja; drop the base's own
+    if cfg_path.is_file():  # the template trained on travels as chat_template.jinja; drop tokenizer_config's copy
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         if cfg.pop("chat_template", None) is not None:
             cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
     (dst / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+
+
+def prompt_format(resolved: ResolvedModel, template: str | None,
+                  tok: TrainTokenizer) -> tuple[str, PromptTemplate | ChatFormat]:
+    """(name, format) of the prompts a run trains on: komt's template (``llama`` or ``mistral``) for komt's models
+    and families (zoo models, SentencePiece Llama 2 / Mistral checkpoints) or when ``--template`` asks for it;
+    otherwise (byte-level BPE Llama 3, Qwen2/2.5) the checkpoint's own chat template (``own``), rendered as
+    inference renders it. A checkpoint of neither kind, without a template of its own, is refused."""
+    from .templates import template_for
+    from .train_data import ChatFormat
+    from .zoo import is_komt_family, model_family, own_chat_template
+
+    if template or is_komt_family(resolved):
+        family = model_family(resolved, template)
+        return family, template_for(family)
+    own = own_chat_template(resolved.path)
+    if own is None:
+        raise KomtError(f"{resolved.source} has no chat template of its own (no chat_template.jinja, no chat_template "
+                        "in tokenizer_config.json), and komt's prompt format is for komt's models: pass --template "
+                        "llama to train it on komt's format, or train a checkpoint that carries its chat template "
+                        "(an Instruct model's)")
+    cfg_path = resolved.path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+
+    def text(key: str) -> str | None:
+        value = cfg.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    return ChatFormat.name, ChatFormat(own[0], bos_token=text("bos_token"), eos_token=tok.decode_continuation(
+        [tok.eos_id]), source=own[1])
 
 
 def _first(history: list[dict], key: str, *, step: int | None = None) -> float | None:
@@ -436,9 +478,8 @@ def train(model: str, data: str | Path, out: str | Path, *, bits: int | None = R
           log: Callable[[str], None] = print) -> TrainResult:
     """Train a LoRA adapter for MODEL on the instruction records in DATA and write it to OUT."""
     from .checkpoint import read_config
-    from .templates import template_for
-    from .train_data import Collator, ExampleDataset, TrainTokenizer
-    from .zoo import model_family, resolve
+    from .train_data import ChatFormat, Collator, ExampleDataset, TrainTokenizer
+    from .zoo import resolve
 
     # -- arguments ------------------------------------------------------------------------------------------
     target_modules = [m for spec in target_modules for m in str(spec).replace(",", " ").split()]
@@ -485,9 +526,9 @@ def train(model: str, data: str | Path, out: str | Path, *, bits: int | None = R
                         "full-precision model (komt-edge quantizes it while loading with --bits 4/8)")
     from_hub = not Path(resolved.source).expanduser().exists()
     base_model = resolved.source if from_hub else str(base_path.resolve())
-    family = model_family(resolved, template)
-    tmpl = template_for(family)
     tok = TrainTokenizer(base_path)
+    family, tmpl = prompt_format(resolved, template, tok)
+    own_template = family == ChatFormat.name
     train_ex, eval_ex, stats = prepare(data, tok, tmpl, max_length=max_length, eval_split=eval_split, seed=seed,
                                        records=records)
     ensure_writable_dir(out)
@@ -500,6 +541,8 @@ def train(model: str, data: str | Path, out: str | Path, *, bits: int | None = R
                      logging_steps=logging_steps, seed=seed, optim=optim_name,
                      gradient_checkpointing=gradient_checkpointing, deepspeed=ds_config, tensorboard=tensorboard)
     run = {**arguments, "base_model": base_model, "data_sha256": stats.sha256}
+    if own_template:
+        run["chat_template_sha256"] = hashlib.sha256(tmpl.chat_template.encode("utf-8")).hexdigest()
     run_file = out / RUN_FILE
     if resume:
         _check_resume(run_file, run)
@@ -509,7 +552,11 @@ def train(model: str, data: str | Path, out: str | Path, *, bits: int | None = R
         run_file.write_text(json.dumps(run, indent=2, ensure_ascii=False), encoding="utf-8")
 
     say = log if main_process else (lambda *_: None)
-    say(f"base: {base_model} ({family} family, template {tmpl.format('{prompt}')!r})")
+    if own_template:
+        say(f"base: {base_model} (its own chat template, from {tmpl.source}: {tmpl.format('{prompt}')!r}, the "
+            f"answer ending in {tmpl.end_of_turn(tok)!r})")
+    else:
+        say(f"base: {base_model} ({family} family, template {tmpl.format('{prompt}')!r})")
     say(f"data: {stats.describe()}")
     if stats.boundary_merges:
         say(f"data: {stats.boundary_merges} records had the answer's first characters merge into the prompt's last "
@@ -629,10 +676,19 @@ def train(model: str, data: str | Path, out: str | Path, *, bits: int | None = R
         cfg_path.write_text(json.dumps(adapter_cfg, indent=2), encoding="utf-8")
         _copy_tokenizer(base_path, tmp, tmpl.chat_template)
         (tmp / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
-        record = {"komt_edge_version": __version__, "base_model": base_model, "template": family,
-                  "prompt_format": {"template": tmpl.format("{prompt}"),
+        if own_template:
+            prompt_format_record = {
+                "template": tmpl.format("{prompt}"), "chat_template": f"the model's own, from {tmpl.source}",
+                "chat_template_sha256": run["chat_template_sha256"],
+                "prompt": f"instruction, or instruction + {INPUT_SEPARATOR!r} + input, as the user message",
+                "answer": f"output + {tmpl.end_of_turn(tok)!r} (the template's end of turn); prompt tokens masked "
+                          "with -100"}
+        else:
+            prompt_format_record = {"template": tmpl.format("{prompt}"),
                                     "prompt": f"instruction, or instruction + {INPUT_SEPARATOR!r} + input",
-                                    "answer": "output + eos; prompt tokens masked with -100"},
+                                    "answer": "output + eos; prompt tokens masked with -100"}
+        record = {"komt_edge_version": __version__, "base_model": base_model, "template": family,
+                  "prompt_format": prompt_format_record,
                   "mode": precision.description, "arguments": arguments, "data": asdict(stats),
                   "results": {k: v for k, v in asdict(result).items()
                               if k not in ("out", "base_model", "template", "data", "log_history")},

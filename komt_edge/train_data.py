@@ -20,6 +20,15 @@ tokenized on its own as a continuation (SentencePiece without its dummy-prefix s
 prompt's ids, so that training sees the same prompt tokens as inference. Those records are counted as
 ``boundary_merges``.
 
+**A model's own chat template.** A checkpoint outside komt's families (byte-level BPE Llama 3, Qwen2/2.5) trains
+on its own chat template instead (:class:`ChatFormat`): the prompt is the template rendered for the user message
+with the generation prompt, exactly as inference renders it (llama-cpp-python's ``Jinja2ChatFormatter``, the
+formatter of ``komt-edge chat``/``serve``, with the tokenizer's bos and eos texts) and tokenized as
+llama-cpp-python tokenizes it (special tokens parsed; the model's BOS added by the tokenizer's post-processor unless
+the rendered text begins with it). The answer is what the template writes for an assistant turn after that prompt,
+up to and including its end-of-turn token (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``: the first special
+token the template writes after the message), or the eos token for a template that writes none.
+
 **Length.** Sequences longer than ``max_length`` tokens are cut at ``max_length`` (the end of the answer and its
 eos are lost) and counted as ``truncated``; records whose prompt alone fills ``max_length`` have no answer
 token left, and are skipped and counted.
@@ -30,6 +39,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -137,6 +147,23 @@ class TrainTokenizer:
         """bos (when the model adds one) + ids, as llama.cpp tokenizes a prompt."""
         return self.ref.encode(text)
 
+    def encode_rendered(self, text: str, bos_token: str | None) -> list[int]:
+        """A rendered chat prompt as llama-cpp-python tokenizes it for create_chat_completion: special tokens in
+        the text parsed, and the model's own additions (BOS for Llama 3: what tokenizer.json's post-processor adds,
+        which llama.cpp's converter writes as add_bos_token) unless the text begins with the BOS text."""
+        if self._tk is None:
+            raise KomtError("a model's own chat template is used with byte-level BPE tokenizers (tokenizer.json) "
+                            "only")
+        begins_with_bos = bool(bos_token) and text.startswith(bos_token)
+        return list(self._tk.encode(text, add_special_tokens=not begins_with_bos).ids)
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the tokenizer's special (control) tokens, eos among them."""
+        if self._tk is None:
+            return frozenset({self.eos_id})
+        return frozenset({i for i, t in self._tk.get_added_tokens_decoder().items() if t.special} | {self.eos_id})
+
     def encode_continuation(self, text: str) -> list[int]:
         """Ids of text that follows other text directly (no leading dummy space)."""
         if self._sp_cont is not None:
@@ -166,8 +193,87 @@ class Example:
     full_len: int = 0  # length before truncation
 
 
-def encode_record(tok: TrainTokenizer, template: PromptTemplate, record: Record, max_length: int) -> Example:
-    """input_ids = prompt ids + answer ids + eos; labels = -100 over the prompt ids, the ids after."""
+class ChatFormat:
+    """A model's own chat template (Qwen2.5's ChatML, Llama 3 Instruct's), rendered for one user turn as inference
+    renders it: llama-cpp-python's Jinja2ChatFormatter (what ``komt-edge chat``/``serve`` and
+    ``create_chat_completion`` format with), given the tokenizer's bos and eos texts as the GGUF file gives them."""
+
+    name = "own"
+    _SENTINEL = "\x00komt-edge-answer\x00"
+
+    def __init__(self, chat_template: str, *, bos_token: str | None, eos_token: str | None, source: str = ""):
+        from jinja2 import TemplateError
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.chat_template, self.source = chat_template, source
+        self.bos_token, self.eos_token = bos_token or "", eos_token or ""
+        try:
+            self._prompt = Jinja2ChatFormatter(chat_template, eos_token=self.eos_token, bos_token=self.bos_token)
+            self._turn = Jinja2ChatFormatter(chat_template, eos_token=self.eos_token, bos_token=self.bos_token,
+                                             add_generation_prompt=False)
+        except TemplateError as err:
+            raise KomtError(f"the model's chat template ({source or 'its own'}) is not valid Jinja: {err}") from None
+        # What the template writes after an assistant message that follows the generation prompt (ChatML:
+        # "<|im_end|>\n", Llama 3: "<|eot_id|>"); what it writes before the message (none for either) is part of
+        # the answer the model learns, since inference has the model write it.
+        _, self.after_answer = self._answer_parts(self._SENTINEL)
+
+    def _render(self, formatter, messages: list[dict]) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return formatter(messages=messages).prompt
+        except (TemplateError, ValueError, TypeError) as err:
+            raise KomtError(f"the model's chat template ({self.source or 'its own'}) fails on a user turn: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+    def format(self, prompt: str) -> str:
+        """The user turn rendered with the generation prompt: the text inference feeds the model."""
+        return self._render(self._prompt, [{"role": "user", "content": prompt}])
+
+    def _answer_parts(self, answer: str, prompt: str = "한국의 수도는 어디인가요?") -> tuple[str, str]:
+        """(text before ``answer``, text after it) in the assistant turn the template writes after the prompt."""
+        head = self.format(prompt)
+        turn = self._render(self._turn, [{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": answer}])
+        if not turn.startswith(head) or answer not in turn[len(head):]:
+            raise KomtError(f"the model's chat template ({self.source or 'its own'}) does not write an assistant "
+                            "turn after its generation prompt: it cannot be trained on as a single-turn chat")
+        rest = turn[len(head):]
+        at = rest.index(answer)
+        return rest[:at], rest[at + len(answer):]
+
+    def answer(self, prompt: str, output: str) -> str:
+        """The assistant message as the template writes it (Llama 3's trims it), without what follows it."""
+        head = self.format(prompt)
+        turn = self._render(self._turn, [{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": output}])
+        body = turn[len(head):]
+        if not turn.startswith(head) or not body.endswith(self.after_answer):
+            raise KomtError(f"the model's chat template ({self.source or 'its own'}) writes the assistant turn "
+                            f"of {output[:40]!r} in a way komt-edge cannot split into answer and end of turn")
+        return body[: len(body) - len(self.after_answer)]
+
+    def end_of_turn_ids(self, tok: TrainTokenizer) -> list[int]:
+        """The template's end of turn: what it writes after the message up to and including its first special
+        token (ChatML's <|im_end|>, Llama 3's <|eot_id|>); the eos token when it writes none."""
+        ids = tok.encode_continuation(self.after_answer)
+        special = tok.special_ids
+        for i, t in enumerate(ids):
+            if t in special:
+                return ids[: i + 1]
+        return [tok.eos_id]
+
+    def end_of_turn(self, tok: TrainTokenizer) -> str:
+        return tok.decode_continuation(self.end_of_turn_ids(tok))
+
+
+def encode_record(tok: TrainTokenizer, template: PromptTemplate | ChatFormat, record: Record,
+                  max_length: int) -> Example:
+    """input_ids = prompt ids + answer ids + eos (a model's own template: + its end of turn); labels = -100 over
+    the prompt ids, the ids after."""
+    if isinstance(template, ChatFormat):
+        return _encode_chat_record(tok, template, record, max_length)
     prompt = prompt_of(record)
     prompt_ids = tok.encode(render(template, prompt))
     full = tok.encode(render(template, prompt, record.output))
@@ -181,6 +287,24 @@ def encode_record(tok: TrainTokenizer, template: PromptTemplate, record: Record,
     n_prompt = min(len(prompt_ids), len(ids))
     labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
     return Example(ids, labels, n_prompt, truncated, merged, len(full) + 1)
+
+
+def _encode_chat_record(tok: TrainTokenizer, fmt: ChatFormat, record: Record, max_length: int) -> Example:
+    prompt = prompt_of(record)
+    prompt_text = fmt.format(prompt)
+    answer = fmt.answer(prompt, record.output)
+    prompt_ids = tok.encode_rendered(prompt_text, fmt.bos_token)
+    full = tok.encode_rendered(prompt_text + answer, fmt.bos_token)
+    merged = full[: len(prompt_ids)] != prompt_ids
+    if merged:
+        full = prompt_ids + tok.encode_continuation(answer)
+    ids = full + fmt.end_of_turn_ids(tok)
+    truncated = len(ids) > max_length
+    full_len = len(ids)
+    ids = ids[:max_length]
+    n_prompt = min(len(prompt_ids), len(ids))
+    labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+    return Example(ids, labels, n_prompt, truncated, merged, full_len)
 
 
 @dataclass
@@ -224,7 +348,7 @@ def split_indices(n: int, eval_split: float, seed: int) -> tuple[list[int], list
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
-def prepare(path: str | Path, tok: TrainTokenizer, template: PromptTemplate, *, max_length: int,
+def prepare(path: str | Path, tok: TrainTokenizer, template: PromptTemplate | ChatFormat, *, max_length: int,
             eval_split: float, seed: int, records: list[Record] | None = None
             ) -> tuple[list[Example], list[Example], DataStats]:
     """Load (unless ``records`` were read from ``path`` already), validate, split and tokenize:

@@ -179,19 +179,34 @@ def chat_template_for(resolved: ResolvedModel, template: str | None) -> str | No
         return template_for(template).chat_template
     if resolved.zoo is not None:
         return resolved.zoo.template.chat_template
-    jinja = resolved.path / "chat_template.jinja"
+    own = own_chat_template(resolved.path)
+    if own is not None:
+        return own[0]
+    # komt's prompt format belongs to komt's families (Llama 2 and Mistral, SentencePiece vocabularies); a Llama 3
+    # or Qwen2 base without a template of its own gets none, as llama.cpp's converter writes none
+    if not is_komt_family(resolved):
+        return None
+    return model_template(resolved).chat_template
+
+
+def own_chat_template(folder: Path) -> tuple[str, str] | None:
+    """The checkpoint's own chat template and the file it is in: ``chat_template.jinja``, else
+    ``tokenizer_config.json``'s ``chat_template`` (as transformers reads them); None when it has neither."""
+    jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    cfg_path = resolved.path / "tokenizer_config.json"
+        return jinja.read_text(encoding="utf-8"), jinja.name
+    cfg_path = folder / "tokenizer_config.json"
     if cfg_path.is_file():
         own = json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template")
         if isinstance(own, str):
-            return own
-    # komt's prompt format belongs to komt's families (Llama 2 and Mistral, SentencePiece vocabularies); a Llama 3
-    # or Qwen2 base without a template of its own gets none, as llama.cpp's converter writes none
-    if not (resolved.path / "tokenizer.model").is_file():
-        return None
-    return model_template(resolved).chat_template
+            return own, cfg_path.name
+    return None
+
+
+def is_komt_family(resolved: ResolvedModel) -> bool:
+    """Whether komt's prompt format is the model's: a zoo model, or a checkpoint of komt's families (Llama 2 and
+    Mistral, SentencePiece ``tokenizer.model`` vocabularies). Byte-level BPE checkpoints (Llama 3, Qwen2) are not."""
+    return resolved.zoo is not None or (resolved.path / "tokenizer.model").is_file()
 
 
 def resolve(model: str, *, adapter: str | None = None, allow_pickle: bool = False,

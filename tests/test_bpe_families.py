@@ -426,3 +426,148 @@ def test_chat_and_serve_answer_as_llama_cpp_does_on_both_families(family, conver
         status, body = post(server, "/v1/chat/completions", {"messages": messages, "stream": True, **fields},
                             key=None)
         assert status == 200 and "".join(sse_pieces(body)) == want
+
+
+# --- train's CPU path: the model's own chat template ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama3_instruct(tiny_llama3, tmp_path_factory) -> Path:
+    """The tiny Llama 3 with Llama 3 Instruct's chat template, as an Instruct checkpoint carries it."""
+    model = tmp_path_factory.mktemp("bpe") / "tiny-llama3-instruct"
+    shutil.copytree(tiny_llama3, model)
+    (model / "chat_template.jinja").write_text(LLAMA3_INSTRUCT_TEMPLATE, encoding="utf-8")
+    return model
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("family,end_of_turn", [("qwen2", "<|im_end|>"), ("llama3_instruct", "<|eot_id|>")],
+                         ids=["qwen2", "llama3_instruct"])
+def test_train_on_the_models_own_template_then_merge_gguf_verify(family, end_of_turn, request, monkeypatch, capsys,
+                                                                   tmp_path):
+    """`komt-edge train` on a tiny Qwen2 (ChatML) and a tiny Llama 3 Instruct: the loss falls; every record's prompt
+    tokens are the ones komt-edge's chat path builds from the converted file's template for the same user message,
+    and its labels the answer then the template's end of turn; the adapter carries the model's own template, not
+    komt's; merge → gguf q8_0 → verify with the adapter passes."""
+    from komt_edge.merge import merge
+    from komt_edge.records import prompt_of
+    from komt_edge.runtime import load
+    from komt_edge.templates import TEMPLATES
+    from komt_edge.train import prompt_format
+    from komt_edge.train_data import IGNORE_INDEX, TrainTokenizer, encode_record, load_records
+    from komt_edge.verify import verify
+    from komt_edge.zoo import resolve
+
+    from .conftest import N_THREADS
+
+    model = request.getfixturevalue(f"tiny_{family}")
+    own = (model / "chat_template.jinja").read_text(encoding="utf-8")
+    data = Path(__file__).parent / "data" / "ko_instruct.jsonl"
+    adapter = tmp_path / "lora"
+    code, out, err = run_cli(monkeypatch, capsys, "train", "--model", str(model), "--data", str(data), "-o",
+                             str(adapter), "--max-steps", "6", "--lr", "1e-2", "--batch-size", "4", "--max-length",
+                             "80", "--eval-split", "0.25", "--save-steps", "6", "--warmup-steps", "1")
+    assert code == 0, err
+    assert "its own chat template, from chat_template.jinja" in out and repr(end_of_turn) in out
+    assert f"next: komt-edge gguf {model} --adapter {adapter} -q q4_0" in out and "--template" not in out
+    record = json.loads((adapter / "komt_edge_train.json").read_text(encoding="utf-8"))
+    assert record["template"] == record["arguments"]["template"] == "own"
+    assert record["prompt_format"]["chat_template"] == "the model's own, from chat_template.jinja"
+    assert end_of_turn in record["prompt_format"]["answer"]
+    res = record["results"]
+    assert res["last_loss"] < res["first_loss"] - 0.5, res
+    assert res["eval_loss"] < res["eval_loss_before"], res
+    assert (adapter / "chat_template.jinja").read_text(encoding="utf-8") == own  # not komt's
+    assert own not in {t.chat_template for t in TEMPLATES.values()}
+    assert "chat_template" not in json.loads((adapter / "tokenizer_config.json").read_text(encoding="utf-8"))
+
+    merged = merge(model, adapter, tmp_path / "merged")
+    assert json.loads((merged / "komt_edge_merge.json").read_text())["merged_modules"] == 14
+    (path,) = convert(str(merged), ["q8_0"], tmp_path / "gguf", n_threads=2, progress=False)
+    assert RawGguf(path).value("tokenizer.chat_template") == own
+
+    # the tokens trained on are the tokens inference builds from the file (prompt) and generates (answer)
+    tok = TrainTokenizer(model)
+    name, fmt = prompt_format(resolve(str(model)), None, tok)
+    assert name == "own"
+    eot = tok.encode_continuation(end_of_turn)
+    assert len(eot) == 1
+    loaded = load(path, n_ctx=512, n_threads=N_THREADS)
+    try:
+        for rec in load_records(data):
+            ex = encode_record(tok, fmt, rec, max_length=2048)
+            inference = loaded.prompt_token_ids([{"role": "user", "content": prompt_of(rec)}])
+            assert ex.input_ids[:ex.prompt_len] == list(inference), rec.where
+            assert ex.labels[:ex.prompt_len] == [IGNORE_INDEX] * ex.prompt_len
+            assert ex.labels[ex.prompt_len:] == ex.input_ids[ex.prompt_len:] and ex.input_ids[-1:] == eot
+            assert tok.decode_continuation(ex.input_ids[ex.prompt_len:]) == rec.output.strip() + end_of_turn
+    finally:
+        loaded.close()
+
+    report = verify(path, str(model), adapter=str(adapter), n_threads=N_THREADS, max_new_tokens=4)
+    assert report.passed, report.summary()
+    assert report.generation.template_check == "is the model's own"
+
+
+def test_train_on_a_llama3_base_without_a_template_needs_template_llama(tiny_llama3, monkeypatch, capsys, tmp_path):
+    """A Llama 3 base has no chat template: train refuses in one line naming both fixes, writing nothing; with
+    --template llama it trains on komt's format (and says so in the `next:` line)."""
+    from komt_edge.templates import LLAMA
+    from komt_edge.train import prompt_format
+    from komt_edge.train_data import TrainTokenizer
+    from komt_edge.zoo import resolve
+
+    data = Path(__file__).parent / "data" / "ko_instruct.jsonl"
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--model", str(tiny_llama3), "--data", str(data), "-o",
+                           str(tmp_path / "lora"), "--max-steps", "1")
+    assert_one_line_error(code, err, "has no chat template of its own", "--template llama", "chat template")
+    assert not (tmp_path / "lora").exists()
+    assert prompt_format(resolve(str(tiny_llama3)), "llama", TrainTokenizer(tiny_llama3)) == ("llama", LLAMA)
+
+
+# --- bench ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_bench_quality_and_speed_run_on_both_families(family, converted):
+    """`komt-edge bench` quality (q8_0 against f16) and speed on each family's files: finite perplexity equal to
+    one computed from transformers' logits on the same chunks (BOS first only where the model adds one: Llama 3,
+    not Qwen2), KLD ≥ 0, a same-top rate in (0, 1]."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from komt_edge import bench
+
+    from .conftest import N_THREADS
+
+    model, ours, _ = converted(family)
+    n_ctx, chunks = 128, 2
+    report = bench.quality([ours[0], ours[1]], ours[0], n_ctx=n_ctx, n_chunks=chunks, n_threads=N_THREADS,
+                           progress=False)
+    f16, q8 = report.results
+    for r in report.results:
+        assert math.isfinite(r.ppl) and r.ppl > 1 and r.kl.mean_kld >= 0 and r.kl.max_kld >= 0
+        assert 0 < r.kl.same_top <= 1
+    assert f16.kl.mean_kld == pytest.approx(0.0, abs=1e-7) and f16.kl.same_top == 1.0
+    assert q8.kl.mean_kld > 0
+
+    body, _ = bench.korean_eval_text(None)
+    with bench.LlamaRunner(ours[0], n_ctx=n_ctx, n_threads=N_THREADS) as runner:
+        tokens, add_bos, bos = runner.tokenize(body), runner.add_bos, runner.bos
+    assert add_bos == (family == "llama3")
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    nll, half = [], n_ctx // 2
+    for c in range(chunks):
+        chunk = torch.tensor(tokens[c * n_ctx:(c + 1) * n_ctx], dtype=torch.long)
+        if add_bos:
+            chunk[0] = bos
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(chunk[None]).logits[0].double(), -1)
+        pos = torch.arange(half, n_ctx - 1)
+        nll.append(-logp[pos, chunk[pos + 1]])
+    assert f16.ppl == pytest.approx(float(torch.exp(torch.cat(nll).mean())), rel=1e-3)
+
+    speed = bench.speed([ours[1]], n_prompt=16, n_gen=4, repetitions=1, n_threads=[N_THREADS], cuda=False,
+                        progress=False)
+    (row,) = speed.results
+    assert row.pp.mean > 0 and row.tg.mean > 0 and row.chars_per_token > 1  # Korean: more than a character a token

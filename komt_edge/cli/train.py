@@ -80,5 +80,7 @@ def train_cmd(model: str, data: Path, out: Path, bits: str | None, target_module
 
     result = train(model, data, out, bits=int(bits) if bits else None, target_modules=target_modules.split(","),
                    log=progress_log(json_out), **kwargs)
-    show(f"{result.summary()}\nnext: komt-edge gguf {model} --adapter {out} --template {result.template} -q q4_0 "
-         "-q q8_0 -o dist", result.to_dict(), json_out)
+    # the model's own chat template is the one `komt-edge gguf` writes for it: no --template to pass
+    template = "" if result.template == "own" else f" --template {result.template}"
+    show(f"{result.summary()}\nnext: komt-edge gguf {model} --adapter {out}{template} -q q4_0 -q q8_0 -o dist",
+         result.to_dict(), json_out)
