@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -172,3 +172,41 @@ def gguf_lora(adapter: str | Path, out: str | Path = "dist", *, base: str | None
                           alpha=conv.alpha, ranks=sorted({t.rank for t in conv.tensors}), tensors=len(conv.tensors),
                           folded=sum(t.factor != 1.0 for t in conv.tensors), bytes=target.stat().st_size,
                           seconds=time.perf_counter() - start, warnings=list(lora.warnings))
+
+
+@dataclass
+class AdapterCheck:
+    """An adapter GGUF verified as users run it: applied by llama.cpp to an f16 GGUF of its base."""
+
+    passed: bool
+    base_type: str
+    tokens: int
+    mean_kl: float
+    top1: float
+    max_abs: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def verify_on_base(adapter_gguf: Path, model: Path, adapter: Path, work: Path, *, template: str | None,
+                   name: str, max_kl: float | None = None, allow_pickle: bool = False, n_threads: int | None = None,
+                   progress: bool = True, log: Callable[[str], None] = print) -> AdapterCheck:
+    """llama.cpp applies ``adapter_gguf`` to an f16 GGUF of the base ``model`` (written in ``work`` for the
+    purpose, then removed); its logits are compared with the Hugging Face base + the peft ``adapter``, within the
+    f16 bounds (``max_kl`` overrides the mean-KL bound)."""
+    from .gguf import convert
+    from .verify import BoundOverrides, verify_files
+
+    log("writing an f16 GGUF of the base to verify the adapter on (not published, removed afterwards)")
+    base_gguf = convert(str(model), ["f16"], work, template=template, name=f"{name}-base", allow_pickle=allow_pickle,
+                        n_threads=n_threads, progress=progress)[0]
+    try:
+        run = verify_files([base_gguf], str(model), adapter=str(adapter), allow_pickle=allow_pickle,
+                           template=template, n_threads=n_threads, overrides=BoundOverrides(mean_kl=max_kl),
+                           lora=adapter_gguf, progress=progress, log=log)
+    finally:
+        base_gguf.unlink(missing_ok=True)
+    report = run.reports[0]
+    lg = report.logits
+    return AdapterCheck(run.passed, report.file_type, lg.tokens, lg.mean_kl, lg.top1, lg.max_abs)

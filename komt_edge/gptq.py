@@ -479,6 +479,23 @@ class GptqResult:
             data["check"]["ppl_ratio"] = self.check.ppl_ratio
         return data
 
+    @property
+    def label(self) -> str:
+        """The checkpoint's quantization as the card's file table names it: ``GPTQ-4bit-g128``."""
+        return f"GPTQ-{self.bits}bit-" + ("gchannel" if self.group_size == -1 else f"g{self.group_size}")
+
+    def record(self) -> dict[str, Any]:
+        """What a release records of the checkpoint: its settings and, when checked, the check's numbers (None
+        for a perplexity that is not finite)."""
+        data = {"quant": self.label, "bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act,
+                "format": "gptq v1", "device": self.device, "calibration": self.calibration}
+        k = self.check
+        if k is not None:
+            data.update(ppl=k.ppl_gptq if math.isfinite(k.ppl_gptq) else None, ppl_reference=k.ppl_reference,
+                        ppl_ratio=k.ppl_ratio if math.isfinite(k.ppl_ratio) else None, template_ok=k.template_ok,
+                        eval_tokens=k.eval_tokens, answer=k.answer)
+        return data
+
     def summary(self) -> str:
         c = self.calibration
         lines = [
@@ -600,7 +617,11 @@ def _peak_rss_bytes() -> int:
     return usage if sys.platform == "darwin" else usage * 1024
 
 
-def gptq(model: str, out: str | Path = "dist", *, bits: int = 4, group_size: int = 128, desc_act: bool = False,
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128  # komt's GPTQ files: 4-bit, groups of 128
+
+
+def gptq(model: str, out: str | Path = "dist", *, bits: int = DEFAULT_BITS, group_size: int = DEFAULT_GROUP_SIZE,
+         desc_act: bool = False,
          calibration: str = "korean", samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
          device: str = "auto", adapter: str | None = None, name: str | None = None, check: bool = True,
          eval_tokens: int = DEFAULT_EVAL_TOKENS, max_ppl_ratio: float | None = GPTQ_MAX_PPL_RATIO,

@@ -34,7 +34,6 @@ module for its defaults).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -290,10 +289,8 @@ def _lora_inputs(ctx: StageContext) -> dict:
 
 
 def _lora_run(ctx: StageContext) -> StageOutput:
-    """The adapter GGUF, verified as users run it: llama.cpp applies it to an f16 GGUF of the base (written for
-    the purpose, then removed) and is compared with the HF base + peft adapter, within the f16 bounds."""
-    from .gguf import convert
-    from .gguf_lora import gguf_lora
+    """The adapter GGUF, verified as users run it (:func:`komt_edge.gguf_lora.verify_on_base`)."""
+    from .gguf_lora import gguf_lora, verify_on_base
 
     o, r = ctx.options, ctx.resolved
     on_hub = not Path(r.source).expanduser().exists()
@@ -301,25 +298,15 @@ def _lora_run(ctx: StageContext) -> StageOutput:
     result = gguf_lora(r.adapter, ctx.gguf_dir, base=base, outtype=LORA_OUTTYPE, name=o.name, force=o.force,
                        allow_pickle=o.allow_pickle, progress=o.progress, log=ctx.log)
     ctx.log("  " + result.summary().splitlines()[0])
-    ctx.log("  writing an f16 GGUF of the base to verify the adapter on (not published, removed afterwards)")
-    base_gguf = convert(str(r.path), ["f16"], ctx.work_dir("lora"), template=ctx.family, name=f"{o.name}-base",
-                        allow_pickle=o.allow_pickle, n_threads=o.n_threads, progress=o.progress)[0]
-    try:
-        run = verify_files([base_gguf], str(r.path), adapter=str(r.adapter), allow_pickle=o.allow_pickle,
-                           template=ctx.family, n_threads=o.n_threads, overrides=BoundOverrides(mean_kl=o.max_kl),
-                           lora=result.path, progress=o.progress,
+    check = verify_on_base(result.path, r.path, r.adapter, ctx.work_dir("lora"), template=ctx.family, name=o.name,
+                           max_kl=o.max_kl, allow_pickle=o.allow_pickle, n_threads=o.n_threads, progress=o.progress,
                            log=lambda text: ctx.log("\n".join("  " + x for x in text.splitlines())))
-    finally:
-        base_gguf.unlink(missing_ok=True)
-    lg = run.reports[0].logits
-    message = "" if run.passed else f"verification failed for {result.path.name} applied to an f16 GGUF of the base"
-    return StageOutput(files=[result.path], passed=run.passed, message=message,
+    message = "" if check.passed else f"verification failed for {result.path.name} applied to an f16 GGUF of the base"
+    return StageOutput(files=[result.path], passed=check.passed, message=message,
                        data={"file": result.path.name, "size": result.bytes, "outtype": result.outtype,
                              "alpha": result.alpha, "ranks": result.ranks,
                              "base": r.source if on_hub else (o.base_model or r.path.name),
-                             "verify": {"base_type": run.reports[0].file_type, "passed": run.passed,
-                                        "tokens": lg.tokens, "mean_kl": lg.mean_kl, "top1": lg.top1,
-                                        "max_abs": lg.max_abs}})
+                             "verify": check.to_dict()})
 
 
 def _gptq_skip(ctx: StageContext) -> str | None:
@@ -327,7 +314,10 @@ def _gptq_skip(ctx: StageContext) -> str | None:
 
 
 def _gptq_inputs(ctx: StageContext) -> dict:
-    return {**_model_inputs(ctx), "name": ctx.options.name, "bits": 4, "group_size": 128, "calibration": "korean"}
+    from .gptq import DEFAULT_BITS, DEFAULT_GROUP_SIZE
+
+    return {**_model_inputs(ctx), "name": ctx.options.name, "bits": DEFAULT_BITS, "group_size": DEFAULT_GROUP_SIZE,
+            "calibration": "korean"}
 
 
 def _gptq_run(ctx: StageContext) -> StageOutput:
@@ -345,15 +335,8 @@ def _gptq_run(ctx: StageContext) -> StageOutput:
     if target.exists():
         shutil.rmtree(target)
     os.replace(result.path, target)
-    k = result.check
-    failure = acceptance_failure(k)
-    data = {"quant": f"GPTQ-{result.bits}bit-" + ("gchannel" if result.group_size == -1 else f"g{result.group_size}"),
-            "bits": result.bits, "group_size": result.group_size, "desc_act": result.desc_act,
-            "format": "gptq v1", "device": result.device, "calibration": result.calibration}
-    if k is not None:
-        data.update(ppl=k.ppl_gptq if math.isfinite(k.ppl_gptq) else None, ppl_reference=k.ppl_reference,
-                    ppl_ratio=k.ppl_ratio if math.isfinite(k.ppl_ratio) else None, template_ok=k.template_ok,
-                    eval_tokens=k.eval_tokens, answer=k.answer)
+    failure = acceptance_failure(result.check)
+    data = result.record()
     try:
         summary = result.summary()
     except Exception:  # the summary is informative only
@@ -403,7 +386,7 @@ def _bench_inputs(ctx: StageContext) -> dict:
 
 
 def _bench_run(ctx: StageContext) -> StageOutput:
-    from .bench import pick_reference, quality, speed
+    from .bench import bench_all, pick_reference
     from .gguf import convert
 
     o = ctx.options
@@ -416,31 +399,17 @@ def _bench_run(ctx: StageContext) -> StageOutput:
                        template=o.template, name=o.name, n_threads=o.n_threads, progress=o.progress)
         reference = made[0]
     try:
-        quality_report = quality(models, reference, n_threads=o.n_threads, progress=o.progress)
-        speed_report = speed(models, n_threads=o.n_threads, cuda=False, progress=o.progress)
+        result = bench_all(models, reference=reference, n_threads=[o.n_threads] if o.n_threads else None,
+                           cuda=False, progress=o.progress)
     finally:
         for f in made:
             Path(f).unlink(missing_ok=True)
-    files: dict[str, dict] = {}
-    for r in quality_report.results:
-        files.setdefault(Path(r.file.path).name, {}).update(
-            ppl=r.ppl, ppl_unc=r.ppl_unc, kld_f16=r.kl.mean_kld if r.kl else None,
-            same_top=r.kl.same_top if r.kl else None, ppl_tokens=r.tokens)
-    threads = None
-    for r in speed_report.results:
-        threads = r.n_threads
-        files.setdefault(Path(r.file.path).name, {}).update(tokens_per_s=r.tg.mean, tokens_per_s_sd=r.tg.sd,
-                                                            prompt_tokens_per_s=r.pp.mean)
-    env = speed_report.env or {}
-    machine = (f"{env.get('cpu') or 'CPU'}, {threads} thread(s), llama.cpp (llama-cpp-python "
-               f"{env.get('llama_cpp_python')}); tg128/pp512 as llama-bench; perplexity and KL over "
-               f"{quality_report.tokens_total} tokens of {quality_report.corpus}")
     report = ctx.out / "bench.json"
     with atomic_file(report) as tmp:
-        tmp.write_text(json.dumps({"quality": quality_report.to_dict(), "speed": speed_report.to_dict()},
-                                  ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
-    return StageOutput(files=[report], data={"machine": machine, "files": files,
-                                             "reference": Path(reference).name, "corpus": quality_report.corpus})
+        tmp.write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2, default=str) + "\n",
+                       encoding="utf-8")
+    return StageOutput(files=[report], data={"machine": result.machine(), "files": result.rows(),
+                                             "reference": Path(reference).name, "corpus": result.quality.corpus})
 
 
 # --- card --------------------------------------------------------------------------------------------------

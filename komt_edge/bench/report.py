@@ -26,6 +26,27 @@ class BenchReport:
     def to_dict(self) -> dict:
         return {"quality": self.quality.to_dict(), "speed": self.speed.to_dict()}
 
+    def rows(self) -> dict[str, dict]:
+        """file name → its numbers, as a release records them (and the card shows them): perplexity, KL divergence
+        and same-top rate against the reference, tokens/s."""
+        files: dict[str, dict] = {}
+        for r in self.quality.results:
+            files.setdefault(Path(r.file.path).name, {}).update(
+                ppl=r.ppl, ppl_unc=r.ppl_unc, kld_f16=r.kl.mean_kld if r.kl else None,
+                same_top=r.kl.same_top if r.kl else None, ppl_tokens=r.tokens)
+        for r in self.speed.results:
+            files.setdefault(Path(r.file.path).name, {}).update(tokens_per_s=r.tg.mean, tokens_per_s_sd=r.tg.sd,
+                                                                prompt_tokens_per_s=r.pp.mean)
+        return files
+
+    def machine(self) -> str:
+        """Where and how the numbers were measured, in one line."""
+        env = self.speed.env or {}
+        threads = self.speed.results[-1].n_threads if self.speed.results else None
+        return (f"{env.get('cpu') or 'CPU'}, {threads} thread(s), llama.cpp (llama-cpp-python "
+                f"{env.get('llama_cpp_python')}); tg128/pp512 as llama-bench; perplexity and KL over "
+                f"{self.quality.tokens_total} tokens of {self.quality.corpus}")
+
 
 def to_json(report: QualityReport | SpeedReport) -> str:
     """A report as OUT.json holds it: ``to_dict()``, each quality row's file with its bpw and short type."""
