@@ -9,6 +9,9 @@
 2. Quality on the held-out Korean text (LibreOffice help; konlpy bills when absent), n_ctx 512: `komt-edge bench
    quality` with the F16 file as reference, against `llama-perplexity` (PPL of the F16 file with
    --kl-divergence-base, then --kl-divergence for each quantized file).
+2b. The same on the same text with Windows line ends (CRLF, and a final one), --crlf-chunks chunks, F16 and Q4_0:
+   llama-perplexity scores the file's bytes as they are, and so must `bench quality` (Python's text mode once turned
+   each \r\n into \n there: other tokens, PPL off by 3-10% on CRLF texts, while the LF text above agreed).
 3. Speed: `komt-edge bench speed`'s pp512/tg128 against `llama-bench -p 512 -n 128 -r 5 -t T` (the static build
    and the same code linked to the wheel's libraries), per file and thread count, in --rounds rounds that run every
    tool once in rotating order. A shared machine drifts by more than 5% within minutes, so komt-edge is compared
@@ -118,7 +121,8 @@ def parse_kld(out: str) -> dict:
     }
 
 
-def llama_perplexity(files: dict[str, Path], text: Path, chunks: int, threads: int) -> dict:
+def llama_perplexity(files: dict[str, Path], text: Path, chunks: int, threads: int,
+                     types: list[str] = TYPES) -> dict:
     base = WORK / "f16.kld"
     res = {}
     out = run([TOOLS / "llama-perplexity", "-m", files["f16"], "-f", text, "-c", 512, "-t", threads,
@@ -126,7 +130,7 @@ def llama_perplexity(files: dict[str, Path], text: Path, chunks: int, threads: i
     m = re.search(r"Final estimate: PPL = " + _NUM + r" \+/- " + _NUM, out)
     res["f16"] = {"ppl": float(m.group(1)), "ppl_unc": float(m.group(2))}
     res["base_file_bytes"] = base.stat().st_size
-    for qtype in TYPES[1:]:
+    for qtype in types[1:]:
         out = run([TOOLS / "llama-perplexity", "-m", files[qtype], "-f", text, "-c", 512, "-t", threads,
                    "--chunks", chunks, "--kl-divergence-base", base, "--kl-divergence"])
         res[qtype] = parse_kld(out)
@@ -177,7 +181,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="speed: rounds per file and thread count, each running "
                     "every tool once in rotating order; medians are compared")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--skip", default="", help="comma-separated steps to skip: identity, quality, speed")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip: identity, quality, crlf, speed")
+    ap.add_argument("--crlf-chunks", type=int, default=4, help="crlf: chunks of the CRLF copy of the text")
     ap.add_argument("--types", default=",".join(TYPES), help="speed: the files to time (rows of other files "
                     "already in the results are kept)")
     args = ap.parse_args()
@@ -208,7 +213,8 @@ def main() -> None:
         text_body, corpus = "\n\n".join(corpora.korean_texts("heldout", "konlpy")), "konlpy"
     text = WORK / f"{corpus}-heldout.txt"
     text.write_text(text_body, encoding="utf-8")
-    result.update(env=environment(), corpus=corpus, text_chars=len(text_body), chunks=args.chunks)
+    if {"identity", "quality", "speed"} - skip:  # the header describes the run of these steps
+        result.update(env=environment(), corpus=corpus, text_chars=len(text_body), chunks=args.chunks)
 
     if "identity" not in skip:
         result["identity"] = identity(hf, files)
@@ -235,6 +241,22 @@ def main() -> None:
                              "load_after": load()}
         result_path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
         write_outputs([q], args.out / "gemma3-270m-korean-quality", title="Gemma 3 270M, Korean quality")
+    if "crlf" not in skip:
+        crlf = WORK / f"{corpus}-heldout-crlf.txt"
+        crlf.write_bytes((text_body.replace("\n", "\r\n") + "\r\n").encode("utf-8"))
+        types = ["f16", "q4_0"]
+        t = max(threads)
+        q = quality([files[k] for k in types], files["f16"], text=crlf, n_ctx=512, n_chunks=args.crlf_chunks,
+                    n_threads=t, progress=False)
+        ref = llama_perplexity(files, crlf, args.crlf_chunks, t, types)
+        ours = {k: {"ppl": r.ppl, "ppl_unc": r.ppl_unc} for k, r in zip(types, q.results)}
+        ours["q4_0"].update(mean_kld=q.results[1].kl.mean_kld, same_top=q.results[1].kl.same_top)
+        result["quality_crlf"] = {"komt_edge": ours, "llama_cpp": ref, "chunks": args.crlf_chunks, "threads": t,
+                                  "text_bytes": crlf.stat().st_size, "crlf": text_body.count("\n") + 1,
+                                  "env": environment()}
+        result_path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        for k in types:
+            log(f"crlf {k}: PPL komt-edge {ours[k]['ppl']:.4f}, llama-perplexity {ref[k]['ppl']:.4f}")
     if "speed" not in skip:
         tools = ["komt-edge", "llama-bench"] + (["llama-bench-wheel"] if (TOOLS / "llama-bench-wheel").is_file() else [])
         rows = [r for r in result.get("speed", []) if r["type"] not in timed or r["threads"] not in threads]
@@ -288,6 +310,17 @@ def markdown(r: dict) -> str:
                     a, b = ours[key], ref[key]
                     diff = f"{100 * (a - b) / b:+.2f}%" if b else f"{a - b:+.2g}"
                     lines.append(f"| {qtype} | {key} | {a:.5g} | {b:.5g} | {diff} |")
+        lines.append("")
+    if "quality_crlf" in r:
+        q = r["quality_crlf"]
+        lines += [f"The same text with Windows line ends ({q['crlf']} CRLF, {q['text_bytes']} bytes), "
+                  f"{q['chunks']} chunks of 512, {q['threads']} threads:", "",
+                  "| type | metric | komt-edge | llama-perplexity | difference |", "| --- | --- | ---: | ---: | ---: |"]
+        for qtype, ours in q["komt_edge"].items():
+            for key in ("ppl", "mean_kld", "same_top"):
+                if key in ours and q["llama_cpp"][qtype].get(key) is not None:
+                    a, b = ours[key], q["llama_cpp"][qtype][key]
+                    lines.append(f"| {qtype} | {key} | {a:.6g} | {b:.6g} | {100 * (a - b) / b:+.3f}% |")
         lines.append("")
     if "speed" in r:
         lines += ["Speed, tokens/s: the median over the rounds (each round runs every tool once with -r reps, in "

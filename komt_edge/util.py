@@ -71,15 +71,19 @@ def _fmt(n: float, base: int, units: tuple[str, ...]) -> str:
     raise AssertionError("unreachable")
 
 
-def read_user_text(path: Path, *, missing: str, encoding: str = "utf-8", folder: str | None = None) -> str:
+def read_user_text(path: Path, *, missing: str, encoding: str = "utf-8", folder: str | None = None,
+                   newline: str | None = None) -> str:
     """A user's text file, or a KomtError: ``folder`` (or a default) when it is a folder, ``missing`` when it is
-    not a file, the byte offset when it is not UTF-8, the OS's reason when it cannot be read."""
+    not a file, the byte offset when it is not UTF-8, the OS's reason when it cannot be read. ``newline`` is
+    open()'s: None turns \\r\\n and \\r into \\n; "" keeps the characters as the file has them (as llama.cpp's
+    ``-f`` reads a file)."""
     if path.is_dir():
         raise KomtError(folder or f"{path} is a folder, where a UTF-8 text file is expected: pass the file itself")
     if not path.is_file():
         raise KomtError(missing)
     try:
-        return path.read_text(encoding=encoding)
+        with path.open(encoding=encoding, newline=newline) as f:
+            return f.read()
     except UnicodeDecodeError as err:
         raise KomtError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     except OSError as err:

@@ -91,6 +91,32 @@ def test_files_that_do_not_fit_together_are_compared_in_groups(tiny_ggufs, quali
         assert g.ppl == r.ppl and g.kl.mean_kld == r.kl.mean_kld
 
 
+def test_a_text_file_is_scored_as_llama_perplexity_reads_it(tiny_ggufs, tmp_path):
+    """llama-perplexity -f scores a file's characters as they are, less one final newline: Windows line ends stay
+    \\r\\n. The scorer once read --text in Python's text mode, which turns them into \\n: other tokens, and on a
+    CRLF Korean file (konlpy's constitution.txt, 4 chunks of 512) Gemma 3's F16 read PPL 10.3993 against
+    llama-perplexity's 9.4755."""
+    body, _ = bench.korean_eval_text(None)
+    raw = body.replace("\n", "\r\n") + "\r\n"  # llama.cpp drops the final "\n" and keeps the "\r"
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(raw.encode("utf-8"))
+    assert bench.korean_eval_text(path)[0] == raw[:-1]
+    f32 = tiny_ggufs["f32"]
+    report = bench.quality([f32], text=path, n_ctx=N_CTX, n_chunks=CHUNKS, n_threads=N_THREADS, progress=False)
+    half = N_CTX // 2  # the same protocol, on llama.cpp's tokens of the file's characters
+    nll = []
+    with bench.LlamaRunner(f32, n_ctx=N_CTX, n_threads=N_THREADS) as r:
+        tokens = r.tokenize(raw[:-1])
+        for c in range(CHUNKS):
+            chunk = tokens[c * N_CTX:(c + 1) * N_CTX].copy()
+            chunk[0] = r.bos
+            r.clear()
+            logits = torch.from_numpy(r.logits(r.decode(chunk, 0, logits_from=half))[:N_CTX - 1 - half].copy())
+            logp = torch.log_softmax(logits.double(), -1)
+            nll.append(-logp[torch.arange(len(logp)), torch.from_numpy(chunk[half + 1:]).long()])
+    assert report.results[0].ppl == pytest.approx(float(torch.exp(torch.cat(nll).mean())), rel=1e-5)
+
+
 def test_speed_reports_llama_bench_quantities(tiny_ggufs):
     report = bench.speed([tiny_ggufs["q8_0"]], n_prompt=64, n_gen=16, repetitions=2, n_threads=N_THREADS,
                          progress=False)

@@ -86,6 +86,8 @@ CLAIMS = [
     Claim("Wall time for the four files on 2 threads:", ("llama_cpp_agreement.json",), end="load average 0.79 → 3.76.", loads=True),
     Claim("Perplexity is the same to every printed digit.", ("llama_cpp_agreement.json", "llama_cpp_agreement.md"),
           end="komt-edge uses the exact reference.", settings=("16",), derived={"0.5%": "0.5"}),
+    Claim("| CRLF text | PPL komt-edge | PPL llama-perplexity |", ("llama_cpp_agreement.json#quality_crlf",
+                                                                 "llama_cpp_agreement.md")),
     Claim("llama-perplexity needs a 2.5 GiB base file", ("llama_cpp_agreement.json",), end="the 20 chunks below."),
     Claim("| type | test | komt-edge t/s | llama-bench (static) |", ("llama_cpp_agreement.json",
                                                                    "llama_cpp_agreement.md"), settings=("512", "128")),
