@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .converters.gguf_file import is_gguf, not_a_model
 from .errors import KomtError
+from .hub import is_hub_id, snapshot
 from .templates import PromptTemplate, family_for_architecture, template_for
 
 ORG = "davidkim205"
@@ -107,27 +108,11 @@ _META_PATTERNS = ["*.json", "tokenizer.model", "*.txt", "*.md"]
 
 
 def download(repo_id: str, *, weights: bool = True, allow_pickle: bool = False, revision: str | None = None) -> Path:
-    """Fetch a Hub repo snapshot through huggingface_hub (its cache, HF_TOKEN, HF_ENDPOINT, progress bars)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
+    """Fetch what a conversion needs of a Hub repo (weights unless ``weights=False``; pickles only when allowed)."""
     patterns = list(_META_PATTERNS)
     if weights:
         patterns += _WEIGHT_PATTERNS + (_PICKLE_PATTERNS if allow_pickle else [])
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except GatedRepoError:
-        raise KomtError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise KomtError(f"Hub repo {repo_id} was not found (or is private): check the name, or set HF_TOKEN") from None
-    except RevisionNotFoundError:
-        raise KomtError(f"revision {revision!r} of {repo_id} does not exist") from None
-    except LocalEntryNotFoundError:
-        raise KomtError(f"could not reach the Hub for {repo_id} and it is not in the local cache: "
-                        "check the network or HF_ENDPOINT, or pass a local folder") from None
-    except OSError as err:  # connection errors surface as OSError subclasses
-        raise KomtError(f"could not download {repo_id}: {err}") from None
+    return snapshot(repo_id, patterns, revision=revision)
 
 
 def snapshot_revision(path: Path | None) -> str | None:
@@ -232,15 +217,12 @@ def resolve(model: str, *, adapter: str | None = None, allow_pickle: bool = Fals
             return ResolvedModel(base, entry.name, entry, choice.base or entry.base, adapter_path)
         path = download(entry.merged, allow_pickle=allow_pickle)
         return ResolvedModel(path, entry.name, entry, entry.merged, resolve_adapter(adapter) if adapter else None)
-    if "/" in model and not model.startswith((".", "/", "~")) and model.count("/") == 1:
+    if is_hub_id(model):
         path = download(model, allow_pickle=allow_pickle)
         return ResolvedModel(path, model.split("/")[1], None, model, resolve_adapter(adapter) if adapter else None)
     known = ", ".join(m.name for m in ZOO)
     raise KomtError(f"unknown MODEL {model!r}: not a local folder, zoo name or Hub id (ORG/NAME); "
                     f"zoo names: {known}")
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _declared_base(adapter_dir: Path) -> str | None:
@@ -267,9 +249,7 @@ def adapter_base(adapter_dir: Path, entry: ZooModel | None = None) -> AdapterBas
     otherwise komt-edge's zoo table (komt's adapters may name a local training path)."""
     declared = _declared_base(adapter_dir)
     table = entry.base if entry is not None else None
-    is_hub_id = (declared is not None and _HUB_ID.fullmatch(declared) is not None
-                 and not declared.startswith((".", "/", "~")) and not Path(declared).expanduser().exists())
-    if is_hub_id:
+    if declared is not None and is_hub_id(declared):
         note = None
         if table is not None and declared.lower() != table.lower():
             note = (f"the adapter's adapter_config.json names {declared} as its base, komt-edge's zoo table "
@@ -304,7 +284,7 @@ def resolve_adapter(adapter: str) -> Path:
             raise KomtError(f"{local} is not a LoRA adapter folder: adapter_config.json is missing")
         return local
     check_not_a_file(adapter, "ADAPTER")
-    if "/" in adapter and adapter.count("/") == 1:
+    if is_hub_id(adapter):
         return download(adapter)
     raise KomtError(f"adapter {adapter!r} is neither a local folder nor a Hub id (ORG/NAME)")
 
