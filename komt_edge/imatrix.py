@@ -19,7 +19,7 @@ from .errors import KomtError
 from .gguf import convert
 from .importance import DEFAULT_N_CTX, KOREAN, MIN_BATCH_ROWS, Imatrix, compute, korean_calibration_text
 from .templates import family_from_chat_template, template_for
-from .util import fmt_size, read_user_text, sha256_json
+from .util import fmt_size, read_llama_cpp_text, sha256_json
 from .zoo import model_family, resolve
 
 
@@ -70,9 +70,10 @@ def imatrix(model: str, out: str | Path, *, text: str = KOREAN, adapter: str | N
         raise KomtError(f"--ctx {n_ctx}: llama-imatrix ignores batches under {MIN_BATCH_ROWS} tokens; use ≥ 16")
     user_text = None
     if text != KOREAN:
-        user_text = read_user_text(Path(text), missing=f"--text {text}: no such file; pass 'korean' or a UTF-8 "
-                                                      "text file",
-                                   folder=f"--text {text} is a folder: pass 'korean' or one UTF-8 text file")
+        # as llama-imatrix's -f reads it: the same tokens, Windows line ends included
+        user_text = read_llama_cpp_text(Path(text), missing=f"--text {text}: no such file; pass 'korean' or a "
+                                                           "UTF-8 text file",
+                                        folder=f"--text {text} is a folder: pass 'korean' or one UTF-8 text file")
         if not user_text.strip():
             raise KomtError(f"--text {text} is empty: pass a text with at least {2 * n_ctx} tokens")
     info = None

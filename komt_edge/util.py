@@ -90,6 +90,13 @@ def read_user_text(path: Path, *, missing: str, encoding: str = "utf-8", folder:
         raise KomtError(f"cannot read {path}: {err.strerror or err}") from None
 
 
+def read_llama_cpp_text(path: Path, *, missing: str, folder: str | None = None) -> str:
+    """A user's text file as llama.cpp's ``-f`` reads it (llama-perplexity, llama-imatrix), so that komt-edge and
+    those tools see the same tokens: its characters as they are (Windows line ends stay ``\\r\\n``), less one
+    final ``\\n``. Errors as :func:`read_user_text`'s."""
+    return read_user_text(path, missing=missing, folder=folder, newline="").removesuffix("\n")
+
+
 def read_json_object(path: Path, *, fix: str = "fix or re-download it") -> dict:
     """A JSON object komt-edge reads (a config.json, an adapter_config.json), or a one-line KomtError naming the
     file and what is wrong with it (not UTF-8, not JSON, not an object, unreadable) and ``fix``."""

@@ -292,3 +292,24 @@ def test_reruns_replace_their_own_files_and_llama_cpps_log_stays_behind_verbose(
     code, _, err = run_cli(monkeypatch, capsys, *args, "-v")
     assert code == 0, err
     assert "llama_model_quantize" in err
+
+
+def test_a_text_file_is_read_as_llama_imatrix_reads_it(mistral_f32, korean_text, tmp_path):
+    """`imatrix --text FILE` reads the file as llama-imatrix's -f does: Windows line ends kept (Python's text mode
+    would make them \\n, other tokens), one final \\n dropped. The matrix is the one computed on those characters,
+    and not the one of the same text with \\n line ends."""
+    from komt_edge.imatrix import imatrix
+
+    body = korean_text.replace("\n", "\r\n")
+    path = tmp_path / "crlf.txt"
+    path.write_bytes((body + "\n").encode("utf-8"))
+    settings = dict(n_ctx=N_CTX, n_chunks=N_CHUNKS, n_threads=N_THREADS, progress=False)
+    imatrix(str(mistral_f32), tmp_path / "file.imatrix.gguf", text=str(path), **settings)
+    got = Imatrix.read(tmp_path / "file.imatrix.gguf")
+    want = compute(mistral_f32, body, dataset="crlf", **settings)
+    unix = compute(mistral_f32, korean_text, dataset="lf", **settings)
+    name = "blk.0.attn_q.weight"
+    assert set(got.entries) == set(want.entries)
+    for key, (sums, counts) in want.entries.items():
+        assert np.array_equal(got.entries[key][0], sums) and np.array_equal(got.entries[key][1], counts), key
+    assert not np.array_equal(unix.entries[name][0], want.entries[name][0])

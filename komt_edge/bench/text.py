@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .. import corpora
 from ..errors import KomtError
-from ..util import read_user_text
+from ..util import read_llama_cpp_text
 
 
 def korean_eval_text(text: str | Path | None = None, *, source: str = "konlpy") -> tuple[str, str]:
@@ -18,9 +18,8 @@ def korean_eval_text(text: str | Path | None = None, *, source: str = "konlpy") 
     token sequence), less one final ``\\n``."""
     if text is not None:
         path = Path(text)
-        body = read_user_text(path, missing=f"{path} is not a file: pass a UTF-8 text file with --text",
-                              folder=f"--text {path} is a folder: pass one UTF-8 text file", newline="")
-        body = body.removesuffix("\n")
+        body = read_llama_cpp_text(path, missing=f"{path} is not a file: pass a UTF-8 text file with --text",
+                                   folder=f"--text {path} is a folder: pass one UTF-8 text file")
         if not body.strip():
             raise KomtError(f"{path} is empty")
         return body, f"file {path.name} ({len(body)} characters)"
