@@ -39,7 +39,6 @@ a ``prompt``, which :meth:`Example.render` wraps in the model's komt prompt temp
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import zlib
@@ -47,11 +46,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 from .errors import KomtError
-from .records import Record, prompt_of, render, text_records
-from .util import package_dir, read_user_text
+from .records import Record, prompt_of, read_records, render
+from .util import package_dir
 
 if TYPE_CHECKING:
     from .templates import PromptTemplate
@@ -402,41 +401,10 @@ def describe(source: str = "konlpy") -> str:
 # --- user files ---------------------------------------------------------------------------------------------
 
 def load_examples(path: str | Path) -> list[Example]:
-    """Records from a user file: ``.json`` (a list, or an object with a ``data``/``train`` list), ``.jsonl``
-    (one record per line) or anything else as UTF-8 text (the whole file is one document)."""
-    path = Path(path).expanduser()
-    raw = read_user_text(path, missing=f"{path} is not a file")
-    if not raw.strip():
-        raise KomtError(f"{path} is empty")
-    suffix = path.suffix.lower()
-    records: Iterable[tuple[object, str]]
-    if suffix == ".jsonl":
-        parsed = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                parsed.append((json.loads(line), f"line {n}"))
-            except json.JSONDecodeError as err:
-                raise KomtError(f"{path}:{n} is not valid JSON ({err.msg})") from None
-        records = parsed
-    elif suffix == ".json":
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise KomtError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-        if isinstance(data, dict):
-            data = next((data[k] for k in ("data", "train", "examples", "records") if isinstance(data.get(k), list)),
-                        [data])
-        if not isinstance(data, list):
-            data = [data]
-        records = ((r, f"record {i}") for i, r in enumerate(data, start=1))  # numbered as lines are
-    else:
-        return [Example(raw)]
-    examples = [Example.of(item) for record, where in records for item in text_records(record, path, where)]
-    if not examples:
-        raise KomtError(f"{path} holds no text records")
-    return examples
+    """Records from a user file, read by :func:`komt_edge.records.read_records`: ``.json`` (a list, or an object
+    with a ``data``/``train`` list), ``.jsonl`` (one record per line) or anything else as UTF-8 text (the whole
+    file is one document)."""
+    return [Example.of(item) for item in read_records(path, prose=True)]
 
 
 def hangul_fraction(text: str) -> float:

@@ -4,8 +4,18 @@ A record is an instruction, an optional input and the answer (:class:`Record`). 
 with an instruction (key ``instruction``, ``prompt``, ``question`` or ``query``), an optional ``input`` and an
 answer (``output``, ``response``, ``answer``, ``completion`` or ``chosen``), or a chat (``messages`` /
 ``conversations``: each user turn answered by an assistant turn is one record; other turns are dropped).
-Training (``komt_edge.train_data``) reads these; calibration and evaluation text (``komt_edge.corpora``) reads
-them and prose as well.
+
+A user's data file is read here and nowhere else (:func:`read_records`), for training (``komt_edge.train_data``:
+instruction records only) and for calibration and evaluation text (``komt_edge.corpora``: prose as well):
+
+- ``.jsonl`` / ``.ndjson``: JSON Lines, one value per line (blank lines skipped); errors name the line.
+- ``.json``: a JSON list of values, or an object holding one under ``data``, ``train``, ``examples`` or
+  ``records``; a file of several JSON values is JSON Lines under another name. Errors name the record (``record
+  2``) or, for JSON syntax, the line.
+- anything else: one text document (the whole file) where prose is read; JSON (as ``.json``) where it is not.
+
+JSON files are UTF-8, with or without a byte-order mark; a text document is UTF-8 and read as it is. A blank file
+is refused, and so is a file without a record.
 
 The prompt is the instruction, then a blank line and the input when there is one (:func:`prompt_of`; a blank
 line is what komt's own trainer puts between prompt parts: ``{instruction}\\n\\n### Response:``). A model reads
@@ -15,11 +25,13 @@ alike.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 from .errors import KomtError
+from .util import read_user_text
 
 if TYPE_CHECKING:
     from .templates import PromptTemplate
@@ -30,6 +42,8 @@ CHAT_KEYS = ("messages", "conversations")
 USER_ROLES = frozenset({"user", "human", "prompter"})
 ASSISTANT_ROLES = frozenset({"assistant", "gpt", "bot", "model"})
 INPUT_SEPARATOR = "\n\n"  # between instruction and input, inside the template
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+LIST_KEYS = ("data", "train", "examples", "records")  # {"data": [...]}: the list of records under a key
 
 
 @dataclass(frozen=True)
@@ -121,3 +135,83 @@ def _chat_records(turns: list, key: str, path: str | Path, where: str) -> list[R
     if not records:
         raise KomtError(f"{path} {where}: no user turn followed by an assistant turn in {key!r}")
     return records
+
+
+def trainable(records: list[Record], path: str | Path) -> list[Record]:
+    """``records``, refused when one has nothing to learn from (a blank instruction or answer)."""
+    for record in records:
+        if not record.instruction.strip():
+            raise KomtError(f"{path} {record.where}: \"instruction\" is empty")
+        if not record.output.strip():
+            raise KomtError(f"{path} {record.where}: \"output\" is empty: there is nothing to learn from this "
+                            "record")
+    return records
+
+
+# -- reading a user's data file --------------------------------------------------------------------------------
+
+@overload
+def read_records(path: str | Path, *, prose: Literal[False] = ..., missing: str | None = ...) -> list[Record]: ...
+@overload
+def read_records(path: str | Path, *, prose: Literal[True], missing: str | None = ...) -> list[Record | str]: ...
+
+
+def read_records(path: str | Path, *, prose: bool = False, missing: str | None = None) -> list:
+    """The records of a user's data file (see the module docstring for the formats), in file order.
+
+    ``prose=False`` (training): instruction records and chats only, each with a non-blank instruction and answer
+    (:func:`instruction_records`, :func:`trainable`). ``prose=True`` (calibration, evaluation): prose as well
+    (:func:`text_records`), and a file that is not JSON is one text document. ``missing`` is the error for a
+    path that is not a file. Every error is one line that names the file and, where there is one, the line or
+    record."""
+    path = Path(path).expanduser()
+    missing = missing or f"{path} is not a file"
+    suffix = path.suffix.lower()
+    if prose and suffix not in JSON_LINES_SUFFIXES + (".json",):
+        text = read_user_text(path, missing=missing)
+        if not text.strip():
+            raise KomtError(f"{path} is empty")
+        return [text]
+    text = read_user_text(path, missing=missing, encoding="utf-8-sig")
+    if not text.strip():
+        raise KomtError(f"{path} is empty: it holds no records")
+    parse = text_records if prose else (lambda v, p, w: trainable(instruction_records(v, p, w), p))
+    records: list = []
+    for value, where in _values(text, path, suffix in JSON_LINES_SUFFIXES, prose):
+        records += parse(value, path, where)
+    if not records:
+        kind = "text records" if prose else 'records: expected {"instruction": ..., "output": ...} objects'
+        raise KomtError(f"{path} holds no {kind}")
+    return records
+
+
+def _values(text: str, path: Path, json_lines: bool, prose: bool):
+    """(JSON value, where) of each record of a data file's text: ``"line 3"`` in JSON Lines, ``"record 2"`` in a
+    JSON list."""
+    if not json_lines:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.msg != "Extra data":
+                raise KomtError(f"{path} line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})"
+                                ) from None
+            # several top-level values: JSON Lines under another name
+        else:
+            if isinstance(data, dict):
+                data = next((data[k] for k in LIST_KEYS if isinstance(data.get(k), list)), data)
+            if not isinstance(data, list):
+                raise KomtError(f"{path}: expected a JSON list of records (or JSON Lines, one record per line)")
+            yield from ((value, f"record {i}") for i, value in enumerate(data, start=1))
+            return
+    for no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            # the wording each caller's tests pin: "data.jsonl line 3: not valid JSON (...)" for training data,
+            # "text.jsonl:3 is not valid JSON (...)" for calibration text
+            if prose:
+                raise KomtError(f"{path}:{no} is not valid JSON ({err.msg})") from None
+            raise KomtError(f"{path} line {no}: not valid JSON ({err.msg} at column {err.colno})") from None
+        yield value, f"line {no}"

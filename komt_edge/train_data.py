@@ -1,6 +1,6 @@
 """Training data for `komt-edge train`: Korean instruction records → token ids with the prompt masked.
 
-Records are read by :mod:`komt_edge.records`, the reader calibration uses too: JSON objects
+Records are read by :func:`komt_edge.records.read_records`, the reader calibration uses too: JSON objects
 ``{"instruction": str, "output": str}`` with an optional ``"input": str`` (or their synonyms, or chats), in a
 JSON file (a list of records) or a JSON Lines file (one record per line). Other keys are ignored. A record needs
 a non-empty instruction and output.
@@ -44,61 +44,19 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import KomtError
-from .records import Record, instruction_records, prompt_of, render
+from .records import Record, prompt_of, read_records, render
 from .templates import PromptTemplate
-from .util import read_user_text, sha256_file
+from .util import sha256_file
 
 IGNORE_INDEX = -100
 
 
 # -- reading ----------------------------------------------------------------------------------------------
 
-def _trainable(records: list[Record], path: Path) -> list[Record]:
-    """``records``, refused when one has nothing to learn from."""
-    for record in records:
-        if not record.instruction.strip():
-            raise KomtError(f"{path} {record.where}: \"instruction\" is empty")
-        if not record.output.strip():
-            raise KomtError(f"{path} {record.where}: \"output\" is empty: there is nothing to learn from this "
-                            "record")
-    return records
-
-
 def load_records(path: str | Path) -> list[Record]:
-    """Read and validate a JSON (list of records) or JSONL file; errors name the line (JSONL) or the record."""
-    path = Path(path)
-    text = read_user_text(path, missing=f"data file {path} does not exist", encoding="utf-8-sig")
-    records: list[Record] = []
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        lines = text.splitlines()
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            if err.msg == "Extra data":  # several top-level values: JSON Lines under another name
-                lines = text.splitlines()
-                data = None
-            else:
-                raise KomtError(f"{path} line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if data is not None:
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list):
-                raise KomtError(f"{path}: expected a JSON list of records (or JSON Lines, one record per line)")
-            records = [r for i, obj in enumerate(data, start=1)
-                       for r in _trainable(instruction_records(obj, path, f"record {i}"), path)]
-            lines = []
-    for no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise KomtError(f"{path} line {no}: not valid JSON ({err.msg} at column {err.colno})") from None
-        records += _trainable(instruction_records(obj, path, f"line {no}"), path)
-    if not records:
-        raise KomtError(f"{path} holds no records: expected {{\"instruction\": ..., \"output\": ...}} objects")
-    return records
+    """The instruction records of a training data file (JSON list or JSON Lines), read by
+    :func:`komt_edge.records.read_records`; errors name the line (JSONL) or the record."""
+    return read_records(path, missing=f"data file {Path(path).expanduser()} does not exist")
 
 
 # -- tokenizing -------------------------------------------------------------------------------------------
