@@ -85,6 +85,11 @@ def is_kquant_or_iq(qtype: str) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 _LABEL = r"I?Q\d(?:_[A-Z0-9]+)*|TQ\d_\d|BF16|F16|F32"
+# A plan whose per-tensor types are measured per model (komt_edge.korean_mix): KO-<base mix>, and optionally its byte
+# budget (KO-Q3_K_M-3.5BPW, KO-Q3_K_M-250MB). "KO" is matched in upper case only, so that a model whose own name ends
+# in "-ko" (llama-3-ko-Q4_K_M.gguf) keeps its plain label.
+_KO_LABEL = r"(?-i:KO)-I?Q\d(?:_[A-Z0-9]+)*(?:-\d+(?:\.\d+)?(?:BPW|[KMG]B))?"
+_LABEL = rf"{_KO_LABEL}|{_LABEL}"
 # <model>-<NAME>.gguf or <model>.<NAME>.gguf, optionally a gguf-split shard.
 _FILE_LABEL = re.compile(rf"[-.](?P<quant>{_LABEL})(?:-(?P<part>\d{{5}})-of-\d{{5}})?\.gguf$", re.IGNORECASE)
 
@@ -97,7 +102,8 @@ def file_label(file_name: str) -> tuple[str, str | None] | None:
 
 
 def label_bits(label: str) -> int:
-    """The bits per weight a plan name announces (Q4_K_M → 4, F16 → 16): what runtime's default choice ranks by."""
+    """The bits per weight a plan name announces (Q4_K_M → 4, KO-Q3_K_M → 3, F16 → 16): what runtime's default
+    choice ranks by."""
     digits = re.search(r"\d+", label)
     return int(digits.group()) if digits else 0
 
@@ -183,6 +189,9 @@ class QuantPlan:
     tensor_types: tuple[tuple[str, str], ...] = ()  # (pattern, ggml type name) overrides: first match wins
     imatrix: str | None = None  # None, "korean", or the path of an importance-matrix file
     made_by: str = ""  # how the plan was made, in words (the card says it for a plan that is not a plain mix)
+    # The chooser (registered with plan_chooser) that picks this plan's per-tensor types for a model once its float
+    # file and importance matrix exist (issue 26: measured Korean sensitivity); "" when the types are fixed here.
+    chooser: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -207,6 +216,8 @@ class QuantPlan:
             object.__setattr__(self, "tensor_types", items)
         if self.imatrix is not None and base in FLOAT_TYPES:
             raise KomtError(f"quantization plan {self.name}: a float file is not quantized with an importance matrix")
+        if self.chooser and base in FLOAT_TYPES:
+            raise KomtError(f"quantization plan {self.name}: per-tensor types need a quantized base type")
 
     # -- what the file is -------------------------------------------------------------------------------
     @property
@@ -217,7 +228,12 @@ class QuantPlan:
     @property
     def is_plain_mix(self) -> bool:
         """llama.cpp's own mix under its own name, no per-tensor type changed (what llama-quantize TYPE writes)."""
-        return not self.tensor_types and self.name == display_name(self.base)
+        return not self.tensor_types and not self.chooser and self.name == display_name(self.base)
+
+    @property
+    def pending(self) -> bool:
+        """Whether this plan's per-tensor types are still to be chosen for a model (see :func:`choose`)."""
+        return bool(self.chooser)
 
     @property
     def is_float(self) -> bool:
@@ -260,7 +276,7 @@ class QuantPlan:
     def from_dict(cls, data: dict) -> "QuantPlan":
         """The plan ``to_dict`` recorded (a release manifest's, a card's)."""
         return cls(data["name"], data["base"], tuple(tuple(item) for item in data.get("tensor_types") or ()),
-                   data.get("imatrix"), data.get("made_by", ""))
+                   data.get("imatrix"), data.get("made_by", ""), data.get("chooser", ""))
 
     def __str__(self) -> str:
         return self.name
@@ -301,6 +317,46 @@ def plan_kind(kind: PlanKind) -> PlanKind:
     return kind
 
 
+# Choosers: a plan kind whose per-tensor types depend on the model (measured on it) returns a plan with ``chooser``
+# set; ``gguf.convert`` calls the chooser once the model's float GGUF and importance matrix exist, and quantizes the
+# plan it returns (the same name, its per-tensor types filled in, ``chooser`` empty).
+Chooser = Callable[..., "Chosen"]
+CHOOSERS: dict[str, Chooser] = {}
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """What a chooser returns: the plan with its per-tensor types, the largest file it may be (bytes; None: no
+    bound), the GGUF metadata that records how it was chosen (komt_edge.* keys, strings of < 128 bytes or ints, as
+    llama-quantize's --override-kv takes them) and the llama-quantize recipe to write beside the file
+    (``--tensor-type-file`` contents)."""
+
+    plan: QuantPlan
+    max_bytes: int | None = None
+    metadata: dict = None  # type: ignore[assignment]
+    recipe: str = ""
+
+
+def plan_chooser(name: str) -> Callable[[Chooser], Chooser]:
+    """Register a chooser under ``name`` (a plan's ``chooser``). Usable as a decorator."""
+    def register(fn: Chooser) -> Chooser:
+        CHOOSERS[name] = fn
+        return fn
+    return register
+
+
+def choose(plan: QuantPlan, **context) -> Chosen:
+    """The plan ``plan``'s chooser makes for the model in ``context`` (source: its float GGUF; imatrix: weight name →
+    importance; and what else the chooser documents)."""
+    if not plan.chooser:
+        return Chosen(plan, None, {}, "")
+    try:
+        chooser = CHOOSERS[plan.chooser]
+    except KeyError:
+        raise KomtError(f"quantization plan {plan.name}: no chooser {plan.chooser!r} is known") from None
+    return chooser(plan, **context)
+
+
 # Which plans an importance matrix given for a whole run applies to.
 def every_quantized(plan: QuantPlan) -> bool:
     """gguf --imatrix: every quantized file (llama-quantize --imatrix applied to each)."""
@@ -328,6 +384,8 @@ def plan_for(spec: str | QuantPlan, *, imatrix: str | None = None,
             raise KomtError(f"unknown quantization type {spec!r}; known: {known}")
     if imatrix is not None and plan.imatrix is None and imatrix_for(plan):
         plan = plan.uses(str(imatrix))
+    if plan.chooser and plan.imatrix is None:  # measured on Korean text: the Korean imatrix unless the run gives one
+        plan = plan.uses(KOREAN)
     return plan
 
 
@@ -351,3 +409,7 @@ def plans_for(specs: str | QuantPlan | Iterable[str | QuantPlan], *, imatrix: st
 def parse_types(specs: str | Sequence[str]) -> list[str]:
     """The keys of the plans a run's -q values name (see :func:`plans_for`): q4_k_m for llama.cpp's mixes."""
     return [plan.key for plan in plans_for(specs)]
+
+
+# The kinds of plan komt-edge ships besides llama.cpp's mixes (imported last: they use the names above).
+from komt_edge import korean_mix as _korean_mix  # noqa: E402,F401 - registers ko-TYPE

@@ -19,7 +19,7 @@ from . import __version__
 from .atomic import atomic_file, check_free_space, check_output_dir, output_dir
 from .converters import quantize as q
 from .converters.hf_to_gguf import Converter, Metadata
-from .converters.plan import QuantPlan, mix, plans_for
+from .converters.plan import Chosen, QuantPlan, choose, mix, plans_for
 from .errors import KomtError
 from .importance import KOREAN, Imatrix
 from .util import sha256_json
@@ -165,11 +165,33 @@ def _quantize_with_imatrix(source: Path, targets: dict[QuantPlan, Path], imatrix
         provenance["quantize.imatrix.dataset"] = matrix.datasets[0]
     if matrix.chunk_count > 0:
         provenance["quantize.imatrix.chunks_count"] = matrix.chunk_count
+    text = None
     for plan, target in tqdm(targets.items(), desc=f"{display}: llama_model_quantize with the imatrix", unit="file",
                              disable=not progress):
+        chosen = Chosen(plan, None, {}, "")
+        if plan.pending:  # per-tensor types measured on this model (converters.plan.choose; issue 26)
+            if text is None:
+                from .importance import korean_calibration_text
+
+                text = korean_calibration_text(model_template(resolved, template if template != "none" else None))[0]
+            chosen = choose(plan, source=source, imatrix=weights, provenance=provenance, text=text, out=out,
+                            display=display, n_threads=n_threads, progress=progress,
+                            log=lambda m: tqdm.write(m, file=sys.stderr))
         with atomic_file(target) as tmp:
-            q.quantize_file(source, tmp, plan, imatrix=weights, metadata=provenance, n_threads=n_threads,
-                            model=display)
+            q.quantize_file(source, tmp, chosen.plan, imatrix=weights, metadata={**provenance, **chosen.metadata},
+                            n_threads=n_threads, model=display)
+            size = Path(tmp).stat().st_size
+            if chosen.max_bytes is not None and size > chosen.max_bytes:
+                raise KomtError(f"{target.name} would be {size:,} bytes, over its budget of {chosen.max_bytes:,}: "
+                                "report this as a komt-edge bug")
+        if plan.pending:
+            with atomic_file(recipe_path(target)) as tmp:
+                Path(tmp).write_text(chosen.recipe, encoding="utf-8")
+
+
+def recipe_path(target: Path) -> Path:
+    """Beside a KO file, its per-tensor types in llama-quantize's --tensor-type-file format."""
+    return Path(target).with_name(Path(target).name.removesuffix(".gguf") + ".tensor-types.txt")
 
 
 def imatrix_name(display: str) -> str:
