@@ -37,6 +37,14 @@ def gguf_cmd(model: str, quants: tuple[str, ...], out: Path, adapter: str | None
     atomically (the old file stays until the new one is complete); any other file at those names is refused
     unless --force.
 
+    Korean mixes: -q ko-TYPE (ko-q3_K_M, ko-q2_K, ko-iq4_xs, ...) is llama.cpp's TYPE mix with per-tensor types
+    chosen by measured Korean sensitivity (mean KLD against the float model on the Korean calibration text, never
+    the held-out text), in a file no larger than llama.cpp's TYPE file with the same importance matrix (--imatrix
+    korean unless another is given); ko-TYPE@3.5bpw or ko-TYPE@250MB sets another budget. Written as
+    <name>-KO-<TYPE>.gguf, with its llama-quantize recipe beside it (<name>-KO-<TYPE>.tensor-types.txt, for
+    llama-quantize --imatrix IMATRIX --tensor-type-file) and its measurements (<name>-KO-<TYPE>.sensitivity.json,
+    reused while the model, imatrix and text are unchanged).
+
     Example: komt-edge gguf komt-mistral-7b -q q4_0 -q q8_0 -o dist/, or with a Korean importance matrix:
     komt-edge gguf komt-mistral-7b -q q4_K_M -q iq3_xxs --imatrix korean -o dist/
     """
