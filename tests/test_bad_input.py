@@ -889,21 +889,23 @@ def compare(a, b):  # called by C's qsort, as llama.cpp calls komt-edge's log an
 
 values = (ctypes.c_int * 64)(*range(64, 0, -1))
 compare_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int))
-ctypes.CDLL(None).qsort(values, 64, ctypes.sizeof(ctypes.c_int), compare_type(compare))
-print("sorted" if list(values) == sorted(values) else "unsorted", len(calls) > 1, flush=True)
-try:
+raised = "nothing"
+try:  # the re-check may fire at any line once qsort has returned: everything after it is inside the try
+    ctypes.CDLL(None).qsort(values, 64, ctypes.sizeof(ctypes.c_int), compare_type(compare))
     time.sleep(5)  # back in Python, outside every callback, with no raise_pending() call: the re-check raises
 except Interrupted as err:
-    print("raised", signal.Signals(err.signum).name)
+    raised = signal.Signals(err.signum).name
+print("sorted" if list(values) == sorted(values) else "unsorted", len(calls) > 1, "raised", raised)
 '''
 
 
 def test_a_signal_inside_any_c_callback_is_raised_once_c_returns():
     """The mechanism behind the in-callback rows, on C code komt-edge does not wrap (llama-cpp-python's calls): the
     signal does not escape the callback (ctypes would swallow it), the C call completes, and the signal is raised
-    within the re-check interval once Python runs outside the callback. "raised SIGTERM" is printed only when the
-    exception interrupts the 5 s sleep, so it shows the re-check fired without timing the process (whose start a
-    loaded machine can stretch); the timeout only guards against a hang."""
+    within the re-check interval once Python runs outside the callback (qsort has sorted every value by then).
+    "raised SIGTERM" is printed only when the exception comes before the 5 s sleep ends, so it shows the re-check
+    fired without timing the process (whose start a loaded machine can stretch); the timeout only guards against a
+    hang."""
     proc = subprocess.run([sys.executable, "-c", _SIGNAL_IN_C_CALLBACK], capture_output=True, text=True, cwd=ROOT,
                           timeout=HANG_GUARD_S)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
