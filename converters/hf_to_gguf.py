@@ -43,16 +43,14 @@ from komt_edge.merge import check_compatible, load_adapter, merged_weight
 from komt_edge.stream import BufferPool, run_pipeline
 
 from . import quantize as q
+from .architectures import ARCHITECTURES as FAMILIES
 from .plan import QuantPlan
 from .vocab import Vocab, load_vocab
 
-# HF architectures this converter handles, and the GGUF architecture each is written as.
-ARCHITECTURES = {
-    "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
-    "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,  # llama.cpp runs Mistral 7B as llama (no sliding window key)
-    "Gemma3ForCausalLM": gguf.MODEL_ARCH.GEMMA3,
-    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
-}
+# HF architectures this converter handles, and the GGUF architecture each is written as (the family table,
+# converters/architectures.py, that every other list of families derives from).
+_ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {a.name: _ARCH_BY_NAME[a.gguf_arch] for a in FAMILIES}
 
 # HF tensors that carry no weights llama.cpp needs.
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)

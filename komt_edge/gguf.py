@@ -22,6 +22,7 @@ from .converters.hf_to_gguf import Converter, Metadata
 from .converters.plan import Chosen, QuantPlan, choose, mix, plans_for
 from .errors import KomtError
 from .importance import KOREAN, Imatrix
+from .templates import template_option_error
 from .util import sha256_json
 from .zoo import ResolvedModel, chat_template_for, model_template, resolve, snapshot_revision
 
@@ -111,8 +112,8 @@ def convert(model: str, quants: Sequence[str | QuantPlan] = DEFAULT_QUANTS, out:
     """
     imatrix = None if imatrix in (None, "", "none") else imatrix
     plans = plans_for(quants, imatrix=None if imatrix is None else str(imatrix))
-    if template not in (None, "none", "llama", "mistral"):
-        raise KomtError(f"--template {template!r}: choose llama, mistral or none")
+    if problem := template_option_error(template, allow_none=True):
+        raise KomtError(problem)
     matrices = {}  # each imatrix file, readable and an imatrix, before any work
     for spec in ([str(imatrix)] if imatrix is not None else []) + [p.imatrix for p in plans if p.imatrix]:
         if spec != KOREAN and spec not in matrices:

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from . import __version__
 from .atomic import atomic_dir, check_dir_target, check_output_dir, ensure_writable_dir
 from .checkpoint import read_config
+from .converters.architectures import GPTQ_NAMES
 from .corpora import Example, korean_examples, load_examples
 from .errors import KomtError
 from .merge import TOKENIZER_FILES
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
 # values straddle int32 words, which :func:`unpack_rows` (the tests' reader of the format) does not read.
 SUPPORTED_BITS: tuple[int, ...] = (2, 4, 8)
 SUPPORTED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, -1)  # -1: one group per input row (per channel)
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = GPTQ_NAMES  # the families of converters/architectures.py it quantizes
 
 # The built-in Korean calibration split holds ~32k tokens (Llama-2/Mistral tokenizer): 96 x 256 uses 3/4 of it.
 DEFAULT_SAMPLES = 96

@@ -50,6 +50,7 @@ from .importance import KOREAN, Imatrix
 from .pipeline import Context, Manifest, Stage, StageOutput, folder_lock, now, plan_stages, run_stages
 from .push import (DEFAULT_BACKOFF, DEFAULT_RETRIES, HUB_MAX_FILE_SIZE, check_repo_id, hub_token, preflight,
                    push as push_folder)
+from .templates import template_option_error
 from .util import dist_version, fmt_size
 from .verify import BoundOverrides, verify_files
 from .zoo import ResolvedModel, lookup, model_family, resolve, snapshot_revision
@@ -579,8 +580,8 @@ def release(model: str, org: str, *, quants: Sequence[str] = DEFAULT_RELEASE_QUA
             backoff: float = DEFAULT_BACKOFF, progress: bool = True, imatrix: str | None = KOREAN,
             lora: bool | None = None, log: Callable[[str], None] = print) -> ReleaseResult:
     """Build, verify, measure and publish MODEL's GGUF (and GPTQ) repos under ORG; see the module docstring."""
-    if template not in (None, "llama", "mistral"):
-        raise KomtError(f"--template {template!r}: choose llama or mistral")
+    if problem := template_option_error(template):
+        raise KomtError(problem)
     BoundOverrides(mean_kl=max_kl)  # a bound no file could meet fails now, not after the conversion
     options = make_options(model, org, quants=quants, gptq=gptq, out=out, name=name, gguf_repo=gguf_repo,
                            gptq_repo=gptq_repo, adapter=adapter, template=template, base_model=base_model,

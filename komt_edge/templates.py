@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .converters.architectures import template_family
+
 
 @dataclass(frozen=True)
 class PromptTemplate:
@@ -60,6 +62,15 @@ MISTRAL = PromptTemplate("komt-mistral", "[INST]", " [/INST]")
 TEMPLATES = {"llama": LLAMA, "mistral": MISTRAL}
 
 
+def template_option_error(template: str | None, *, allow_none: bool = False) -> str | None:
+    """What is wrong with a ``--template`` value (None: the model's own; ``"none"`` where ``allow_none``), else
+    None: ``--template 'x': choose llama or mistral``."""
+    names = list(TEMPLATES) + (["none"] if allow_none else [])
+    if template is None or template in names:
+        return None
+    return f"--template {template!r}: choose {', '.join(names[:-1])} or {names[-1]}"
+
+
 def template_for(family: str) -> PromptTemplate:
     try:
         return TEMPLATES[family]
@@ -68,8 +79,9 @@ def template_for(family: str) -> PromptTemplate:
 
 
 def family_for_architecture(architecture: str | None) -> str:
-    """The komt family of a Hugging Face architecture name: Mistral's format for Mistral*, komt-llama's otherwise."""
-    return "mistral" if (architecture or "").startswith("Mistral") else "llama"
+    """The komt family of a Hugging Face architecture name: the template of its family in the converter's table
+    (``converters/architectures.py``: Mistral's format for Mistral*), komt-llama's otherwise."""
+    return template_family(architecture) or "llama"
 
 
 def family_from_chat_template(stored: str | None) -> str | None:
@@ -86,3 +98,4 @@ def family_from_chat_template(stored: str | None) -> str | None:
         if t.prefix.strip() in stored:
             return family
     return None
+

@@ -46,6 +46,7 @@ from . import __version__
 from .atomic import ensure_writable_dir
 from .errors import KomtError
 from .records import INPUT_SEPARATOR
+from .templates import template_option_error
 from .train_data import DataStats, load_records, prepare
 from .util import dist_versions
 
@@ -493,7 +494,7 @@ def train(model: str, data: str | Path, out: str | Path, *, bits: int | None = R
               (batch_size >= 1 and grad_accum >= 1, "--batch-size and --grad-accum must be at least 1"),
               (save_steps >= 1 and logging_steps >= 1, "--save-steps and --logging-steps must be at least 1"),
               (eval_steps is None or eval_steps >= 1, "--eval-steps must be at least 1"),
-              (template in (None, "llama", "mistral"), f"--template {template!r}: choose llama or mistral")]
+              (template_option_error(template) is None, template_option_error(template))]
     for ok, message in checks:
         if not ok:
             raise KomtError(message)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..converters.architectures import describe as describe_architectures
 from . import options
 from .common import show
 
@@ -30,8 +31,7 @@ def gguf_cmd(model: str, quants: tuple[str, ...], out: Path, adapter: str | None
              allow_pickle: bool) -> None:
     """Convert MODEL to GGUF, one file per -q type, from one read of the checkpoint.
 
-    Architectures: LlamaForCausalLM (Llama 2 and Llama 3.x), MistralForCausalLM (written as llama, as llama.cpp
-    does), Qwen2ForCausalLM (Qwen2, Qwen2.5) and Gemma3ForCausalLM.
+    Architectures: {architectures}.
 
     Files are named <name>-<TYPE>.gguf in OUT. A re-run replaces komt-edge's own files of the same model, each
     atomically (the old file stays until the new one is complete); any other file at those names is refused
@@ -53,3 +53,7 @@ def gguf_cmd(model: str, quants: tuple[str, ...], out: Path, adapter: str | None
     paths = convert(model, quants, out, adapter=adapter, allow_pickle=allow_pickle, template=template, name=name,
                     n_threads=n_threads, force=force, imatrix=imatrix)
     show("\n".join(str(p) for p in paths), {"files": [str(p) for p in paths]}, json_out)
+
+
+# the families of the converter's table (converters/architectures.py), so that adding one is one edit
+gguf_cmd.help = gguf_cmd.help.replace("{architectures}", describe_architectures())

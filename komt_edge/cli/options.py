@@ -19,9 +19,10 @@ from pathlib import Path
 import click
 
 from ..output import configure_output
+from ..templates import TEMPLATES
 
 # The library treats None as "the model's own template"; "auto" is its name on the command line.
-TEMPLATE_CHOICES = ("auto", "llama", "mistral")
+TEMPLATE_CHOICES = ("auto", *TEMPLATES)
 
 
 # What torch, numpy's BLAS and OpenMP read, once, when first imported, for the threads they compute on.
