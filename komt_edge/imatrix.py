@@ -18,7 +18,7 @@ from .converters.gguf_file import check_model_gguf, file_info, is_gguf
 from .errors import KomtError
 from .gguf import convert
 from .importance import DEFAULT_N_CTX, KOREAN, MIN_BATCH_ROWS, Imatrix, compute, korean_calibration_text
-from .templates import family_from_chat_template, template_for
+from .templates import gguf_template, template_for
 from .util import fmt_size, read_llama_cpp_text, sha256_json
 from .zoo import model_family, resolve
 
@@ -87,7 +87,7 @@ def imatrix(model: str, out: str | Path, *, text: str = KOREAN, adapter: str | N
                             "GGUF (the quantized file is what the imatrix is for)")
     with output_dir(out.parent), tempfile.TemporaryDirectory(prefix=".komt-edge-imatrix-", dir=out.parent) as work:
         if info is not None:
-            gguf_file, family = path, _stored_family(info.chat_template, template)
+            gguf_file, family = path, gguf_template(path, template)[1]
         else:
             gguf_file, family = _float_gguf(model, Path(work), adapter=adapter, template=template,
                                             allow_pickle=allow_pickle, n_threads=n_threads, progress=progress)
@@ -102,10 +102,6 @@ def imatrix(model: str, out: str | Path, *, text: str = KOREAN, adapter: str | N
                          metadata={"model": str(model), "text_sha256": sha256_json(calib)})
         result.write(out)
     return ImatrixResult(out, str(model), dataset, result.chunk_count, n_ctx, len(result.entries))
-
-
-def _stored_family(chat_template: str | None, template: str | None) -> str | None:
-    return template or family_from_chat_template(chat_template)
 
 
 def _float_gguf(model: str, work: Path, *, adapter: str | None, template: str | None, allow_pickle: bool,

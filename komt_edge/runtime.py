@@ -32,7 +32,7 @@ from .errors import KomtError
 from .generation import CHAT_DEFAULTS, COMPLETION_DEFAULTS, Generation, generate
 from .llama_log import load_errors, reason
 from .hub import download_files, gguf_files, is_hub_id
-from .templates import family_from_chat_template, template_for
+from .templates import gguf_template, template_for
 from .zoo import ORG, lookup
 
 DEFAULT_QUANT = "Q4_K_M"
@@ -245,15 +245,11 @@ def load(path: str | Path, *, template: str | None = None, n_ctx: int | None = N
 
     path = Path(path)
     with GgufHeader(path) as h:
-        stored = h.string("tokenizer.chat_template")
         trained = h.u32(f"{h.string('general.architecture')}.context_length")
     if (message := not_a_model(path)) is not None:  # an importance matrix or a LoRA adapter
         raise KomtError(message)
-    if template:
-        chat_template, family = template_for(template).chat_template, template
-    elif stored:
-        chat_template, family = stored, family_from_chat_template(stored)
-    else:
+    chat_template, family = gguf_template(path, template)
+    if not chat_template:
         raise KomtError(f"{path} stores no chat template: choose komt's with --template llama or --template mistral")
     lora_path = check_lora(lora, path)
     n_ctx = context_size(n_ctx, trained, path)

@@ -16,6 +16,7 @@ when it adds its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .converters.architectures import template_family
 
@@ -98,4 +99,19 @@ def family_from_chat_template(stored: str | None) -> str | None:
         if t.prefix.strip() in stored:
             return family
     return None
+
+
+def gguf_template(path: str | Path, template: str | None = None) -> tuple[str | None, str | None]:
+    """The template of a GGUF file: (chat template, komt family). ``template`` (a komt family, as ``--template``
+    names it) is komt's template of that family and the file is not read; otherwise the file's
+    ``tokenizer.chat_template`` and the komt family whose format it uses (None for another chat template, and
+    (None, None) for a file that stores none). The one place komt-edge reads a GGUF file's template: chat, serve,
+    verify, imatrix and bench's judge all ask here."""
+    if template:
+        return template_for(template).chat_template, template
+    from .converters.gguf_file import GgufHeader  # llama.cpp's gguf reader: only when a file is read
+
+    with GgufHeader(Path(path)) as header:
+        stored = header.string("tokenizer.chat_template")
+    return stored, family_from_chat_template(stored)
 

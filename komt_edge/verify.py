@@ -26,7 +26,7 @@ from .converters.lora_to_gguf import check_lora_fits
 from .converters.plan import QuantPlan
 from .errors import KomtError
 from .llama_log import load_errors, reason
-from .templates import TEMPLATES
+from .templates import TEMPLATES, gguf_template
 from .zoo import chat_template_for, model_template, resolve
 
 # Korean probes: prose, numbers and dates, mixed scripts, emoji, whitespace runs, the komt template markers.
@@ -348,8 +348,8 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
     path = Path(gguf_file)
     if not path.is_file():
         raise KomtError(f"{path} does not exist: run `komt-edge gguf` first")
-    info = file_info(path)
-    file_type, chat_template = info.file_type, info.chat_template
+    file_type = file_info(path).file_type
+    chat_template, _ = gguf_template(path)  # what the file stores, as llama.cpp applies it
     bounds = bounds or (overrides or BoundOverrides()).apply(bounds_for(plan or file_type))
     if lora is not None:
         if not Path(lora).is_file():

@@ -30,7 +30,7 @@ from typing import Sequence
 from ..converters.gguf_file import GgufHeader, check_model_gguf
 from ..errors import KomtError
 from ..llama_log import route_llama_log
-from ..templates import PromptTemplate, family_from_chat_template, template_for
+from ..templates import PromptTemplate, gguf_template, template_for
 from .runner import environment
 
 # (category, question): everyday knowledge, culture, writing, reasoning, translation, coding, as komt's set mixes.
@@ -212,9 +212,7 @@ def _prompt_template(path: Path, template: str | None) -> tuple[str, PromptTempl
     A file storing another chat template gives ("chat", None): it is prompted through its own template."""
     if template not in (None, "auto"):
         return template, template_for(template)
-    with GgufHeader(path) as header:
-        stored = header.string("tokenizer.chat_template")
-    family = family_from_chat_template(stored)
+    stored, family = gguf_template(path)
     if family is not None:
         return family, template_for(family)
     if stored:
