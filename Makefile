@@ -96,13 +96,16 @@ demo: install
 	$(VENV)/bin/komt-edge demo -o $(OUT)/demo $(THREADS_FLAG)
 
 # Every test runs: a skip outside tests/conftest.py's ALLOWED_SKIPS fails, and -rs lists the allowed ones.
+# TEST_WORKERS pytest-xdist processes, one test file each at a time (--dist loadfile: a module's fixtures are
+# built once); the tests themselves run llama.cpp on one thread, so two workers use CI's two cores.
+TEST_WORKERS ?= 2
 test: install browser korean-corpus english-corpus
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
 
 # The edit loop: -m "not slow" leaves out whole releases, GPTQModel, training, the real SmolLM2/Gemma 3 weights, the
 # browser and the tests that must start processes (groups in pytest.ini); `make test` (CI) still runs everything.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 # The serve tests drive a real headless browser: Debian's chromium + chromium-driver (apt-get as root), once, and
 # a Korean font (fonts-noto-cjk), without which the page's Hangul is drawn as empty boxes.

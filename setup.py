@@ -45,7 +45,7 @@ setup(
     ],
     extras_require={
         # the real OpenAI client and a real browser (selenium drives Debian's chromium + chromium-driver) for serve
-        "test": ["pytest>=8", "openai>=1.30", "selenium>=4.20"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.30", "selenium>=4.20"],
         # komt-edge train on CUDA: 4/8-bit loading and paged AdamW (bitsandbytes), --deepspeed, --tensorboard.
         # Not installed by `make install`: the CPU path and the tests need none of them.
         "gpu": ["bitsandbytes>=0.45", "deepspeed>=0.15", "tensorboard>=2.15"],
