@@ -6,7 +6,7 @@ For each shape a random bf16 checkpoint (Mistral layout, the real Mistral v0.1 t
 convert_bench) is written to a temp folder, then the float32 reference logits of verify's Korean prompts
 (``verify.KOREAN_PROMPTS`` in the model's komt template, tokenized as verify tokenizes them) are computed by
 
-- streamed: ``komt_edge.streamed.streamed_logits``, what ``verify`` runs: one decoder layer at a time from the
+- streamed: ``komt_edge.layer_reference.streamed_logits``, what ``verify`` runs: one decoder layer at a time from the
   memory-mapped checkpoint;
 - whole model: ``whole_model_logits``, the former reference (``from_pretrained(dtype="auto")``, then the model
   cast to float32). Skipped, with the reason in the results, when the float32 model would not fit in the
@@ -77,7 +77,7 @@ def child(kind: str, model: Path, out: Path) -> None:
     """One reference in this process: the logits to ``out`` (.npz), with the time the reference took."""
     import numpy as np
 
-    from komt_edge.streamed import streamed_logits, whole_model_logits
+    from komt_edge.layer_reference import streamed_logits, whole_model_logits
 
     ids = verify_prompt_ids(model)
     import accelerate  # noqa: F401  (imports outside the timed reference)

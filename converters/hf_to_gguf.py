@@ -17,7 +17,7 @@ Layout and conventions are llama.cpp's (learned from convert_hf_to_gguf.py and l
 
 Each tensor is read once and quantized for every output file in one pass, on all cores through llama.cpp's
 quantizer, widened to float32 a cache-sized block at a time (converters.quantize.quantize_all). Reading,
-quantizing and writing overlap in a bounded pipeline (komt_edge.stream): tensor i+1 is read while tensor i is
+quantizing and writing overlap in a bounded pipeline (komt_edge.tensor_pipeline): tensor i+1 is read while tensor i is
 quantized and tensor i-1 written, a few tensors in memory at a time.
 Outputs are written to temporary names and renamed into place only when complete.
 """
@@ -40,7 +40,7 @@ from komt_edge.atomic import atomic_file
 from komt_edge.checkpoint import Checkpoint
 from komt_edge.errors import KomtError
 from komt_edge.merge import check_compatible, load_adapter, merged_weight
-from komt_edge.stream import BufferPool, run_pipeline
+from komt_edge.tensor_pipeline import BufferPool, run_pipeline
 
 from . import quantize as q
 from .architectures import ARCHITECTURES as FAMILIES

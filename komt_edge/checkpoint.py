@@ -127,7 +127,7 @@ class Checkpoint:
     def read(self, name: str, buffers=None) -> torch.Tensor:
         """A tensor of its own (not a view of the memory map), the same values as ``get``. Safetensors bytes are
         read with ``pread``, which releases the GIL: a reader thread overlaps with computing threads. With
-        ``buffers`` (a komt_edge.stream.BufferPool) the tensor is one of its buffers."""
+        ``buffers`` (a komt_edge.tensor_pipeline.BufferPool) the tensor is one of its buffers."""
         info = self._infos[name]
         if info.offset < 0:
             return self.get(name).clone()

@@ -56,7 +56,7 @@ class DemoResult:
             raise KomtError("the demo's verification failed: see the reports above")
 
 
-def chat(gguf_file: Path, prompt: str, *, n_threads: int | None = None, max_tokens: int = 48) -> str:
+def ask(gguf_file: Path, prompt: str, *, n_threads: int | None = None, max_tokens: int = 48) -> str:
     """One chat turn as `komt-edge chat` runs it: llama-cpp-python, formatted by the GGUF's own chat template."""
     model = load(gguf_file, n_ctx=512, n_threads=n_threads, seed=0)
     try:
@@ -83,5 +83,5 @@ def demo(out: str | Path = "dist/demo", *, quants: tuple[str, ...] = ("q4_0", "q
     verification = verify_files(files, str(merged), template="mistral", n_threads=n_threads, log=log,
                                 progress=progress)
     prompt = DEMO_QA[0][0]
-    answers = {f.name: chat(f, prompt, n_threads=n_threads) for f in files}
+    answers = {f.name: ask(f, prompt, n_threads=n_threads) for f in files}
     return DemoResult(merged, files, verification, prompt, answers)

@@ -371,7 +371,7 @@ def reference_perplexity(folder: Path, windows: Sequence[Sequence[int]], device:
                          dtype: "torch.dtype") -> float:
     """The unquantized model's perplexity on ``windows``, in ``dtype``: on CUDA the whole model on the GPU
     (spilling to CPU memory what does not fit); elsewhere one decoder layer at a time from the memory-mapped
-    checkpoint (:mod:`komt_edge.streamed`), so a 7B reference on a CPU holds about one layer, not the model."""
+    checkpoint (:mod:`komt_edge.layer_reference`), so a 7B reference on a CPU holds about one layer, not the model."""
     if device.type == "cuda":
         ref = _load_causal_lm(folder, device, dtype)
         try:
@@ -379,7 +379,7 @@ def reference_perplexity(folder: Path, windows: Sequence[Sequence[int]], device:
         finally:
             del ref
             _free(device)
-    from .streamed import DTYPES, streamed_logits
+    from .layer_reference import DTYPES, streamed_logits
 
     name = next(k for k, v in DTYPES.items() if v == dtype)
     logits = iter(streamed_logits(folder, [list(w) for w in windows], dtype=name, loaded_in_dtype=True,

@@ -4,7 +4,7 @@ For every targeted linear layer ``W += scale · B · A`` (scale = alpha / r, or 
 in float32 and cast back to the base dtype. The output is written tensor by tensor into new safetensors shards:
 tensors the adapter does not touch are copied byte for byte from a safetensors base (in the kernel,
 copy_file_range), and the merged ones stream through a bounded read → merge → write pipeline
-(komt_edge.stream), so resident memory stays at a few tensors (a 7B bf16 merge: well under 4 GiB) instead of the
+(komt_edge.tensor_pipeline), so resident memory stays at a few tensors (a 7B bf16 merge: well under 4 GiB) instead of the
 model, and reading, merging and writing overlap.
 
 An adapter trained with QLoRA on a 4-bit base merges into the full-precision base like any other: the adapter
@@ -31,7 +31,7 @@ from .atomic import atomic_dir, check_dir_target, check_free_space
 from .checkpoint import Checkpoint, read_config
 from .errors import KomtError
 from .util import read_json_object
-from .stream import BufferPool, run_pipeline
+from .tensor_pipeline import BufferPool, run_pipeline
 
 PROVENANCE_FILE = "komt_edge_merge.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

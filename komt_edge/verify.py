@@ -310,7 +310,7 @@ def load_reference(hf: str, *, adapter: str | None = None, allow_pickle: bool = 
 
     The model runs one decoder layer at a time from the memory-mapped checkpoint (:func:`streamed_logits`), so
     the reference of a 7B model costs about one layer's memory instead of the whole float32 model."""
-    from .streamed import streamed_logits  # torch: imported when a reference is computed
+    from .layer_reference import streamed_logits  # torch: imported when a reference is computed
 
     resolved = resolve(hf, adapter=adapter, allow_pickle=allow_pickle)
     if not merge_adapter and resolved.adapter is None:

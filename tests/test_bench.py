@@ -315,7 +315,7 @@ def test_judge_cli_serves_a_gguf_judge_offline(tiny_ggufs, tmp_path, monkeypatch
 
 # --- gemma3 in the converter: byte-identical to llama.cpp, and runs like transformers -------------------------
 
-# tiny_gemma3: a session fixture (tests/conftest.py), shared with test_streamed.py.
+# tiny_gemma3: a session fixture (tests/conftest.py), shared with test_layer_reference.py.
 
 def test_gemma3_float_types_match_convert_hf_to_gguf(tiny_gemma3, llama_cpp_ref, tmp_path):
     from komt_edge.gguf import convert

@@ -265,7 +265,7 @@ def test_f16_file_runs_like_the_streamed_reference_in_korean(family, converted):
     import numpy as np
     from llama_cpp import Llama
 
-    from komt_edge.streamed import streamed_logits
+    from komt_edge.layer_reference import streamed_logits
     from komt_edge.verify import Bounds, ReferenceTokenizer, compare_logits
 
     from .conftest import N_THREADS

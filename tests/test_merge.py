@@ -139,7 +139,7 @@ def test_peft_variants_merge_like_peft(variant, tiny_llama, tmp_path):
 def test_merged_weight_is_the_plain_formula_bit_for_bit(rows, cols, dtype):
     """The row-blocked merge (a cache-sized block at a time) gives the bits of the one-shot formula."""
     from komt_edge.merge import MERGE_BLOCK_ELEMENTS, LoraPair, merged_weight
-    from komt_edge.stream import BufferPool
+    from komt_edge.tensor_pipeline import BufferPool
 
     step = max(1, MERGE_BLOCK_ELEMENTS // cols)
     assert rows > step or rows < 16  # several blocks, a partial last one, a single short one, or a row a block

@@ -174,7 +174,7 @@ def judge_settings(url: str | None, model: str | None, key: str | None) -> tuple
     return url.rstrip("/"), model, key
 
 
-def chat(url: str, model: str, messages: list[dict], *, key: str | None = None, timeout: float = 120.0,
+def post_chat(url: str, model: str, messages: list[dict], *, key: str | None = None, timeout: float = 120.0,
          max_tokens: int = 256, temperature: float = 0.0) -> str:
     """One ``POST {url}/chat/completions``; returns the assistant's text. Network failures become KomtError."""
     body = json.dumps({"model": model, "messages": messages, "temperature": temperature,
@@ -261,7 +261,7 @@ def _judge(path: Path, url: str, jmodel: str, key: str | None, *, template: str 
     from tqdm.auto import tqdm
 
     # Fail before spending minutes on answers: the endpoint must answer a tiny request.
-    chat(url, jmodel, [{"role": "user", "content": "점수: 5 라고만 답하세요."}], key=key, timeout=timeout,
+    post_chat(url, jmodel, [{"role": "user", "content": "점수: 5 라고만 답하세요."}], key=key, timeout=timeout,
          max_tokens=8)
     route_llama_log()  # llama.cpp's log through komt-edge's callback: behind -v, and signals inside it not lost
     llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
@@ -280,7 +280,7 @@ def _judge(path: Path, url: str, jmodel: str, key: str | None, *, template: str 
                                             repeat_penalty=1.0)
                 answer = out["choices"][0]["text"].strip()
             secs = time.perf_counter() - t0
-            reply = chat(url, jmodel, [{"role": "system", "content": JUDGE_SYSTEM},
+            reply = post_chat(url, jmodel, [{"role": "system", "content": JUDGE_SYSTEM},
                                        {"role": "user", "content": JUDGE_PROMPT.format(question=question,
                                                                                        answer=answer)}],
                          key=key, timeout=timeout)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from komt_edge.streamed import materialized_parameters, streamed_logits, whole_model_logits
+from komt_edge.layer_reference import materialized_parameters, streamed_logits, whole_model_logits
 
 TOL = 1e-4  # max |Δlogit| in float32
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from komt_edge.stream import BufferPool, run_pipeline
+from komt_edge.tensor_pipeline import BufferPool, run_pipeline
 
 
 def test_items_arrive_in_order_and_stages_overlap():
