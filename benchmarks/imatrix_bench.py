@@ -53,7 +53,7 @@ SPEED_LIMIT = 1.2  # komt-edge imatrix at most this multiple of llama-imatrix's 
 KOMT_IMATRIX = """
 import json, sys, time
 from pathlib import Path
-from komt_edge.importance import compute
+from komt_edge.imatrix import compute
 model, text, out, dataset, chunks, threads = sys.argv[1:]
 body = Path(text).read_text(encoding="utf-8")
 t0 = time.perf_counter()
@@ -95,7 +95,7 @@ def measured(cmd: list, label: str) -> tuple[dict, str]:
 
 def calibration_texts() -> dict[str, dict]:
     """Per language: the calibration split joined as komt-edge's Korean imatrix joins it, written to a file."""
-    from komt_edge.importance import korean_calibration_text
+    from komt_edge.imatrix import korean_calibration_text
 
     texts = {}
     for lang, source in SOURCES.items():
@@ -144,7 +144,7 @@ def llama_imatrix(f16: Path, text: dict, out: Path, chunks: int, threads: int) -
 
 def speed(f16: Path, threads: int, runs: int) -> dict:
     """``komt-edge imatrix --text korean`` against llama-imatrix on the same built-in Korean text."""
-    from komt_edge.importance import Imatrix, korean_calibration_text
+    from komt_edge.imatrix import Imatrix, korean_calibration_text
     from komt_edge.util import sha256_json
 
     body, dataset = korean_calibration_text(None)  # an F16 GGUF without a komt template: the text as it renders

@@ -34,7 +34,7 @@ def main() -> None:
     from komt_edge.converters.gguf_file import PROVENANCE_KEYS, gguf_differences
     from komt_edge.converters.plan import QuantPlan, parse_tensor_types
     from komt_edge.gguf import convert
-    from komt_edge.importance import Imatrix
+    from komt_edge.imatrix import Imatrix
     from komt_edge.tiny import build_tiny_model
 
     if not LLAMA_QUANTIZE.is_file():

@@ -26,6 +26,7 @@ This module imports nothing heavy (no numpy, gguf-py, torch or llama_cpp at impo
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
@@ -57,7 +58,7 @@ QUANT_TYPES = {
     "tq1_0": "MOSTLY_TQ1_0", "tq2_0": "MOSTLY_TQ2_0",
 }
 
-KOREAN = "korean"  # the imatrix computed on the Korean calibration text (komt_edge.importance.KOREAN)
+KOREAN = "korean"  # the imatrix computed on the Korean calibration text (komt_edge.imatrix.KOREAN)
 
 
 def normalize(qtype: str) -> str:
@@ -178,6 +179,14 @@ def parse_tensor_types(text: str, *, source: str = "the tensor types") -> tuple[
 # ---------------------------------------------------------------------------------------------------
 # The plan.
 # ---------------------------------------------------------------------------------------------------
+
+
+def safe_name(name: str) -> str:
+    """A model name as komt-edge's file names carry it: letters and digits of every script (Hangul included,
+    NFC-normalized as macOS folder names are not); anything else between them becomes one hyphen, and no name
+    starts with a dot."""
+    return re.sub(r"[^\w.-]+", "-", unicodedata.normalize("NFC", name)).strip("-.") or "model"
+
 
 @dataclass(frozen=True)
 class QuantPlan:

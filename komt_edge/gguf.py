@@ -7,9 +7,7 @@ requested type is written from one read of the checkpoint; see ``komt_edge.conve
 from __future__ import annotations
 
 import os
-import re
 import sys
-import unicodedata
 from pathlib import Path
 from typing import Sequence
 
@@ -19,11 +17,10 @@ from . import __version__
 from .atomic import atomic_file, check_free_space, check_output_dir, output_dir
 from .converters import quantize as q
 from .converters.hf_to_gguf import Converter, Metadata
-from .converters.plan import Chosen, QuantPlan, choose, mix, plans_for
+from .converters.plan import Chosen, QuantPlan, choose, mix, plans_for, safe_name
 from .errors import KomtError
-from .importance import KOREAN, Imatrix
+from .imatrix import KOREAN, Imatrix, korean_calibration_text, resolve_imatrix
 from .templates import template_option_error
-from .util import sha256_json
 from .zoo import ResolvedModel, chat_template_for, model_template, resolve, snapshot_revision
 
 DEFAULT_QUANTS = ("q4_0", "q8_0")
@@ -35,8 +32,7 @@ def output_name(name: str, plan: QuantPlan | str) -> str:
 
     Letters and digits of every script stay (Hangul included, NFC-normalized as macOS folder names are not);
     anything else between them becomes one hyphen, and no name starts with a dot."""
-    safe = re.sub(r"[^\w.-]+", "-", unicodedata.normalize("NFC", name)).strip("-.") or "model"
-    return f"{safe}-{(plan if isinstance(plan, QuantPlan) else mix(plan)).name}.gguf"
+    return f"{safe_name(name)}-{(plan if isinstance(plan, QuantPlan) else mix(plan)).name}.gguf"
 
 
 def check_target(path: Path, name: str, *, force: bool = False) -> None:
@@ -158,7 +154,8 @@ def _quantize_with_imatrix(source: Path, targets: dict[QuantPlan, Path], imatrix
                            template: str | None, out: Path, display: str, n_threads: int | None,
                            progress: bool) -> None:
     """llama-quantize --imatrix for each target plan, from the float ``source``."""
-    matrix, matrix_file = _importance(imatrix, source, resolved, template, out, display, n_threads, progress)
+    matrix, matrix_file = resolve_imatrix(imatrix, source, resolved, template, out, display, n_threads,
+                                          progress)
     matrix.check_finite()  # the Korean one too: a model whose activations overflow gives NaN sums
     weights = {n: matrix.weights(n) for n in matrix.entries}
     provenance = {"quantize.imatrix.file": str(matrix_file), "quantize.imatrix.entries_count": len(weights)}
@@ -172,8 +169,6 @@ def _quantize_with_imatrix(source: Path, targets: dict[QuantPlan, Path], imatrix
         chosen = Chosen(plan, None, {}, "")
         if plan.pending:  # per-tensor types measured on this model (converters.plan.choose; issue 26)
             if text is None:
-                from .importance import korean_calibration_text
-
                 text = korean_calibration_text(model_template(resolved, template if template != "none" else None))[0]
             chosen = choose(plan, source=source, imatrix=weights, provenance=provenance, text=text, out=out,
                             display=display, n_threads=n_threads, progress=progress,
@@ -193,38 +188,3 @@ def _quantize_with_imatrix(source: Path, targets: dict[QuantPlan, Path], imatrix
 def recipe_path(target: Path) -> Path:
     """Beside a KO file, its per-tensor types in llama-quantize's --tensor-type-file format."""
     return Path(target).with_name(Path(target).name.removesuffix(".gguf") + ".tensor-types.txt")
-
-
-def imatrix_name(display: str) -> str:
-    """Where ``--imatrix korean`` keeps the importance matrix it computes, next to the model's files."""
-    return f"{output_name(display, 'f32')[: -len('-F32.gguf')]}-korean.imatrix.gguf"
-
-
-def _importance(imatrix, source: Path, resolved: ResolvedModel, template: str | None, out: Path, display: str,
-                n_threads: int | None, progress: bool) -> tuple[Imatrix, Path]:
-    """The imatrix to quantize with, and the file it came from: the user's, or the Korean one (computed on
-    ``source`` unless OUT holds one computed for the same model and text)."""
-    if imatrix != KOREAN:
-        return imatrix, imatrix.path
-    from .importance import compute, korean_calibration_text
-
-    path = out / imatrix_name(display)
-    text, dataset = korean_calibration_text(model_template(resolved, template if template != "none" else None))
-    fingerprint = {"model": _model_fingerprint(resolved), "text_sha256": sha256_json(text)}
-    if path.is_file():
-        cached = Imatrix.read(path)
-        if all(cached.metadata.get(k) == v for k, v in fingerprint.items()):
-            return cached, Path(path.name)
-    matrix = compute(source, text, dataset=dataset, n_threads=n_threads, progress=progress, metadata=fingerprint)
-    matrix.write(path)
-    return matrix, Path(path.name)
-
-
-def _model_fingerprint(resolved: ResolvedModel) -> str:
-    """What the Korean imatrix depends on: the checkpoint's (and adapter's) files, by name, size and mtime."""
-    files = []
-    for folder in (resolved.path, resolved.adapter):
-        if folder is not None:
-            files += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(folder).iterdir())
-                      if f.is_file()]
-    return sha256_json(files)

@@ -46,7 +46,7 @@ from .atomic import atomic_file, check_dir_target, ensure_writable_dir, remove_s
 from .card import ModelOrigin, ReleaseData, release_cards, render_card
 from .converters.gguf_file import model_info, split_gguf, split_leftovers
 from .errors import KomtError
-from .importance import KOREAN, Imatrix
+from .imatrix import KOREAN, Imatrix
 from .pipeline import Context, Manifest, Stage, StageOutput, folder_lock, now, plan_stages, run_stages
 from .push import (DEFAULT_BACKOFF, DEFAULT_RETRIES, HUB_MAX_FILE_SIZE, check_repo_id, hub_token, preflight,
                    push as push_folder)
@@ -260,7 +260,7 @@ def _gguf_run(ctx: StageContext) -> StageOutput:
 
 def _published_imatrix(o: ReleaseOptions, gguf_dir: Path, plans: list) -> dict:
     """The importance matrix the k-quant and IQ files were made with, as a file of the GGUF repo."""
-    from .gguf import imatrix_name
+    from .imatrix import imatrix_name
 
     path = gguf_dir / imatrix_name(o.name)
     if o.imatrix != KOREAN:

@@ -343,7 +343,7 @@ def _f32_of(env: Env, qtype: str = "f32") -> Path:
 
 def _imatrix_of(env: Env, fixture: str) -> Path:
     from komt_edge.gguf import convert
-    from komt_edge.importance import compute, korean_calibration_text
+    from komt_edge.imatrix import compute, korean_calibration_text
 
     f32 = convert(str(env.fixture(fixture)), ["f32"], env.tmp / "src", name=fixture, n_threads=1, progress=False)[0]
     return compute(f32, korean_calibration_text()[0], dataset="test", n_ctx=32, n_chunks=2, n_threads=1,
@@ -462,7 +462,7 @@ def _lora_gguf(env: Env) -> Path:
 
 def _nan_imatrix(env: Env) -> Path:
     """The tiny model's imatrix with one value of blk.1.ffn_down.weight poisoned."""
-    from komt_edge.importance import Imatrix
+    from komt_edge.imatrix import Imatrix
 
     matrix = Imatrix.read(_imatrix_of(env, "tiny_mistral"))
     matrix.entries["blk.1.ffn_down.weight"][0][0, 3] = float("nan")
@@ -521,7 +521,7 @@ def _verify_json_input(env: Env) -> list[str]:
 # pauses there, so that the row's signal arrives inside the callback, where ctypes would swallow an exception.
 _IN_CALLBACK = '''
 import os, pathlib, time
-from komt_edge import importance
+from komt_edge.imatrix import core as importance
 marker, check = os.environ["KOMT_TEST_IN_CALLBACK"], importance.interrupt_pending
 def pause_once():  # the callback's first call, made inside llama.cpp's llama_decode
     if not os.path.exists(marker):

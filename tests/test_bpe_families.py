@@ -293,7 +293,7 @@ def _quantize_with_imatrix_reference(src: Path, out: Path, qtype: str, imatrix: 
     import numpy as np
 
     from komt_edge.converters.quantize import ftype_of
-    from komt_edge.importance import Imatrix
+    from komt_edge.imatrix import Imatrix
 
     matrix = Imatrix.read(imatrix)
     names = sorted(matrix.entries)
@@ -318,7 +318,7 @@ def _quantize_with_imatrix_reference(src: Path, out: Path, qtype: str, imatrix: 
 def test_gguf_with_a_korean_imatrix_is_llama_quantize_with_it(family, converted, tmp_path):
     """An importance matrix computed on Korean text through llama.cpp, then q4_K_M and iq4_xs: every tensor equal to
     llama_model_quantize with the same matrix on llama.cpp's own f16 conversion, and the matrix really used."""
-    from komt_edge.importance import compute, korean_calibration_text
+    from komt_edge.imatrix import compute, korean_calibration_text
 
     model, ours, theirs = converted(family)
     imatrix = compute(theirs[0], korean_calibration_text()[0], dataset="korean test text", n_ctx=64, n_chunks=2,

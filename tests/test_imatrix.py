@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from komt_edge.gguf import convert
-from komt_edge.importance import Imatrix, compute, korean_calibration_text
+from komt_edge.imatrix import Imatrix, compute, korean_calibration_text
 
 from .conftest import N_THREADS, assert_one_line_error, assert_same_tensors, gguf_field, run_cli
 from .identity import IMATRIX_RECORD, assert_identical
@@ -298,7 +298,7 @@ def test_a_text_file_is_read_as_llama_imatrix_reads_it(mistral_f32, korean_text,
     """`imatrix --text FILE` reads the file as llama-imatrix's -f does: Windows line ends kept (Python's text mode
     would make them \\n, other tokens), one final \\n dropped. The matrix is the one computed on those characters,
     and not the one of the same text with \\n line ends."""
-    from komt_edge.imatrix import imatrix
+    from komt_edge.imatrix.command import imatrix
 
     body = korean_text.replace("\n", "\r\n")
     path = tmp_path / "crlf.txt"

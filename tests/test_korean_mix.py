@@ -90,7 +90,7 @@ def test_the_recipe_reproduces_the_file_through_llama_quantize(measured, tmp_pat
     """llama-quantize --imatrix IMATRIX --tensor-type-file RECIPE F32.gguf OUT Q3_K_M (its llama_model_quantize,
     filled as quantize.cpp fills it) writes the KO file's tensors."""
     from komt_edge.gguf import convert
-    from komt_edge.importance import Imatrix
+    from komt_edge.imatrix import Imatrix
 
     model, out, ko, _ = measured
     source = convert(str(model), ["f32"], tmp_path, name="tiny", n_threads=N_THREADS, progress=False)[0]
@@ -130,7 +130,7 @@ def _measure_raises(exc):
 
 def test_measurements_of_another_model_or_imatrix_are_never_used(measured, tiny_llama, monkeypatch, tmp_path):
     from komt_edge.gguf import convert
-    from komt_edge.importance import Imatrix
+    from komt_edge.imatrix import Imatrix
 
     model, out, _, _ = measured
     monkeypatch.setattr(korean_mix, "measure", _measure_raises(_Measured()))

@@ -150,7 +150,7 @@ def test_per_tensor_types_reach_the_file_through_llama_model_quantize_too(file_k
     from gguf import GGUFReader
 
     from komt_edge.gguf import convert
-    from komt_edge.importance import Imatrix
+    from komt_edge.imatrix import Imatrix
 
     source = llama_cpp_ref.convert(tiny_mistral, "bf16")
     rng = np.random.default_rng(0)

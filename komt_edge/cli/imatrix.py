@@ -39,7 +39,7 @@ def imatrix_cmd(model: str, out: Path, text: str, n_ctx: int, n_chunks: int, pro
 
     Example: komt-edge imatrix komt-mistral-7b -o dist/komt-mistral-7b-korean.imatrix.gguf
     """
-    from ..imatrix import imatrix
+    from ..imatrix.command import imatrix
 
     result = imatrix(model, out, text=text, adapter=adapter, template=template, n_ctx=n_ctx,
                      n_chunks=n_chunks or None, n_threads=n_threads, process_output=process_output,

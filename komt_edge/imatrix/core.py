@@ -12,7 +12,8 @@ The file (:meth:`Imatrix.write`) is llama.cpp's GGUF imatrix format (``general.t
 which ``llama-quantize --imatrix`` and ``komt-edge gguf --imatrix`` read; :meth:`Imatrix.read` also reads the
 legacy ``.dat`` format. :func:`korean_calibration_text` is the calibration split of ``komt_edge.corpora`` (never
 the held-out text the benchmarks score), prose and instruction records rendered in the model's komt template.
-``komt-edge imatrix`` (``komt_edge.imatrix``) and ``komt-edge gguf --imatrix`` (``komt_edge.gguf``) use it.
+``komt-edge imatrix`` (:mod:`komt_edge.imatrix.command`) and ``komt-edge gguf --imatrix`` (``komt_edge.gguf``) use
+it, and :func:`resolve_imatrix` keeps the Korean one of a conversion beside its files.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_file
-from .errors import KomtError, c_callback, interrupt_pending
+from ..atomic import atomic_file
+from ..converters.plan import safe_name
+from ..errors import KomtError, c_callback, interrupt_pending
+from ..util import sha256_json
+from ..zoo import ResolvedModel, model_template
 
 DEFAULT_N_CTX = 512
 MIN_BATCH_ROWS = 16  # llama-imatrix ignores matrix products of fewer tokens (the ones of a generation step)
@@ -90,7 +94,7 @@ class Imatrix:
     def written_by_komt_edge(path: Path) -> bool:
         """Whether ``path`` is an importance matrix komt-edge wrote (a GGUF imatrix with komt-edge's provenance
         keys): the one existing file `komt-edge imatrix -o` replaces without --force."""
-        from .converters.gguf_file import GgufHeader
+        from ..converters.gguf_file import GgufHeader
 
         try:
             with GgufHeader(Path(path)) as h:
@@ -247,7 +251,7 @@ _GGML_TYPE_F32 = 0
 
 @lru_cache(maxsize=1)
 def _ggml():
-    from .converters.quantize import libs
+    from ..converters.quantize import libs
 
     lib = libs().ggml
     lib.ggml_op_name.argtypes = [ctypes.c_int]
@@ -392,7 +396,7 @@ def compute(gguf_file: str | Path, text: str, *, dataset: str, n_ctx: int = DEFA
     """The importance matrix of a GGUF model on ``text`` (see the module docstring)."""
     from tqdm import tqdm
 
-    from .bench.runner import LlamaRunner
+    from ..bench.runner import LlamaRunner
 
     collector = Collector(process_output=process_output)
     with LlamaRunner(gguf_file, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), n_threads=n_threads,
@@ -417,8 +421,43 @@ def compute(gguf_file: str | Path, text: str, *, dataset: str, n_ctx: int = DEFA
 def korean_calibration_text(template=None, source: str = "konlpy") -> tuple[str, str]:
     """The calibration split of ``source`` as komt would see it (prose, and instruction records in the komt
     ``template``), joined into one text; and its description for the file's metadata."""
-    from .corpora import describe, korean_examples
+    from ..corpora import describe, korean_examples
 
     examples = korean_examples("calibration", source)
     text = TEXT_SEPARATOR.join(e.render(template) for e in examples)
     return text, f"{describe(source)}: calibration split, {len(examples)} documents, {len(text)} characters"
+
+
+# --- the Korean imatrix of a conversion: computed once per model and text, kept beside its files ------------
+
+def imatrix_name(display: str) -> str:
+    """Where ``--imatrix korean`` keeps the importance matrix it computes, next to the model's files."""
+    return f"{safe_name(display)}-korean.imatrix.gguf"
+
+
+def resolve_imatrix(imatrix, source: Path, resolved: ResolvedModel, template: str | None, out: Path, display: str,
+                n_threads: int | None, progress: bool) -> tuple[Imatrix, Path]:
+    """The imatrix to quantize with, and the file it came from: the user's, or the Korean one (computed on
+    ``source`` unless OUT holds one computed for the same model and text)."""
+    if imatrix != KOREAN:
+        return imatrix, imatrix.path
+    path = out / imatrix_name(display)
+    text, dataset = korean_calibration_text(model_template(resolved, template if template != "none" else None))
+    fingerprint = {"model": model_fingerprint(resolved), "text_sha256": sha256_json(text)}
+    if path.is_file():
+        cached = Imatrix.read(path)
+        if all(cached.metadata.get(k) == v for k, v in fingerprint.items()):
+            return cached, Path(path.name)
+    matrix = compute(source, text, dataset=dataset, n_threads=n_threads, progress=progress, metadata=fingerprint)
+    matrix.write(path)
+    return matrix, Path(path.name)
+
+
+def model_fingerprint(resolved: ResolvedModel) -> str:
+    """What the Korean imatrix depends on: the checkpoint's (and adapter's) files, by name, size and mtime."""
+    files = []
+    for folder in (resolved.path, resolved.adapter):
+        if folder is not None:
+            files += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(folder).iterdir())
+                      if f.is_file()]
+    return sha256_json(files)

@@ -2,7 +2,7 @@
 
 MODEL is a GGUF file (f32, f16, bf16 or q8_0) or anything ``komt-edge gguf`` converts (a temporary f16 GGUF is
 made and removed). The statistics, the file format and the Korean calibration text are
-``komt_edge.importance``'s; ``komt-edge gguf --imatrix FILE|korean`` quantizes with the result.
+``komt_edge.imatrix``'s; ``komt-edge gguf --imatrix FILE|korean`` quantizes with the result.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .atomic import JSON_REPORT, check_output_file, holds_json, output_dir
-from .converters.gguf_file import check_model_gguf, file_info, is_gguf
-from .errors import KomtError
-from .gguf import convert
-from .importance import DEFAULT_N_CTX, KOREAN, MIN_BATCH_ROWS, Imatrix, compute, korean_calibration_text
-from .templates import gguf_template, template_for
-from .util import fmt_size, read_llama_cpp_text, sha256_json
-from .zoo import model_family, resolve
+from ..atomic import JSON_REPORT, check_output_file, holds_json, output_dir
+from ..converters.gguf_file import check_model_gguf, file_info, is_gguf
+from ..errors import KomtError
+from ..gguf import convert
+from ..templates import gguf_template, template_for
+from ..util import fmt_size, read_llama_cpp_text, sha256_json
+from ..zoo import model_family, resolve
+from .core import DEFAULT_N_CTX, KOREAN, MIN_BATCH_ROWS, Imatrix, compute, korean_calibration_text
 
 
 @dataclass
