@@ -190,12 +190,37 @@ def file_state(path: Path) -> tuple[int, int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+# On every JSON report komt-edge writes: the sha256 of its bytes, in an extended attribute of the file itself (it
+# goes with the file through the atomic rename, and an edit in place no longer matches it).
+REPORT_MARK = "user.komt-edge.report"
+
+
+def write_json_report(path: Path, text: str, *, option: str = "--json") -> None:
+    """Write a JSON report atomically, marked as komt-edge's (:func:`holds_json`)."""
+    import hashlib
+
+    with atomic_file(path, option=option) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        with contextlib.suppress(OSError):  # a file system without user extended attributes: see holds_json
+            os.setxattr(tmp, REPORT_MARK, hashlib.sha256(tmp.read_bytes()).hexdigest().encode())
+
+
 def holds_json(path: Path, *, limit: int = 256 * 1024 * 1024) -> bool:
-    """Whether ``path`` holds one JSON document (a report komt-edge wrote earlier; a re-run replaces it)."""
+    """Whether ``path`` is a JSON report komt-edge wrote (a re-run replaces it): its mark matches its bytes. A user's
+    own JSON file (a package.json, a config) has no mark and is not replaced without --force. On a file system
+    without user extended attributes, where no mark can be written, any one JSON document counts."""
+    import hashlib
+
     try:
         if Path(path).stat().st_size > limit:
             return False
-        json.loads(Path(path).read_bytes().decode("utf-8"))
+        data = Path(path).read_bytes()
+        try:
+            return os.getxattr(path, REPORT_MARK) == hashlib.sha256(data).hexdigest().encode()
+        except OSError as err:
+            if err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return False  # no mark (ENODATA): not ours
+        json.loads(data.decode("utf-8"))
     except (OSError, ValueError):
         return False
     return True

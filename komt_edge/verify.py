@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .atomic import JSON_REPORT, atomic_file, check_output_file, ensure_writable_dir, holds_json
+from .atomic import JSON_REPORT, check_output_file, ensure_writable_dir, holds_json, write_json_report
 from .converters.gguf_file import check_model_gguf, file_info
 from .converters.lora_to_gguf import check_lora_fits
 from .converters.plan import QuantPlan
@@ -464,6 +464,5 @@ def verify_files(files: Sequence[str | Path], hf: str, *, adapter: str | None = 
         run.reports.append(report)
     if json_out is not None:
         ensure_writable_dir(json_out.parent, option="--json")
-        with atomic_file(json_out, option="--json") as tmp:
-            tmp.write_text("[" + ",\n".join(r.to_json() for r in run.reports) + "]\n", encoding="utf-8")
+        write_json_report(json_out, "[" + ",\n".join(r.to_json() for r in run.reports) + "]\n")
     return run

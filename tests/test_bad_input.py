@@ -497,6 +497,14 @@ def _json_foreign(env: Env) -> list[str]:
     return ["models", "--json", str(notes)]
 
 
+def _json_users_json(env: Env) -> list[str]:
+    """A JSON file of the user's own (valid JSON, not a report komt-edge wrote)."""
+    settings = env.tmp / "settings.json"
+    settings.write_text('{"theme": "dark", "언어": "한국어"}\n', encoding="utf-8")
+    env.untouched(settings)
+    return ["models", "--json", str(settings)]
+
+
 def _gguf_json_input(env: Env) -> list[str]:
     model = env.model_copy()
     env.untouched(model)
@@ -739,6 +747,8 @@ CASES = [
          ("--json /dev/null is a device",)),
     Case("json-foreign", "models", "--json: an existing file that is not a JSON report", _json_foreign,
          ("is not a JSON report", "choose another file")),
+    Case("json-users-json", "models", "--json: the user's own JSON file (valid JSON, not a report komt-edge wrote)",
+         _json_users_json, ("is not a JSON report", "choose another file")),
     Case("json-input", "verify", "--json naming a file of an input (--hf's config.json)", _verify_json_input,
          ("is a file of an input", "never overwrites")),
     Case("json-input-any-command", "gguf", "--json naming a file of an input (MODEL's config.json)",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..atomic import atomic_file, ensure_writable_dir, file_state
+from ..atomic import ensure_writable_dir, file_state, write_json_report
 from ..errors import KomtError
 
 STDOUT = Path("-")
@@ -41,5 +41,4 @@ def emit_json(data, target: Path | None) -> None:
         raise KomtError(f"--json {target} is a file this run has just written (one of its outputs), kept as it is: "
                         "give the JSON report a name of its own")
     ensure_writable_dir(target.parent, option="--json")
-    with atomic_file(target, option="--json") as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_json_report(target, text)

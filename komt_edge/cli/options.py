@@ -74,16 +74,15 @@ def template(*, allow_none: bool = False):
 
 def _json_target(ctx, _param, value: Path | None) -> Path | None:
     """Before any work, the --json FILE follows the output rule (``atomic.check_output_file``): no device or link,
-    no folder, an existing file only when it holds JSON (an earlier report) or with the command's --force (eager,
-    so that it is known here). The command's library checks it against its own inputs and outputs."""
-    from ..atomic import JSON_REPORT, check_output_file, file_state, holds_json
+    no folder; once every option is known (:func:`json_out`), never an input, and an existing file only when it
+    is a report komt-edge wrote or with the command's --force. The command's library checks it against its own
+    inputs and outputs."""
+    from ..atomic import check_output_file, file_state
     from .common import JSON_STATE
 
     if value is None or value == Path("-"):
         return value
-    can_force = any(p.name == "force" for p in ctx.command.params)
-    checked = check_output_file(value, option="--json", ours=holds_json, ours_kind=JSON_REPORT,
-                                force=bool(ctx.params.get("force")), can_force=can_force)
+    checked = check_output_file(value, option="--json")  # what it is; whose it is once the inputs are known
     ctx.meta[JSON_STATE] = file_state(checked)  # emit_json refuses the path if the run itself wrote it since
     return checked
 
@@ -105,11 +104,15 @@ def json_out(what: str = "the result"):
             # the report is not one of the inputs (--json MODEL/config.json), whatever the command.
             target = params.get("json_out")
             if target is not None and target != Path("-"):
-                from ..atomic import check_not_an_input
+                from ..atomic import JSON_REPORT, check_not_an_input, check_output_file, holds_json
 
                 given = [params.get(name) for name in INPUT_PARAMS]
                 check_not_an_input(target, [p for v in given for p in (v if isinstance(v, tuple) else (v,))],
                                    option="--json")
+                ctx = click.get_current_context()
+                check_output_file(target, option="--json", ours=holds_json, ours_kind=JSON_REPORT,
+                                  force=bool(params.get("force")),
+                                  can_force=any(p.name == "force" for p in ctx.command.params))
             return command(*args, **params)
         return option(checked)
     return decorate
