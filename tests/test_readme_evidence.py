@@ -119,6 +119,10 @@ CLAIMS = [
           end="excluded):", loads=True),
     Claim("| target | params | device | GPTQ time |", ("gptq-cpu.json",),
           derived={"11.9": "(7.763699505300026 / 6.937167052789986 - 1) * 100"}),
+    # Korean mixes
+    Claim("| type | file | bytes | mean KLD (held-out Korean) |", ("ko-mix-gemma3-270m.json", "ko-mix-gemma3-270m.md")),
+    Claim("`ko-q3_K_M` has 79.3% lower mean KLD", ("ko-mix-gemma3-270m.json",), end="not measured yet.",
+          settings=("640",)),
     # streaming and serve
     Claim("| model | unstreamed | komt-edge streamed |", ("stream.json", "stream.md")),
     Claim("(`benchmarks/results/stream.{md,json}`, load average", ("stream.json",), end="on 2 CPUs):", loads=True),
