@@ -84,9 +84,7 @@ def test_each_path_in_its_own_process_and_budget(tmp_path):
               gc.Stage("dies", f"{HERE}:_exit", 60), gc.Stage("last", f"{HERE}:_ok", 60),
               gc.Stage("late", f"{HERE}:_ok", 60, background_needs=("llama-cpp-cuda-build",))]
     seen = []
-    started = time.perf_counter()
     results = gc.run_stages(stages, tmp_path, 120, on_result=lambda r, fin: seen.append(len(r)), background=False)
-    assert time.perf_counter() - started < 45  # the hung path was stopped at its budget
     by = {r.name: r for r in results}
     assert by["ok"].status == "ok" and by["ok"].details["answer"] == 42 and by["ok"].seconds is not None
     assert by["needs-ok"].status == "ok" and by["needs-ok"].details["saw"] == 42
@@ -96,6 +94,7 @@ def test_each_path_in_its_own_process_and_budget(tmp_path):
     assert by["after-boom"].status == "skipped" and "needs boom" in by["after-boom"].error
     assert by["wrong"].status == "failed" and by["wrong"].error == "CheckFailed: loss not finite"
     assert by["wrong"].details["loss"] == "nan"
+    # the hung path (a 60 s sleep) was stopped at its 5 s budget: an event, not the wall clock of a loaded machine
     assert by["hang"].status == "timeout" and "5 s budget" in by["hang"].error
     assert "compiling kernels" in by["hang"].error and by["hang"].details["log_tail"] == ["compiling kernels"]
     assert "log_tail" not in by["ok"].details
