@@ -401,7 +401,7 @@ def stage_gptq_transformers(ctx: dict) -> dict:
 
 def stage_bench_speed_llama_cpp(ctx: dict) -> dict:
     from komt_edge.bench.gpu import cuda_rows
-    from komt_edge.bench.runner import gpu_offload_supported
+    from komt_edge.llamacpp import gpu_offload_supported
 
     import llama_cpp
 

@@ -108,7 +108,7 @@ def calibration_texts() -> dict[str, dict]:
 
 def token_budget(f16: Path, texts: dict[str, dict], chunks: int) -> tuple[int, str]:
     """The chunk count both matrices use: --chunks, or fewer when a text has fewer whole chunks (and why)."""
-    from komt_edge.bench.runner import LlamaRunner
+    from komt_edge.llamacpp import LlamaRunner
 
     with LlamaRunner(f16, n_ctx=N_CTX, n_batch=N_CTX) as runner:
         for info in texts.values():

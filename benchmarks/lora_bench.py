@@ -106,7 +106,8 @@ def run(shape: str, work: Path, n_threads: int, repetitions: int) -> dict:
 
 def measure_speed(base: Path, merged: Path, lora_file: Path, shape: str, n_threads: int, repetitions: int) -> dict:
     """pp512 and tg128 of the merged file and of the base with the adapter, alternating test by test."""
-    from komt_edge.bench.runner import LlamaModel, bench_pp, bench_tg
+    from komt_edge.bench.runner import bench_pp, bench_tg
+    from komt_edge.llamacpp import LlamaModel
 
     speed: dict[str, dict] = {"merged": {}, "base+lora": {}}
     with LlamaModel(merged) as m_merged, LlamaModel(base) as m_base:

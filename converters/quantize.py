@@ -195,7 +195,7 @@ def _tensor_overrides(plan: QuantPlan):
     pointer returned (its ``_keep``)."""
     import llama_cpp
 
-    from komt_edge.llama_log import route_llama_log
+    from komt_edge.llamacpp.log import route_llama_log
 
     overrides = plan.overrides()
     if not overrides:
@@ -391,12 +391,12 @@ def quantize_file(src: Path, dst: Path, plan: QuantPlan | str, *, imatrix: dict[
     flattened over a 3-D weight's matrices), the type mix is the one llama-quantize chooses with an imatrix, and
     the plan's per-tensor types are its ``--tensor-type`` overrides (``tt_overrides``). ``metadata`` is written as
     llama-quantize's KV overrides (its ``quantize.imatrix.*`` provenance keys). ``model``: its name, for the error
-    message (``src`` is a hidden temporary file). llama.cpp's log goes through komt-edge's (``komt_edge.llama_log``): its per-tensor
+    message (``src`` is a hidden temporary file). llama.cpp's log goes through komt-edge's (``komt_edge.llamacpp.log``): its per-tensor
     lines only with --verbose, its reason for failing in the one-line error."""
     import llama_cpp
 
     from komt_edge.errors import raise_pending
-    from komt_edge.llama_log import load_errors, reason
+    from komt_edge.llamacpp.log import load_errors, reason
 
     names = sorted(imatrix)
     arrays = [np.ascontiguousarray(imatrix[n], dtype=np.float32) for n in names]  # alive during the call

@@ -30,7 +30,7 @@ from .converters.gguf_file import GgufHeader, is_gguf, not_a_model
 from .converters.plan import file_label, label_bits
 from .errors import KomtError
 from .generation import CHAT_DEFAULTS, COMPLETION_DEFAULTS, Generation, generate
-from .llama_log import load_errors, reason
+from .llamacpp import open_llama
 from .hub import download_files, gguf_files, is_hub_id
 from .templates import gguf_template, template_for
 from .zoo import ORG, lookup
@@ -240,7 +240,6 @@ def load(path: str | Path, *, template: str | None = None, n_ctx: int | None = N
          lora: str | Path | None = None, seed: int | None = None) -> LoadedModel:
     """Open a GGUF file for chat. ``template``: a komt family to format with instead of the file's own template;
     ``n_ctx``: see :func:`context_size`."""
-    from llama_cpp import Llama
     from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
     path = Path(path)
@@ -256,17 +255,12 @@ def load(path: str | Path, *, template: str | None = None, n_ctx: int | None = N
     # swa_full off: a model with sliding-window layers (Gemma 3) keeps only the window in their cache, as
     # llama-server does: less memory, and long replies as fast as llama-bench's (komt_edge.generation reuses a
     # cached prompt prefix only while the window before it is still there).
-    kwargs = dict(n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, swa_full=False, verbose=False)
+    kwargs = dict(n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, swa_full=False)
     if lora_path is not None:
         kwargs["lora_path"] = str(lora_path)
     if seed is not None:
         kwargs["seed"] = seed
-    with load_errors() as lines:
-        try:
-            llm = Llama(model_path=str(path), **kwargs)
-        except (ValueError, RuntimeError) as err:
-            why = reason(lines) or str(err)
-            raise KomtError(f"llama.cpp could not load {path}: {why}") from None
+    llm = open_llama(path, **kwargs)
     model = LoadedModel(path, llm, chat_template, family, list(template_for(family).stop) if family else [], lora_path)
     llm.chat_handler = chat_formatter_to_chat_completion_handler(model.formatter)
     return model

@@ -25,7 +25,7 @@ from .converters.gguf_file import check_model_gguf, file_info
 from .converters.lora_to_gguf import check_lora_fits
 from .converters.plan import QuantPlan
 from .errors import KomtError
-from .llama_log import load_errors, reason
+from .llamacpp import open_llama
 from .templates import TEMPLATES, gguf_template
 from .zoo import chat_template_for, model_template, resolve
 
@@ -343,7 +343,6 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
     knows it) or of its file type, with ``overrides`` applied. Pass ``reference`` (from ``load_reference``) to check
     several files against one HF forward pass.
     """
-    from llama_cpp import Llama
 
     path = Path(gguf_file)
     if not path.is_file():
@@ -355,15 +354,10 @@ def verify(gguf_file: str | Path, hf: str, *, adapter: str | None = None, allow_
         if not Path(lora).is_file():
             raise KomtError(f"--lora {lora} does not exist: run `komt-edge gguf-lora` first")
         check_lora_fits(Path(lora), path)
-    try:
-        with load_errors() as errors:
-            llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                        logits_all=True, verbose=False, seed=0, lora_path=None if lora is None else str(lora))
-    except ValueError as err:
-        what = f"{path} with the LoRA adapter {lora}" if lora is not None else str(path)
-        fix = "`komt-edge gguf-lora` for this base" if lora is not None else "`komt-edge gguf`"
-        raise KomtError(f"llama.cpp could not load {what}: {reason(errors) or err}; convert it again with "
-                        f"{fix}") from None
+    what = f"{path} with the LoRA adapter {lora}" if lora is not None else str(path)
+    fix = "`komt-edge gguf-lora` for this base" if lora is not None else "`komt-edge gguf`"
+    llm = open_llama(path, what=what, fix=f"convert it again with {fix}", n_ctx=n_ctx, n_threads=n_threads,
+                     n_threads_batch=n_threads, logits_all=True, seed=0, lora_path=None if lora is None else str(lora))
     try:
         ref = reference or load_reference(hf, adapter=adapter, allow_pickle=allow_pickle, template=template,
                                           hf_dtype=hf_dtype, n_ctx=n_ctx, merge_adapter=lora is None)

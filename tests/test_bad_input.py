@@ -540,12 +540,12 @@ importance.interrupt_pending = pause_once
 '''
 
 
-# The same for llama.cpp's log callback (komt_edge.llama_log._handle, which asks is_verbose() for each line it does
+# The same for llama.cpp's log callback (komt_edge.llamacpp.log._handle, which asks is_verbose() for each line it does
 # not collect): the first line, whatever llama.cpp call is logging (here llama-cpp-python's, which komt-edge does not
 # wrap: the signal is raised by the re-check once Python runs outside the callback).
 _IN_LOG_CALLBACK = '''
 import os, pathlib, time
-from komt_edge import llama_log
+from komt_edge.llamacpp import log as llama_log
 marker, check = os.environ["KOMT_TEST_IN_CALLBACK"], llama_log.is_verbose
 def pause_once():
     if not os.path.exists(marker):

@@ -67,7 +67,7 @@ def _hf_sums(model_dir, chunks: list[list[int]]) -> dict[str, np.ndarray]:
 def test_statistics_agree_with_an_independent_computation(tiny_mistral, mistral_f32, mistral_imatrix, korean_text):
     """llama.cpp's activations through the eval callback against the HF model's, on the same token chunks:
     every weight's mean squared input agrees to cosine ≥ 0.999 and norm within 1%; the counts are the tokens."""
-    from komt_edge.bench.runner import LlamaRunner
+    from komt_edge.llamacpp import LlamaRunner
 
     with LlamaRunner(mistral_f32, n_ctx=N_CTX, n_threads=N_THREADS) as runner:
         tokens = runner.tokenize(korean_text)

@@ -22,7 +22,8 @@ from typing import Sequence
 from .judge import JudgeReport, judge, judge_prompt
 from .quality import DEFAULT_N_CTX, QualityReport, pick_reference, quality
 from .report import BenchReport, write_outputs
-from .runner import PP_TOKENS, REPETITIONS, TG_TOKENS, LlamaModel, LlamaRunner, environment
+from ..llamacpp import LlamaModel, LlamaRunner
+from .runner import PP_TOKENS, REPETITIONS, TG_TOKENS, environment
 from .speed import SpeedReport, speed
 from .text import korean_eval_text
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..zoo import resolve
-from .runner import LlamaModel, bench_pp, bench_tg, gpu_offload_supported
+from ..llamacpp import LlamaModel, gpu_offload_supported
+from .runner import bench_pp, bench_tg
 
 NO_GPU = "no GPU"
 

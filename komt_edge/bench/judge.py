@@ -29,7 +29,7 @@ from typing import Sequence
 
 from ..converters.gguf_file import GgufHeader, check_model_gguf
 from ..errors import KomtError
-from ..llama_log import route_llama_log
+from ..llamacpp import open_llama
 from ..templates import PromptTemplate, gguf_template, template_for
 from .runner import environment
 
@@ -257,15 +257,12 @@ def judge(model: str | Path | None, *, judge_url: str | None = None, judge_model
 def _judge(path: Path, url: str, jmodel: str, key: str | None, *, template: str | None,
            questions: list[tuple[str, str]], max_tokens: int, n_ctx: int, n_threads: int | None,
            progress: bool, timeout: float) -> JudgeReport:
-    from llama_cpp import Llama
     from tqdm.auto import tqdm
 
     # Fail before spending minutes on answers: the endpoint must answer a tiny request.
     post_chat(url, jmodel, [{"role": "user", "content": "점수: 5 라고만 답하세요."}], key=key, timeout=timeout,
-         max_tokens=8)
-    route_llama_log()  # llama.cpp's log through komt-edge's callback: behind -v, and signals inside it not lost
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
-                seed=0)
+              max_tokens=8)
+    llm = open_llama(path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, seed=0)
     try:
         family, tmpl = _prompt_template(path, template)
         answers = []

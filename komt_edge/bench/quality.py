@@ -22,7 +22,8 @@ import numpy as np
 
 from ..converters.gguf_file import FileInfo, file_info
 from ..errors import KomtError
-from .runner import LlamaRunner, environment, mem_available_bytes
+from ..llamacpp import LlamaRunner
+from .runner import environment, mem_available_bytes
 from .table import MIB, type_label
 from .text import korean_eval_text
 

@@ -24,7 +24,8 @@ import numpy as np
 from ..converters.gguf_file import FileInfo, file_info
 from ..errors import KomtError
 from .gpu import CudaRow, cuda_rows
-from .runner import PP_TOKENS, REPETITIONS, TG_TOKENS, LlamaModel, LlamaRunner, Rate, bench_pp, bench_tg, environment
+from ..llamacpp import LlamaModel, LlamaRunner
+from .runner import PP_TOKENS, REPETITIONS, TG_TOKENS, Rate, bench_pp, bench_tg, environment
 from .table import MIB, cell, type_label
 from .text import korean_eval_text
 

@@ -396,7 +396,7 @@ def compute(gguf_file: str | Path, text: str, *, dataset: str, n_ctx: int = DEFA
     """The importance matrix of a GGUF model on ``text`` (see the module docstring)."""
     from tqdm import tqdm
 
-    from ..bench.runner import LlamaRunner
+    from ..llamacpp import LlamaRunner
 
     collector = Collector(process_output=process_output)
     with LlamaRunner(gguf_file, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), n_threads=n_threads,

@@ -14,8 +14,8 @@ import ctypes
 import sys
 from typing import Iterator
 
-from .errors import c_callback
-from .output import is_verbose
+from ..errors import c_callback
+from ..output import is_verbose
 
 # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (llama-cpp-python's own map predates CONT)
 _GGML_LOG_LEVEL_ERROR = 4
