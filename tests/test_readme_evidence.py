@@ -130,10 +130,10 @@ CLAIMS = [
           end="evaluated again).", settings=("32000", "262144"),
           derived={"1.003": "25.984528687997226 * 38.608199 / 1000", "1.125": "28.346444900998904 * 39.672717 / 1000"}),
     Claim("| clients | reply | TTFT direct | TTFT serve |", ("serve-gemma3-270m.json", "serve-gemma3-270m.md")),
-    Claim("Recorded while the full test suite\nran on the same 2 cores", ("serve-gemma3-270m.json",),
-          end="larger than the effect being measured:", loads=True),
+    Claim("recorded with no other job on the\nmachine (load average", ("serve-gemma3-270m.json",),
+          end="on 2 CPUs):", loads=True),
     Claim("Every reply streamed by serve is the direct call's text.", ("serve-gemma3-270m.json",
-          "serve-gemma3-270m.md"), end="is still to be recorded."),
+          "serve-gemma3-270m.md"), end="sharing the two cores.", settings=("128",)),
     # conversion, merge, verify at 7B
     Claim("| shape | komt-edge → q4_0 + q8_0 |", ("convert-1b.json", "convert-mistral-7b.json")),
     Claim("It is 4× faster than", ("convert-mistral-7b.json",), end="intermediate.",
