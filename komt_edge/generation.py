@@ -15,10 +15,9 @@ UTF-8 character incomplete defers the stop-string and length checks by as many t
 needs bytes, as llama-cpp-python does. A streamed piece holds back only the bytes that may still become part of a
 stop string or of an incomplete character, so no piece carries half a Hangul syllable or the start of ``</s>``.
 
-The loop itself is llama.cpp's decode and sampler, with no per-token copy of the logits and no Python over the
-vocabulary: on the demo's tiny model, where a token costs under a millisecond, llama-cpp-python's own loop with a
-``logit_bias`` spends a quarter of the time in Python (benchmarks/stream_bench.py measures both against
-llama-bench).
+The loop itself is llama.cpp's decode and sampler chain, with no Python over the vocabulary: on the demo's tiny
+model, where a token costs under a millisecond, llama-cpp-python's own loop with a ``logit_bias`` spends a quarter
+of the time in Python (benchmarks/stream_bench.py measures the stream against llama-bench).
 
 ``cancelled`` is asked once per token: a client that leaves (or Ctrl-C in the chat) ends the generation within
 one token's time.
@@ -199,7 +198,8 @@ def evaluate_prompt(llm, prompt: list[int]) -> int:
             reuse = 0
     if reuse == 0:
         llm.reset()
-    llm.n_tokens = reuse
+    else:
+        llm.n_tokens = reuse
     llm.eval(prompt[reuse:])
     return reuse
 

@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .converters.plan import (QUANT_TYPES, Chosen, QuantPlan, display_name, is_kquant_or_iq, plan_chooser,
-                              plan_kind)
+                              plan_kind, safe_name)
 from .errors import KomtError
+from .util import sha256_file
 
 PREFIX = "ko-"
 CHOOSER = "korean-sensitivity"
@@ -173,14 +174,6 @@ def options_for(base: str, kinds: dict[str, dict[str, int]]) -> list[tuple[str, 
 # Fingerprints and the cache.
 # ---------------------------------------------------------------------------------------------------
 
-def file_fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-    return h.hexdigest()
-
-
 def imatrix_fingerprint(weights: dict) -> str:
     import numpy as np
 
@@ -192,10 +185,8 @@ def imatrix_fingerprint(weights: dict) -> str:
 
 
 def cache_path(out: Path, display: str, base: str) -> Path:
-    from .gguf import output_name
-
-    return Path(out) / output_name(display, QuantPlan(f"KO-{display_name(base)}", base)).replace(
-        ".gguf", ".sensitivity.json")
+    """Beside the KO file (``<model>-KO-<TYPE>.gguf``), its measurements."""
+    return Path(out) / f"{safe_name(display)}-KO-{display_name(base)}.sensitivity.json"
 
 
 def _read_cache(path: Path, fingerprints: dict) -> dict | None:
@@ -339,7 +330,7 @@ def choose_korean_mix(plan: QuantPlan, *, source: Path, imatrix: dict, provenanc
 
     settings = settings or SETTINGS
     log = log or (lambda message: None)
-    fingerprints = {"version": CACHE_VERSION, "base": plan.base, "model": file_fingerprint(Path(source)),
+    fingerprints = {"version": CACHE_VERSION, "base": plan.base, "model": sha256_file(source),
                     "imatrix": imatrix_fingerprint(imatrix),
                     "text": hashlib.sha256(text.encode()).hexdigest(), "n_ctx": settings.n_ctx,
                     "n_chunks": settings.n_chunks, "steps": list(STEPS)}
